@@ -1,0 +1,127 @@
+"""Settings, ``.env`` loading, logging and the command-line conventions every script shares.
+
+Configuration comes from the process environment and an explicit ``.env`` file (``--env-file``,
+default ``./.env``), loaded with python-dotenv *without* overriding variables already set and
+without searching parent folders. Every value that looks like a key is registered with
+``pipeline.errors.register_secret`` so logs, stored errors and JSON output never contain it.
+
+Logging is configured here, for scripts only; library modules just call ``logging.getLogger``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from dotenv import dotenv_values
+
+from pipeline.errors import redact, register_secret
+
+EXIT_OK = 0
+EXIT_FAILED = 1            # the run finished but some jobs failed
+EXIT_USAGE = 2             # usage or configuration error, or an account-level provider error
+EXIT_INTERRUPTED = 130     # Ctrl-C / SIGTERM
+
+DEFAULT_DB = "verbatim.db"
+DEFAULT_OUTPUT_DIR = "output"
+DEFAULT_TARGET_LANGUAGES = ("en", "de", "he")
+# Language codes we accept as job languages: an allowlist, never free text from the user.
+SUPPORTED_LANGUAGES = {"en", "de", "he", "fr", "es", "it", "nl", "pl", "ru", "uk", "cs", "hu", "yi", "ar"}
+
+_SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+class ConfigError(Exception):
+    """A usage or configuration problem: the script prints the message and exits 2."""
+
+
+def load_env(env_file: str | None = None) -> os._Environ:
+    """Load ``env_file`` (or ``./.env``) into ``os.environ`` without overriding what is set."""
+    path = env_file or os.environ.get("VERBATIM_ENV_FILE") or ".env"
+    if env_file and not os.path.isfile(env_file):
+        raise ConfigError(f"--env-file {env_file}: no such file")
+    if os.path.isfile(path):
+        for key, value in dotenv_values(path, interpolate=False).items():
+            if value is not None and key not in os.environ:
+                os.environ[key] = value
+    for key, value in os.environ.items():
+        if any(marker in key.upper() for marker in _SECRET_MARKERS):
+            register_secret(value)
+    return os.environ
+
+
+def target_languages(env=None) -> list[str]:
+    env = os.environ if env is None else env
+    raw = env.get("VERBATIM_TARGET_LANGUAGES") or ",".join(DEFAULT_TARGET_LANGUAGES)
+    return parse_languages(raw.replace(",", " ").split())
+
+
+def parse_languages(codes) -> list[str]:
+    result = []
+    for code in codes:
+        code = code.strip().lower()
+        if not code:
+            continue
+        if code not in SUPPORTED_LANGUAGES:
+            raise ConfigError(f"unsupported language code {code!r}; "
+                              f"choose from {', '.join(sorted(SUPPORTED_LANGUAGES))}")
+        if code not in result:
+            result.append(code)
+    return result
+
+
+def db_path(args) -> str:
+    return args.db or os.environ.get("VERBATIM_DB") or DEFAULT_DB
+
+
+def output_dir(args) -> str:
+    return args.output_dir or os.environ.get("VERBATIM_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces every registered secret in every log record, whatever logger emitted it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message or record.args:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Logs go to stderr; results go to stdout. Call from scripts only."""
+    level = logging.DEBUG if verbose or os.environ.get("VERBATIM_DEBUG") else (
+        logging.WARNING if quiet else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if level > logging.DEBUG:  # third-party chatter only when asked for
+        for name in ("httpx", "httpcore", "urllib3", "openai"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", metavar="PATH",
+                        help=f"SQLite job database (default: $VERBATIM_DB or ./{DEFAULT_DB})")
+    parser.add_argument("--output-dir", metavar="PATH",
+                        help=f"output root (default: $VERBATIM_OUTPUT_DIR or ./{DEFAULT_OUTPUT_DIR})")
+    parser.add_argument("--env-file", metavar="PATH", help="settings file to load (default: ./.env)")
+    parser.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+
+
+def make_parser(prog_doc: str, example: str) -> argparse.ArgumentParser:
+    """A parser whose --help ends with an example, as every verbatim script's does."""
+    return argparse.ArgumentParser(
+        description=prog_doc, epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
