@@ -125,3 +125,31 @@ def make_parser(prog_doc: str, example: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         description=prog_doc, epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def open_db(path: str, *, must_exist: bool = False):
+    """Open the job store; a read-only tool refuses to create an empty database by mistake."""
+    from db_manager import DatabaseError, DatabaseManager
+
+    if must_exist and not os.path.exists(path):
+        raise ConfigError(f"no database at {path}: register media first "
+                          "(tools/add_media.py PATH or parallel_transcription.py --input PATH), or pass --db")
+    try:
+        return DatabaseManager(path)
+    except DatabaseError as exc:
+        raise ConfigError(str(exc)) from exc
+    except Exception as exc:  # sqlite3 errors: not a database, unreadable, locked folder ...
+        raise ConfigError(f"cannot open database {path}: {exc}") from exc
+
+
+def run_main(main) -> None:
+    """Run a script's ``main(argv)`` with the shared exit-code conventions."""
+    try:
+        code = main(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)

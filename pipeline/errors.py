@@ -69,7 +69,14 @@ class RetryableError(ProviderError):
 
 
 class RateLimitError(RetryableError):
+    """429: slow down. ``concurrency`` is True when the provider says too many requests run at once
+    (ElevenLabs ``too_many_concurrent_requests``), as opposed to too many per unit of time."""
+
     error_class = "rate_limited"
+
+    def __init__(self, message: str, *, concurrency: bool = False, **kwargs):
+        super().__init__(message, **kwargs)
+        self.concurrency = concurrency
 
 
 class PermanentError(ProviderError):
@@ -135,7 +142,8 @@ def classify_http(status: int, body=None, headers=None, *, provider: str = "") -
     if status == 429:
         if "insufficient_quota" in lowered or "quota_exceeded" in lowered:
             return AccountError(f"{where}quota exhausted: {short}", status=status, error_class="quota")
-        return RateLimitError(f"{where}rate limited: {short}", status=status, retry_after=retry_after)
+        return RateLimitError(f"{where}rate limited: {short}", status=status, retry_after=retry_after,
+                              concurrency="concurren" in lowered)
     if status == 456:  # DeepL: character quota for the billing period is used up
         return AccountError(f"{where}quota exceeded: {short}", status=status, error_class="quota")
     if status in (401, 403):

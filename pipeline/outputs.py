@@ -133,3 +133,8 @@ def sweep_temp_files(root: str | os.PathLike, older_than: float = 3600.0, *, app
                 continue
             found.append(full)
     return found
+
+
+def as_recorded(written: dict[str, WrittenFile]) -> dict:
+    """The ``outputs`` column: format -> {"path", "sha256", "size"}."""
+    return {fmt: {"path": w.path, "sha256": w.sha256, "size": w.size} for fmt, w in written.items()}

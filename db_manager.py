@@ -1,0 +1,734 @@
+"""The job store: media files, jobs and their history in one SQLite database.
+
+Transaction rule
+----------------
+Every public method is one unit of work: it runs inside ``transaction()`` (``BEGIN IMMEDIATE`` ...
+``COMMIT``, or ``ROLLBACK`` on any exception), so a method either happens completely or not at
+all. ``with db.transaction():`` groups several calls into one unit. No transaction is ever held
+open across an API call or any other slow work: workers claim, let go of the database, call the
+provider, write their files, and then record the outcome in a new short transaction.
+
+Connections
+-----------
+One connection per thread (``threading.local``), all made by ``_connect()`` and kept in a locked
+registry so ``close_all()`` can close them after the pool has shut down (``check_same_thread``
+is off only for that). A thread whose connection broke gets a fresh one. We chose thread-local
+connections over one shared connection behind a lock because several *processes* also share the
+file and SQLite's own locking (WAL, ``busy_timeout``) is what serialises writers across them
+anyway; per-thread connections add readers that never block, and nothing is shared between
+threads, so the predecessor's "Recursive use of cursors" cannot happen.
+
+Job lifecycle
+-------------
+A job is one (file, stage, language): stage ``transcription`` (language ``''``) or
+``translation`` with a target language. Its status is one of ``STATUSES``, changed only by
+``_transition()``, which also appends to the ``events`` log. ``claim()`` leases jobs to an owner;
+``complete()``/``fail()``/``release()`` are fenced by the claim token (owner + claim number), so a
+worker whose lease was taken over cannot overwrite the new holder's work. ``reclaim()`` returns
+jobs of owners that are provably dead (a process on this host that no longer exists) or whose
+lease expired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from pipeline.errors import redact
+
+NOT_STARTED = "not_started"
+IN_PROGRESS = "in_progress"
+COMPLETED = "completed"
+FAILED = "failed"
+STATUSES = (NOT_STARTED, IN_PROGRESS, COMPLETED, FAILED)
+
+TRANSCRIPTION = "transcription"
+TRANSLATION = "translation"
+STAGES = (TRANSCRIPTION, TRANSLATION)
+
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_LEASE_SECONDS = 300.0
+BUSY_TIMEOUT_SECONDS = 60.0
+# A job whose lease was lost this many times (its runner killed each time) is failed: it is
+# probably what kills the runner. Generous, because a kill loop of a healthy run also loses leases.
+MAX_LOST_LEASES = 50
+_CHUNK = 500  # rows per statement batch when registering in bulk
+
+HOSTNAME = socket.gethostname()
+
+
+class DatabaseError(Exception):
+    """The database cannot be used (for example it was written by a newer verbatim)."""
+
+
+class LeaseLostError(Exception):
+    """A fenced update found that this worker no longer holds the job."""
+
+
+@dataclass(frozen=True)
+class MediaRecord:
+    """One file found on disk, ready to be registered."""
+
+    path: str             # as the OS gave it (may hold surrogate escapes for non-UTF-8 bytes)
+    sha256: str
+    size: int
+    mtime_ns: int
+    media_type: str       # audio | video
+    duration: float | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed job: everything a worker needs, plus the fencing token."""
+
+    id: int
+    file_id: str
+    stage: str
+    language: str
+    attempts: int
+    max_attempts: int
+    claim: int
+    owner: str
+    media_path: str
+    media_type: str
+    folder: str | None
+    source_language: str | None
+    outputs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a worker records when its job succeeded."""
+
+    outputs: dict                          # format -> {"path", "sha256", "size"}
+    provider: str | None = None
+    model: str | None = None
+    audio_seconds: float | None = None
+    characters: int | None = None
+    tokens: int | None = None
+    cost: float | None = None
+    note: str | None = None
+    duration: float | None = None          # of the media, learned while transcribing
+    source_language: str | None = None     # detected while transcribing
+
+
+# --------------------------------------------------------------------------------------------
+# Schema migrations: an ordered list of small functions; PRAGMA user_version counts them.
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it COMMITs first, which would break the migration's transaction.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _m001_initial(conn: sqlite3.Connection) -> None:
+    _run_script(conn, """
+        CREATE TABLE media_files (
+            file_id         TEXT PRIMARY KEY,
+            sha256          TEXT NOT NULL UNIQUE,
+            path_bytes      BLOB NOT NULL,      -- os.fsencode(path): exact, whatever the bytes
+            path_display    TEXT NOT NULL,      -- readable form for reports
+            size            INTEGER NOT NULL,
+            mtime_ns        INTEGER NOT NULL,
+            duration        REAL,
+            media_type      TEXT NOT NULL CHECK (media_type IN ('audio', 'video')),
+            source_language TEXT,
+            folder          TEXT NOT NULL,      -- output folder name under the output root
+            added_at        REAL NOT NULL
+        );
+        CREATE TABLE media_paths (
+            path_bytes   BLOB PRIMARY KEY,
+            path_display TEXT NOT NULL,
+            file_id      TEXT NOT NULL REFERENCES media_files(file_id),
+            size         INTEGER NOT NULL,
+            mtime_ns     INTEGER NOT NULL,
+            first_seen   REAL NOT NULL,
+            last_seen    REAL NOT NULL
+        );
+        CREATE INDEX media_paths_file ON media_paths(file_id);
+        CREATE TABLE jobs (
+            id               INTEGER PRIMARY KEY,
+            file_id          TEXT NOT NULL REFERENCES media_files(file_id),
+            stage            TEXT NOT NULL CHECK (stage IN ('transcription', 'translation')),
+            language         TEXT NOT NULL DEFAULT '',
+            status           TEXT NOT NULL DEFAULT 'not_started'
+                             CHECK (status IN ('not_started', 'in_progress', 'completed', 'failed')),
+            attempts         INTEGER NOT NULL DEFAULT 0,
+            max_attempts     INTEGER NOT NULL DEFAULT 5,
+            claims           INTEGER NOT NULL DEFAULT 0,   -- fencing token: +1 on every claim
+            lost_leases      INTEGER NOT NULL DEFAULT 0,
+            lease_owner      TEXT,
+            lease_expires_at REAL,
+            run_after        REAL NOT NULL DEFAULT 0,
+            error_class      TEXT,
+            error_message    TEXT,
+            provider         TEXT,
+            model            TEXT,
+            outputs          TEXT NOT NULL DEFAULT '{}',   -- {"txt": {"path","sha256","size"}, ...}
+            note             TEXT,
+            audio_seconds    REAL,
+            characters       INTEGER,
+            tokens           INTEGER,
+            cost             REAL,
+            created_at       REAL NOT NULL,
+            started_at       REAL,
+            completed_at     REAL,
+            updated_at       REAL NOT NULL,
+            UNIQUE (file_id, stage, language)
+        );
+        CREATE INDEX jobs_queue ON jobs(stage, language, status, run_after);
+        CREATE INDEX jobs_lease ON jobs(status, lease_expires_at);
+        CREATE TABLE events (
+            id            INTEGER PRIMARY KEY,
+            at            REAL NOT NULL,
+            job_id        INTEGER NOT NULL REFERENCES jobs(id),
+            owner         TEXT,
+            from_status   TEXT,
+            to_status     TEXT NOT NULL,
+            attempt       INTEGER,
+            error_class   TEXT,
+            error_message TEXT
+        );
+        CREATE INDEX events_job ON events(job_id);
+    """)
+
+
+MIGRATIONS = [_m001_initial]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# --------------------------------------------------------------------------------------------
+# Owners: "host:pid:start:token". The process start time makes a recycled pid look different.
+
+def _process_start(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+        return stat[stat.rindex(b")") + 2:].split()[19].decode()
+    except (OSError, IndexError, ValueError):
+        return "0"
+
+
+def make_owner(token: str | None = None) -> str:
+    """An owner id for this process (one per run; threads of one run share it)."""
+    pid = os.getpid()
+    return f"{HOSTNAME}:{pid}:{_process_start(pid)}:{token or os.urandom(4).hex()}"
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """True only when the owner is provably gone: a process on *this* host that no longer runs."""
+    try:
+        host, pid_text, start, _token = (owner or "").rsplit(":", 3)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if host != HOSTNAME:
+        return False  # another machine: only its lease expiry can tell
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return start != "0" and _process_start(pid) not in (start, "0")
+
+
+def path_to_bytes(path: str | bytes) -> bytes:
+    return path if isinstance(path, bytes) else os.fsencode(path)
+
+
+def display_path(path: str | bytes) -> str:
+    """A printable, single-line form of any path (bad bytes and control characters escaped)."""
+    text = path_to_bytes(path).decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+# --------------------------------------------------------------------------------------------
+
+class DatabaseManager:
+    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT_SECONDS):
+        self.path = str(path)
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._registry: set[sqlite3.Connection] = set()
+        self._registry_lock = threading.Lock()
+        self._migrate()
+
+    # -- connections and transactions ----------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        with self._registry_lock:
+            self._registry.add(conn)
+        return conn
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection, made on first use and remade if it broke or was closed."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            try:
+                conn.total_changes  # raises ProgrammingError once closed
+                return conn
+            except sqlite3.ProgrammingError:
+                self._forget(conn)
+        conn = self._local.conn = self._connect()
+        self._local.depth = 0
+        return conn
+
+    def _forget(self, conn: sqlite3.Connection) -> None:
+        with self._registry_lock:
+            self._registry.discard(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+        self._local.conn = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; ``ROLLBACK`` on error. Nested calls join the outer one."""
+        conn = self.conn
+        if getattr(self._local, "depth", 0):
+            self._local.depth += 1
+            try:
+                yield conn
+            finally:
+                self._local.depth -= 1
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                self._forget(conn)  # a broken connection: the next call gets a new one
+            raise
+        self._local.depth = 1
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            self._local.depth = 0
+
+    def query(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
+        """A read outside any write transaction (WAL readers never block writers)."""
+        return self.conn.execute(sql, tuple(params)).fetchall()
+
+    def close_all(self) -> None:
+        with self._registry_lock:
+            conns, self._registry = list(self._registry), set()
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> "DatabaseManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close_all()
+
+    # -- schema --------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        with self.transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise DatabaseError(
+                    f"{self.path} has schema version {version}, but this verbatim knows only up to "
+                    f"{SCHEMA_VERSION}: it was written by a newer verbatim. Upgrade verbatim; "
+                    "the database was not changed.")
+            for number in range(version, SCHEMA_VERSION):
+                MIGRATIONS[number](conn)
+                conn.execute(f"PRAGMA user_version = {number + 1}")
+
+    def schema_version(self) -> int:
+        return self.query("PRAGMA user_version")[0][0]
+
+    # -- events and the single place statuses change ---------------------------------------------
+    @staticmethod
+    def _log(conn, job_id: int, owner, from_status, to_status, attempt=None,
+             error_class=None, error_message=None, at=None) -> None:
+        conn.execute(
+            "INSERT INTO events (at, job_id, owner, from_status, to_status, attempt, error_class, "
+            "error_message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (at or time.time(), job_id, owner, from_status, to_status, attempt, error_class,
+             redact(error_message) if error_message else None))
+
+    def _transition(self, conn, where: str, params: tuple, to_status: str, *, owner=None,
+                    sets: dict | None = None, error_class=None, error_message=None) -> list[sqlite3.Row]:
+        """Move the jobs matching ``where`` to ``to_status`` and log each move. Returns the rows.
+
+        This is the only code that writes ``jobs.status``.
+        """
+        if to_status not in STATUSES:
+            raise ValueError(f"unknown status {to_status!r}")
+        now = time.time()
+        sets = dict(sets or {})
+        sets.update(status=to_status, updated_at=now)
+        if error_message is not None:
+            error_message = redact(error_message)[:2000]
+        assignments = ", ".join(f"{column} = {value}" if isinstance(value, _Sql) else f"{column} = ?"
+                                for column, value in sets.items())
+        values = [v for v in sets.values() if not isinstance(v, _Sql)]
+        old = {r["id"]: r["status"] for r in conn.execute(f"SELECT id, status FROM jobs WHERE {where}", params)}
+        if not old:
+            return []
+        marks = ",".join("?" * len(old))
+        rows = conn.execute(f"UPDATE jobs SET {assignments} WHERE id IN ({marks}) RETURNING *",
+                            (*values, *old)).fetchall()
+        for row in rows:
+            self._log(conn, row["id"], owner or row["lease_owner"], old[row["id"]], to_status,
+                      row["attempts"], error_class, error_message, at=now)
+        return rows
+
+    # -- media registration -----------------------------------------------------------------------
+    def known_paths(self) -> dict[bytes, tuple[int, int, str]]:
+        """path bytes -> (size, mtime_ns, file_id), so a rescan hashes only new or changed files."""
+        return {bytes(r[0]): (r[1], r[2], r[3])
+                for r in self.query("SELECT path_bytes, size, mtime_ns, file_id FROM media_paths")}
+
+    def touch_paths(self, paths: Iterable[bytes]) -> None:
+        now = time.time()
+        paths = list(paths)
+        for start in range(0, len(paths), _CHUNK):
+            with self.transaction() as conn:
+                conn.executemany("UPDATE media_paths SET last_seen = ? WHERE path_bytes = ?",
+                                 [(now, p) for p in paths[start:start + _CHUNK]])
+
+    def register_files(self, records: Iterable[MediaRecord], languages: Iterable[str] = (),
+                       *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict:
+        """Register media in bulk and ensure their transcription and translation jobs.
+
+        Identical content at a second path is one file: the path is recorded, no new file.
+        Returns counts: ``new_files``, ``new_paths``, ``duplicates``.
+        """
+        from pipeline.outputs import folder_name
+
+        languages = list(languages)
+        records = list(records)
+        counts = {"new_files": 0, "new_paths": 0, "duplicates": 0}
+        for start in range(0, len(records), _CHUNK):
+            with self.transaction() as conn:
+                now = time.time()
+                for rec in records[start:start + _CHUNK]:
+                    file_id = rec.sha256[:16]
+                    raw = path_to_bytes(rec.path)
+                    shown = display_path(rec.path)
+                    cur = conn.execute(
+                        "INSERT OR IGNORE INTO media_files (file_id, sha256, path_bytes, path_display, size,"
+                        " mtime_ns, duration, media_type, folder, added_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (file_id, rec.sha256, raw, shown, rec.size, rec.mtime_ns, rec.duration,
+                         rec.media_type, folder_name(file_id, shown), now))
+                    counts["new_files" if cur.rowcount else "duplicates"] += 1
+                    cur = conn.execute(
+                        "INSERT INTO media_paths (path_bytes, path_display, file_id, size, mtime_ns,"
+                        " first_seen, last_seen) VALUES (?,?,?,?,?,?,?) ON CONFLICT(path_bytes) DO UPDATE"
+                        " SET file_id = excluded.file_id, size = excluded.size,"
+                        " mtime_ns = excluded.mtime_ns, last_seen = excluded.last_seen",
+                        (raw, shown, file_id, rec.size, rec.mtime_ns, now, now))
+                    counts["new_paths"] += 1
+                    self._ensure(conn, file_id, TRANSCRIPTION, "", max_attempts, now)
+                    for language in languages:
+                        self._ensure(conn, file_id, TRANSLATION, language, max_attempts, now)
+        return counts
+
+    @staticmethod
+    def _ensure(conn, file_id, stage, language, max_attempts, now) -> bool:
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO jobs (file_id, stage, language, max_attempts, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)", (file_id, stage, language, max_attempts, now, now))
+        if cur.rowcount:
+            DatabaseManager._log(conn, cur.lastrowid, None, None, NOT_STARTED, 0, at=now)
+        return bool(cur.rowcount)
+
+    def ensure_jobs(self, stage: str, language: str = "", *,
+                    max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> int:
+        """Create the (stage, language) job for every registered file that lacks one."""
+        _check_stage(stage, language)
+        with self.transaction() as conn:
+            now = time.time()
+            missing = conn.execute(
+                "SELECT file_id FROM media_files WHERE file_id NOT IN"
+                " (SELECT file_id FROM jobs WHERE stage = ? AND language = ?)", (stage, language)).fetchall()
+            return sum(self._ensure(conn, r[0], stage, language, max_attempts, now) for r in missing)
+
+    def set_media_info(self, file_id: str, *, duration=None, source_language=None) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE media_files SET duration = COALESCE(?, duration),"
+                         " source_language = COALESCE(?, source_language) WHERE file_id = ?",
+                         (duration, source_language, file_id))
+
+    # -- the lease protocol ---------------------------------------------------------------------
+    def claim(self, owner: str, stage: str, language: str = "", *, limit: int = 1,
+              lease_seconds: float = DEFAULT_LEASE_SECONDS, file_ids: Iterable[str] | None = None) -> list[Job]:
+        """Atomically lease up to ``limit`` eligible jobs to ``owner``.
+
+        Eligible: not_started, ``run_after`` passed, and for translations a completed transcript.
+        """
+        _check_stage(stage, language)
+        now = time.time()
+        where = ("stage = ? AND language = ? AND status = 'not_started' AND run_after <= ?")
+        params: list = [stage, language, now]
+        if stage == TRANSLATION:
+            where += (" AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
+                      " AND t.stage = 'transcription' AND t.status = 'completed')")
+        if file_ids is not None:
+            ids = list(file_ids)
+            where += f" AND file_id IN ({','.join('?' * len(ids))})"
+            params += ids
+        with self.transaction() as conn:
+            rows = conn.execute(
+                "UPDATE jobs SET status = 'in_progress', attempts = attempts + 1, claims = claims + 1,"
+                " lease_owner = ?, lease_expires_at = ?, started_at = ?, updated_at = ?"
+                f" WHERE id IN (SELECT id FROM jobs WHERE {where} ORDER BY run_after, id LIMIT ?)"
+                " RETURNING id, file_id, stage, language, attempts, max_attempts, claims",
+                (owner, now + lease_seconds, now, now, *params, limit)).fetchall()
+            jobs = []
+            for row in rows:
+                self._log(conn, row["id"], owner, NOT_STARTED, IN_PROGRESS, row["attempts"], at=now)
+                jobs.append(self._job(conn, row, owner))
+        return jobs
+
+    def _job(self, conn, row, owner) -> Job:
+        media = conn.execute("SELECT path_bytes, media_type, folder, source_language FROM media_files"
+                             " WHERE file_id = ?", (row["file_id"],)).fetchone()
+        outputs = {}
+        if row["stage"] == TRANSLATION:
+            transcript = conn.execute("SELECT outputs FROM jobs WHERE file_id = ? AND stage = 'transcription'",
+                                      (row["file_id"],)).fetchone()
+            outputs = json.loads(transcript[0]) if transcript else {}
+        return Job(row["id"], row["file_id"], row["stage"], row["language"], row["attempts"],
+                   row["max_attempts"], row["claims"], owner, os.fsdecode(bytes(media["path_bytes"])),
+                   media["media_type"], media["folder"], media["source_language"], outputs)
+
+    def heartbeat(self, owner: str, job_ids: Iterable[int], lease_seconds: float = DEFAULT_LEASE_SECONDS) -> set[int]:
+        """Extend the leases ``owner`` still holds; returns the ids it still holds."""
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        with self.transaction() as conn:
+            rows = conn.execute(
+                f"UPDATE jobs SET lease_expires_at = ? WHERE status = 'in_progress' AND lease_owner = ?"
+                f" AND id IN ({','.join('?' * len(ids))}) RETURNING id",
+                (time.time() + lease_seconds, owner, *ids)).fetchall()
+        return {r[0] for r in rows}
+
+    _FENCE = "id = ? AND status = 'in_progress' AND lease_owner = ? AND claims = ?"
+
+    def complete(self, job: Job, outcome: Outcome) -> None:
+        """Record success, fenced: raises ``LeaseLostError`` (and changes nothing) if the lease moved on."""
+        refused = None
+        with self.transaction() as conn:
+            rows = self._transition(
+                conn, self._FENCE, (job.id, job.owner, job.claim), COMPLETED, owner=job.owner,
+                sets=dict(lease_owner=None, lease_expires_at=None, completed_at=time.time(),
+                          error_class=None, error_message=None, outputs=json.dumps(outcome.outputs),
+                          provider=outcome.provider, model=outcome.model, note=outcome.note,
+                          audio_seconds=outcome.audio_seconds, characters=outcome.characters,
+                          tokens=outcome.tokens, cost=outcome.cost))
+            if not rows:
+                refused = self._refuse(conn, job, "complete")
+            elif outcome.duration is not None or outcome.source_language:
+                conn.execute("UPDATE media_files SET duration = COALESCE(?, duration),"
+                             " source_language = COALESCE(?, source_language) WHERE file_id = ?",
+                             (outcome.duration, outcome.source_language, job.file_id))
+        if refused:
+            raise refused
+
+    def fail(self, job: Job, error_class: str, message: str, *, retryable: bool,
+             delay: float = 0.0, spend_attempt: bool = True) -> str:
+        """Record a failed attempt, fenced. Returns the job's new status.
+
+        Retryable errors go back to not_started after ``delay`` seconds until the attempts are used
+        up; permanent ones fail at once. ``spend_attempt=False`` (rate limits, a requeue after a
+        long Retry-After) gives the attempt back.
+        """
+        refused = None
+        with self.transaction() as conn:
+            exhausted = retryable and spend_attempt and job.attempts >= job.max_attempts
+            status = NOT_STARTED if retryable and not exhausted else FAILED
+            sets = dict(lease_owner=None, lease_expires_at=None, error_class=error_class,
+                        error_message=redact(message)[:2000], run_after=time.time() + max(0.0, delay))
+            if not spend_attempt:
+                sets["attempts"] = _Sql("MAX(attempts - 1, 0)")
+            rows = self._transition(conn, self._FENCE, (job.id, job.owner, job.claim), status,
+                                    owner=job.owner, sets=sets, error_class=error_class, error_message=message)
+            if not rows:
+                refused = self._refuse(conn, job, "fail")
+        if refused:
+            raise refused
+        return status
+
+    def release(self, jobs: Iterable[Job], reason: str = "released") -> int:
+        """Graceful give-back (shutdown, account error): not_started, the attempt not spent."""
+        released = 0
+        with self.transaction() as conn:
+            for job in jobs:
+                released += len(self._transition(
+                    conn, self._FENCE, (job.id, job.owner, job.claim), NOT_STARTED, owner=job.owner,
+                    sets=dict(lease_owner=None, lease_expires_at=None, attempts=_Sql("MAX(attempts - 1, 0)")),
+                    error_class="released", error_message=reason))
+        return released
+
+    def _refuse(self, conn, job: Job, action: str) -> LeaseLostError:
+        """Log a fenced-out write (committed with the transaction) and return the error to raise."""
+        row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job.id,)).fetchone()
+        message = f"late {action} refused: claim {job.claim} of {job.owner} no longer holds the lease"
+        self._log(conn, job.id, job.owner, row["status"] if row else None, "refused", job.attempts,
+                  "lease_lost", message)
+        return LeaseLostError(f"job {job.id} ({job.stage} {job.language}): {message}")
+
+    def reclaim(self, *, now: float | None = None) -> list[int]:
+        """Return to not_started the jobs whose lease expired or whose owner process is dead.
+
+        The lost attempt is given back (the file is not at fault for a killed runner); a job that
+        keeps losing its lease fails after ``MAX_LOST_LEASES`` so a file that kills its runner
+        cannot loop forever. Live owners with valid leases are never touched.
+        """
+        now = time.time() if now is None else now
+        with self.transaction() as conn:
+            held = conn.execute("SELECT id, lease_owner, lease_expires_at FROM jobs"
+                                " WHERE status = 'in_progress'").fetchall()
+            dead_owners = {r["lease_owner"] for r in held if owner_is_dead(r["lease_owner"])}
+            lost = [r["id"] for r in held
+                    if r["lease_owner"] in dead_owners or (r["lease_expires_at"] or 0) < now]
+            if not lost:
+                return []
+            marks = ",".join("?" * len(lost))
+            give_back = dict(lease_owner=None, lease_expires_at=None, run_after=now,
+                             attempts=_Sql("MAX(attempts - 1, 0)"), lost_leases=_Sql("lost_leases + 1"))
+            self._transition(conn, f"id IN ({marks}) AND lost_leases + 1 < ?", (*lost, MAX_LOST_LEASES),
+                             NOT_STARTED, sets=give_back, error_class="lease_lost",
+                             error_message="lease expired or its owner process died; reclaimed")
+            self._transition(conn, f"id IN ({marks}) AND status = 'in_progress'", tuple(lost), FAILED,
+                             sets=give_back, error_class="lease_lost_repeatedly",
+                             error_message=f"the runner died {MAX_LOST_LEASES} times while holding this job")
+        return lost
+
+    # -- maintenance used by the tools ------------------------------------------------------------
+    def reset(self, job_ids: Iterable[int], reason: str, *, reset_attempts: bool = False,
+              from_statuses: Iterable[str] = (COMPLETED, FAILED, NOT_STARTED)) -> int:
+        """Put jobs back to not_started (never one in progress). Outputs are forgotten."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        statuses = [s for s in from_statuses if s != IN_PROGRESS]
+        sets = dict(run_after=0, outputs="{}", completed_at=None)
+        if reset_attempts:
+            sets.update(attempts=0, lost_leases=0)
+        with self.transaction() as conn:
+            return len(self._transition(
+                conn, f"id IN ({','.join('?' * len(ids))}) AND status IN ({','.join('?' * len(statuses))})",
+                (*ids, *statuses), NOT_STARTED, owner="tool", sets=sets, error_class="reset",
+                error_message=reason))
+
+    def reset_failed(self, stage: str, language: str = "", *, error_class: str | None = None,
+                     limit: int | None = None) -> int:
+        """Failed jobs back to not_started with fresh attempts (history kept in events)."""
+        _check_stage(stage, language)
+        sql = "SELECT id FROM jobs WHERE stage = ? AND language = ? AND status = 'failed'"
+        params: list = [stage, language]
+        if error_class:
+            sql += " AND error_class = ?"
+            params.append(error_class)
+        sql += " ORDER BY id"
+        if limit:
+            sql += " LIMIT ?"
+            params.append(limit)
+        ids = [r[0] for r in self.query(sql, params)]
+        return self.reset(ids, "retry of failed job", reset_attempts=True, from_statuses=(FAILED,))
+
+    def adopt(self, job_id: int, outputs: dict, note: str = "adopted existing valid output") -> bool:
+        """Mark a failed/not_started job completed because its valid output already exists."""
+        with self.transaction() as conn:
+            return bool(self._transition(
+                conn, "id = ? AND status IN ('failed', 'not_started')", (job_id,), COMPLETED, owner="tool",
+                sets=dict(outputs=json.dumps(outputs), completed_at=time.time(), error_class=None,
+                          error_message=None, note=note)))
+
+    # -- reports ----------------------------------------------------------------------------------
+    def counts(self) -> dict:
+        """{(stage, language): {status: n}} for every stage/language that has jobs."""
+        result: dict = {}
+        for row in self.query("SELECT stage, language, status, COUNT(*) AS n FROM jobs"
+                              " GROUP BY stage, language, status"):
+            bucket = result.setdefault((row["stage"], row["language"]), dict.fromkeys(STATUSES, 0))
+            bucket[row["status"]] = row["n"]
+        return result
+
+    def totals(self) -> dict:
+        row = self.query("SELECT COUNT(*), COALESCE(SUM(duration), 0) FROM media_files")[0]
+        cost = self.query("SELECT COALESCE(SUM(cost), 0) FROM jobs WHERE status = 'completed'")[0][0]
+        return {"files": row[0], "audio_seconds": row[1], "cost": cost}
+
+    def error_classes(self, stage: str | None = None, language: str | None = None, limit: int = 5) -> list:
+        sql = "SELECT error_class, COUNT(*) AS n FROM jobs WHERE status = 'failed'"
+        params: list = []
+        if stage:
+            sql += " AND stage = ?"
+            params.append(stage)
+        if language is not None:
+            sql += " AND language = ?"
+            params.append(language)
+        sql += " GROUP BY error_class ORDER BY n DESC, error_class LIMIT ?"
+        return [(r[0] or "unknown", r[1]) for r in self.query(sql, (*params, limit))]
+
+    def jobs(self, *, stage=None, language=None, status=None, file_id=None) -> list[sqlite3.Row]:
+        """Job rows joined with their media file (path included), filtered."""
+        sql = ("SELECT j.*, m.path_bytes, m.path_display, m.folder, m.media_type, m.duration"
+               " FROM jobs j JOIN media_files m USING (file_id) WHERE 1")
+        params: list = []
+        for column, value in (("j.stage", stage), ("j.language", language), ("j.status", status),
+                              ("j.file_id", file_id)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        return self.query(sql + " ORDER BY j.file_id, j.stage, j.language", params)
+
+    def files(self) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM media_files ORDER BY added_at, file_id")
+
+    def paths_of(self, file_id: str) -> list[str]:
+        return [os.fsdecode(bytes(r[0])) for r in
+                self.query("SELECT path_bytes FROM media_paths WHERE file_id = ? ORDER BY first_seen",
+                           (file_id,))]
+
+    def events(self, job_id: int | None = None, file_id: str | None = None) -> list[sqlite3.Row]:
+        if file_id is not None:
+            return self.query("SELECT e.* FROM events e JOIN jobs j ON j.id = e.job_id"
+                              " WHERE j.file_id = ? ORDER BY e.id", (file_id,))
+        return self.query("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))
+
+    def pending(self, stage: str, language: str = "") -> tuple[int, float | None]:
+        """(not_started jobs that are or will become eligible, earliest run_after among them)."""
+        sql = "SELECT COUNT(*), MIN(run_after) FROM jobs WHERE stage = ? AND language = ? AND status = 'not_started'"
+        if stage == TRANSLATION:
+            sql += (" AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
+                    " AND t.stage = 'transcription' AND t.status = 'completed')")
+        row = self.query(sql, (stage, language))[0]
+        return row[0], row[1]
+
+
+class _Sql(str):
+    """A literal SQL expression for ``_transition`` sets (never user input)."""
+
+
+def _check_stage(stage: str, language: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    if (stage == TRANSCRIPTION) != (language == ""):
+        raise ValueError("transcription jobs have no language; translation jobs need one")

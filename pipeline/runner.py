@@ -1,0 +1,454 @@
+"""The one job runner behind ``parallel_transcription.py`` and ``parallel_translation.py``.
+
+Shape: claim a batch -> hand the jobs to a thread pool -> each worker calls ``work(job)`` (the
+provider call and the atomic output writes happen there, outside any transaction) -> the worker
+records the outcome in its own short transaction -> the next batch is claimed *before* the
+current one drains, so workers never wait for the main thread -> summary and exit code.
+
+Errors are acted on by kind (see ``pipeline.errors``): retryable ones go back to not_started with
+full-jitter backoff until the job's attempts are spent, rate limits are waited out by the shared
+limiter and never spend attempts, permanent ones fail the job with the reason, account-level ones
+stop the run and give every held job back. A heartbeat thread keeps the leases of held jobs
+alive; a completion after the lease moved on is refused by the database and only counted.
+
+Shutdown: the first Ctrl-C (or SIGTERM) stops claiming, gives back jobs not yet started, and lets
+running ones finish; a second one gives back everything at once and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from db_manager import DEFAULT_LEASE_SECONDS, FAILED, DatabaseManager, Job, LeaseLostError, Outcome, make_owner
+from pipeline import errors
+from pipeline.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from pipeline.limiter import Stopping
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_SECONDS = 0.5
+RECLAIM_EVERY_SECONDS = 30.0
+
+
+@dataclass
+class RunOptions:
+    stage: str
+    language: str = ""
+    workers: int = 5
+    batch_size: int = 20
+    limit: int | None = None
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    label: str = ""
+    quiet: bool = False
+    position: int = 0            # progress bar line, when several runners share a terminal
+
+
+@dataclass
+class RunSummary:
+    stage: str
+    language: str
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    requeued: int = 0
+    released: int = 0
+    lease_lost: int = 0
+    failed_total: int = 0        # failed jobs of this stage/language in the database afterwards
+    remaining: int = 0           # not_started jobs left afterwards
+    account_error: str | None = None
+    interrupted: bool = False
+    errors: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k != "errors"}
+        data["errors"] = dict(self.errors)
+        return data
+
+
+class StopSignal:
+    """Shared by the runners of one process: graceful stop, hard abort, account error."""
+
+    def __init__(self):
+        self.stop = threading.Event()       # stop claiming; waits on the limiter end at once
+        self.abort = threading.Event()      # give everything back now
+        self.account_error: str | None = None
+        self.interrupted = False
+        self._lock = threading.Lock()
+
+    def request(self, interrupted: bool = True) -> None:
+        with self._lock:
+            if self.stop.is_set() and interrupted:
+                self.abort.set()
+            self.interrupted = self.interrupted or interrupted
+            self.stop.set()
+
+    def account(self, message: str) -> None:
+        with self._lock:
+            if self.account_error is None:
+                self.account_error = message
+            self.stop.set()
+
+    def install(self) -> None:
+        """Route SIGINT/SIGTERM here (main thread only): first stops, second aborts."""
+        def handler(signum, frame):
+            first = not self.stop.is_set() or not self.interrupted
+            self.request()
+            print("\nstopping: finishing running jobs, press Ctrl-C again to abort" if first
+                  else "\naborting: giving back every held job", file=sys.stderr)
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+class Runner:
+    def __init__(self, db: DatabaseManager, options: RunOptions, work, *, stop: StopSignal | None = None,
+                 owner: str | None = None, progress=None, limiter=None):
+        self.db = db
+        self.options = options
+        self.work = work            # callable(Job) -> Outcome, raising ProviderError kinds
+        self.stop = stop or StopSignal()
+        self.owner = owner or make_owner()
+        self.summary = RunSummary(options.stage, options.language)
+        self._held: dict[int, Job] = {}
+        self._held_lock = threading.Lock()
+        self._progress = progress
+        self._last_reclaim = 0.0
+        self._done = threading.Event()
+        self.limiter = limiter
+
+    # -- the main loop --------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        started = time.monotonic()
+        self._reclaim(force=True)
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.options.label}",
+                                     daemon=True)
+        heartbeat.start()
+        pool = ThreadPoolExecutor(self.options.workers, thread_name_prefix=f"worker-{self.options.label}")
+        pending: dict = {}
+        claimed = 0
+        try:
+            while True:
+                if self.stop.abort.is_set():
+                    break
+                if not self.stop.stop.is_set():
+                    claimed += self._fill(pool, pending, claimed)
+                else:
+                    self._cancel_queued(pending)
+                if pending:
+                    done, _ = wait(pending, timeout=IDLE_POLL_SECONDS, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        pending.pop(future)
+                    continue
+                if self.stop.stop.is_set() or not self._wait_for_more(claimed):
+                    break
+        finally:
+            self._shutdown(pool, pending)
+            self._done.set()
+        self._finish(started)
+        return self.summary
+
+    def _fill(self, pool, pending, claimed) -> int:
+        """Claim batches until the pool has a batch queued beyond its running jobs."""
+        total = 0
+        limit = self.options.limit
+        while len(pending) <= self.options.workers:
+            room = self.options.batch_size if limit is None else min(self.options.batch_size, limit - claimed - total)
+            if room <= 0:
+                break
+            try:
+                jobs = self.db.claim(self.owner, self.options.stage, self.options.language, limit=room,
+                                     lease_seconds=self.options.lease_seconds)
+            except sqlite3.OperationalError as exc:
+                log.warning("claim failed, will retry: %s", exc)
+                break
+            if not jobs:
+                break
+            with self._held_lock:
+                self._held.update((job.id, job) for job in jobs)
+            for job in jobs:
+                pending[pool.submit(self._run_job, job)] = job
+            total += len(jobs)
+        return total
+
+    def _wait_for_more(self, claimed: int) -> bool:
+        """Nothing is running: sleep until a backed-off job is due; False when all is done."""
+        if self.options.limit is not None and claimed >= self.options.limit:
+            return False
+        self._reclaim()
+        count, earliest = self.db.pending(self.options.stage, self.options.language)
+        if not count:
+            return False
+        delay = min(max(0.0, (earliest or 0) - time.time()), IDLE_POLL_SECONDS * 4)
+        self.stop.stop.wait(delay)
+        return True
+
+    def _reclaim(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_reclaim < RECLAIM_EVERY_SECONDS:
+            return
+        self._last_reclaim = now
+        try:
+            lost = self.db.reclaim()
+        except sqlite3.OperationalError as exc:
+            log.warning("reclaim failed, will retry: %s", exc)
+            return
+        if lost:
+            log.info("took over %d job(s) of dead or expired runs", len(lost))
+
+    # -- one job --------------------------------------------------------------------------
+    def _run_job(self, job: Job) -> None:
+        try:
+            if self.stop.stop.is_set():
+                raise Stopping("run is stopping")
+            outcome = self.work(job)
+        except Stopping:
+            self._release(job, "run stopped before this job finished")
+        except errors.AccountError as exc:
+            self.stop.account(str(exc))
+            self._release(job, f"account error: {exc}")
+        except errors.RateLimitError as exc:
+            self._record_failure(job, exc, retryable=True, spend_attempt=False)
+        except errors.RetryableError as exc:
+            self._record_failure(job, exc, retryable=True)
+        except errors.PermanentError as exc:
+            self._record_failure(job, exc, retryable=False)
+        except OSError as exc:  # our own disk: ENOSPC, EIO on fsync ... the file is not at fault
+            wrapped = errors.RetryableError(f"writing outputs failed: {type(exc).__name__}: {exc}",
+                                            error_class="disk")
+            self._record_failure(job, wrapped, retryable=True)
+        except Exception as exc:  # a bug: logged in full, retried a bounded number of times
+            log.exception("unexpected error on job %s", job.id)
+            wrapped = errors.RetryableError(f"internal error: {type(exc).__name__}: {exc}",
+                                            error_class="internal_error")
+            self._record_failure(job, wrapped, retryable=True)
+        else:
+            self._record_success(job, outcome)
+        finally:
+            with self._held_lock:
+                self._held.pop(job.id, None)
+
+    def _record_success(self, job: Job, outcome: Outcome) -> None:
+        try:
+            self.db.complete(job, outcome)
+        except LeaseLostError as exc:
+            self.summary.lease_lost += 1
+            log.warning("%s; the result was discarded", exc)
+            return
+        except sqlite3.Error as exc:
+            log.error("could not record completion of job %s (its lease will expire and it will be"
+                      " redone): %s", job.id, exc)
+            return
+        self.summary.completed += 1
+        self._tick(1)
+
+    def _record_failure(self, job: Job, exc: errors.ProviderError, *, retryable: bool,
+                        spend_attempt: bool = True) -> None:
+        delay = errors.retry_delay(job.attempts, exc.retry_after, base=_retry_base(), cap=_retry_cap())
+        try:
+            status = self.db.fail(job, exc.error_class, str(exc), retryable=retryable, delay=delay,
+                                  spend_attempt=spend_attempt)
+        except LeaseLostError as lost:
+            self.summary.lease_lost += 1
+            log.warning("%s", lost)
+            return
+        except sqlite3.Error as db_exc:
+            log.error("could not record failure of job %s: %s", job.id, db_exc)
+            return
+        self.summary.errors[exc.error_class] += 1
+        if status == FAILED:
+            self.summary.failed += 1
+            log.warning("job %s (%s) failed: %s", job.id, job.file_id, exc)
+            self._tick(1)
+        elif spend_attempt:
+            self.summary.retried += 1
+            log.info("job %s (%s) will be retried in %.1f s: %s", job.id, job.file_id, delay, exc)
+        else:
+            self.summary.requeued += 1
+        self._postfix()
+
+    def _release(self, job: Job, reason: str) -> None:
+        try:
+            self.summary.released += self.db.release([job], reason)
+        except sqlite3.Error as exc:
+            log.error("could not release job %s (its lease will expire): %s", job.id, exc)
+
+    # -- leases and shutdown ---------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        interval = max(0.1, self.options.lease_seconds / 3)
+        while not self._done.wait(interval):
+            with self._held_lock:
+                ids = list(self._held)
+            if not ids:
+                continue
+            try:
+                kept = self.db.heartbeat(self.owner, ids, self.options.lease_seconds)
+            except sqlite3.Error as exc:
+                log.warning("heartbeat failed, will retry: %s", exc)
+                continue
+            lost = set(ids) - kept
+            with self._held_lock:
+                lost &= set(self._held)  # jobs finished meanwhile are not lost
+            if lost:
+                log.warning("lost the lease of %d job(s); their results will be discarded", len(lost))
+
+    def _cancel_queued(self, pending: dict) -> None:
+        cancelled = [pending[f] for f in list(pending) if f.cancel()]
+        for future in [f for f in pending if f.cancelled()]:
+            pending.pop(future)
+        if cancelled:
+            with self._held_lock:
+                for job in cancelled:
+                    self._held.pop(job.id, None)
+            self.summary.released += self.db.release(cancelled, "run stopped before this job started")
+
+    def _shutdown(self, pool: ThreadPoolExecutor, pending: dict) -> None:
+        self._cancel_queued(pending)
+        if self.stop.abort.is_set():
+            with self._held_lock:
+                running = list(self._held.values())
+                self._held.clear()
+            if running:
+                self.summary.released += self.db.release(running, "run aborted")
+            pool.shutdown(wait=False, cancel_futures=True)
+            return
+        pool.shutdown(wait=True)
+
+    def _finish(self, started: float) -> None:
+        counts = self.db.counts().get((self.options.stage, self.options.language), {})
+        self.summary.failed_total = counts.get(FAILED, 0)
+        self.summary.remaining = counts.get("not_started", 0)
+        self.summary.account_error = self.stop.account_error
+        self.summary.interrupted = self.stop.interrupted
+        self.summary.seconds = round(time.monotonic() - started, 3)
+
+    # -- progress -------------------------------------------------------------------------
+    def _tick(self, n: int) -> None:
+        if self._progress is not None:
+            self._progress.update(n)
+            self._postfix()
+
+    def _postfix(self) -> None:
+        if self._progress is not None:
+            s = self.summary
+            waits = self.limiter.stats.waits if self.limiter else 0
+            self._progress.set_postfix_str(
+                f"failed {s.failed} · retries {s.retried} · rate-limit waits {waits + s.requeued}", refresh=False)
+
+
+def _retry_base() -> float:
+    return float(os.environ.get("VERBATIM_RETRY_BASE_SECONDS", errors.RETRY_BASE_SECONDS))
+
+
+def _retry_cap() -> float:
+    return float(os.environ.get("VERBATIM_RETRY_CAP_SECONDS", errors.RETRY_CAP_SECONDS))
+
+
+def exit_code(summaries: list[RunSummary], stop: StopSignal) -> int:
+    if stop.account_error:
+        return EXIT_USAGE
+    if stop.interrupted:
+        return EXIT_INTERRUPTED
+    if any(s.failed_total for s in summaries):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# -- what both parallel scripts share around the runner -----------------------------------------
+
+def add_run_arguments(parser, *, workers: int, batch_size: int) -> None:
+    parser.add_argument("--workers", type=_positive, default=workers, metavar="N",
+                        help=f"parallel API calls (default {workers})")
+    parser.add_argument("--batch-size", type=_positive, default=batch_size, metavar="N",
+                        help=f"jobs claimed per batch (default {batch_size})")
+    parser.add_argument("--limit", type=_positive, metavar="N", help="process at most N jobs")
+    parser.add_argument("--provider", help="provider to use (default: from .env, else the first configured)")
+    parser.add_argument("--model", help="provider model (default: the provider's default)")
+    parser.add_argument("--retry-failed", action="store_true", help="also retry jobs that failed before")
+    parser.add_argument("--dry-run", action="store_true", help="show what would run and its cost; no API call")
+    parser.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS, help=argparse.SUPPRESS)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+@dataclass
+class Plan:
+    """One runner to start: its options, its work function and its provider's limiter."""
+
+    options: RunOptions
+    work: object
+    limiter: object = None
+
+
+def run_plans(db: DatabaseManager, plans: list[Plan], stop: StopSignal) -> list[RunSummary]:
+    """Run every plan at once (one thread each, one progress bar each); return their summaries."""
+    from tqdm import tqdm
+
+    owner = make_owner()
+    runners, bars = [], []
+    for position, plan in enumerate(plans):
+        total, _ = db.pending(plan.options.stage, plan.options.language)
+        if plan.options.limit is not None:
+            total = min(total, plan.options.limit)
+        bar = tqdm(total=total, desc=plan.options.label, unit="job", file=sys.stderr, position=position,
+                   disable=plan.options.quiet, dynamic_ncols=True, leave=True)
+        bars.append(bar)
+        runners.append(Runner(db, plan.options, plan.work, stop=stop, owner=owner, progress=bar,
+                              limiter=plan.limiter))
+    try:
+        if len(runners) == 1:
+            return [runners[0].run()]
+        threads = [threading.Thread(target=r.run, name=f"runner-{r.options.label}") for r in runners]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():  # join with a timeout so Ctrl-C reaches the main thread
+                thread.join(0.5)
+        return [r.summary for r in runners]
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def report(summaries: list[RunSummary], stop: StopSignal, *, as_json: bool) -> int:
+    """Print the end-of-run summary (JSON on stdout, or lines on stderr); return the exit code."""
+    code = exit_code(summaries, stop)
+    if as_json:
+        print(json.dumps({"exit_code": code, "account_error": stop.account_error,
+                          "interrupted": stop.interrupted, "runs": [s.as_dict() for s in summaries]},
+                         ensure_ascii=True))
+    else:
+        for s in summaries:
+            what = s.stage + (f" {s.language}" if s.language else "")
+            print(f"{what}: completed {s.completed} · failed {s.failed} · retried {s.retried} · released "
+                  f"{s.released} · still failed {s.failed_total} · left {s.remaining} · {s.seconds:.1f} s",
+                  file=sys.stderr)
+    if stop.account_error:
+        print(f"error: {stop.account_error}. The run stopped; no job was marked failed. Fix the account"
+              " or key and run again.", file=sys.stderr)
+    if stop.abort.is_set():
+        # Worker threads may still sit in an HTTP call: their jobs were given back, so leave now
+        # rather than wait for them (the interpreter would join them at exit).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

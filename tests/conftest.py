@@ -1,0 +1,38 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Tests never read the developer's .env or real keys, and retry backoff is shrunk to ~0.
+for _name in list(os.environ):
+    if _name.startswith(("OPENAI_", "ELEVENLABS_", "DEEPL_", "MS_TRANSLATOR_", "VERBATIM_")):
+        del os.environ[_name]
+os.environ["VERBATIM_ENV_FILE"] = os.devnull
+os.environ["VERBATIM_RETRY_BASE_SECONDS"] = "0.01"
+os.environ["VERBATIM_RETRY_CAP_SECONDS"] = "0.05"
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "jobs.db")
+
+
+@pytest.fixture
+def db(db_path):
+    from db_manager import DatabaseManager
+
+    manager = DatabaseManager(db_path)
+    yield manager
+    manager.close_all()
+
+
+def script_env(**extra) -> dict:
+    """Environment for running a script as a subprocess: no inherited keys, fast retries."""
+    env = {k: v for k, v in os.environ.items()}
+    env.update({k: str(v) for k, v in extra.items()})
+    env["PYTHONPATH"] = str(ROOT)
+    return env

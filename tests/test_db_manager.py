@@ -1,0 +1,328 @@
+"""The job store: exactly-once claims under threads and processes, fencing, reclaim, migrations."""
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+import db_manager as dbm
+from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NOT_STARTED, TRANSCRIPTION, TRANSLATION,
+                        DatabaseError, DatabaseManager, LeaseLostError, MediaRecord, Outcome)
+from tests.conftest import ROOT
+
+
+def records(n, prefix="/archive/file"):
+    return [MediaRecord(f"{prefix}{i}.wav", hashlib.sha256(f"{prefix}{i}".encode()).hexdigest(), 100 + i, i,
+                        "audio") for i in range(n)]
+
+
+def test_pragmas_and_schema(db):
+    conn = db.conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 30000
+    assert db.schema_version() == dbm.SCHEMA_VERSION
+
+
+def test_reopen_is_idempotent_and_newer_schema_is_refused(db_path):
+    first = DatabaseManager(db_path)
+    first.register_files(records(3), ["en"])
+    first.close_all()
+    again = DatabaseManager(db_path)  # migrations do not run twice, data kept
+    assert again.totals()["files"] == 3
+    again.close_all()
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"PRAGMA user_version = {dbm.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(DatabaseError, match="newer verbatim"):
+        DatabaseManager(db_path)
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == dbm.SCHEMA_VERSION + 1  # not downgraded
+    conn.close()
+
+
+def test_register_is_idempotent_and_duplicates_are_one_file(db):
+    recs = records(4)
+    counts = db.register_files(recs, ["en", "he"])
+    assert counts["new_files"] == 4
+    same_content = MediaRecord("/elsewhere/copy.wav", recs[0].sha256, recs[0].size, 5, "audio")
+    counts = db.register_files(recs + [same_content], ["en", "he"])
+    assert counts["new_files"] == 0 and counts["duplicates"] == 5
+    assert db.totals()["files"] == 4
+    file_id = recs[0].sha256[:16]
+    assert db.paths_of(file_id) == ["/archive/file0.wav", "/elsewhere/copy.wav"]
+    summary = db.counts()
+    assert summary[(TRANSCRIPTION, "")][NOT_STARTED] == 4
+    assert summary[(TRANSLATION, "he")][NOT_STARTED] == 4
+    assert db.ensure_jobs(TRANSLATION, "de") == 4  # a language asked for later
+    assert db.ensure_jobs(TRANSLATION, "de") == 0
+
+
+ODD_NAMES = [
+    "with\nnewline.wav", "-leading-dash.mp3", "../../escape.wav", "x" * 240 + ".wav",
+    "spaces and ümlauts – דוד.mp3", os.fsdecode(b"bad-\xff\xfe-bytes.wav"), "tab\there.wav",
+]
+
+
+def test_odd_file_names_are_stored_and_listed(db, tmp_path):
+    recs = [MediaRecord(os.path.join("/archive", name), hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest(),
+                        1, 1, "audio") for name in ODD_NAMES]
+    db.register_files(recs, ["en"])
+    stored = {os.path.basename(r["path_display"]) for r in db.files()}
+    assert len(stored) == len(ODD_NAMES)
+    by_id = {r["file_id"]: r for r in db.files()}
+    for rec in recs:
+        row = by_id[rec.sha256[:16]]
+        assert os.fsdecode(bytes(row["path_bytes"])) == rec.path  # exact round trip, bad bytes included
+        assert "\n" not in row["path_display"]
+        assert "/" not in row["folder"] and ".." not in row["folder"] and len(row["folder"]) <= 57
+    # the status tool lists them all, as JSON, without error
+    out = subprocess.run([sys.executable, str(ROOT / "tools/status.py"), "--db", db.path, "--files", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    items = json.loads(out)["items"]
+    assert sorted(i["path"] for i in items) == sorted(rec.path for rec in recs)
+
+
+def test_claim_complete_fail_release_lifecycle(db):
+    db.register_files(records(3), [])
+    owner = dbm.make_owner()
+    a, b, c = db.claim(owner, TRANSCRIPTION, limit=3)
+    assert (a.attempts, a.claim) == (1, 1)
+    db.complete(a, Outcome({"txt": {"path": "/o/t.txt", "sha256": "0" * 64, "size": 3}}, provider="openai"))
+    assert db.fail(b, "server_error", "HTTP 503", retryable=True, delay=0) == NOT_STARTED
+    assert db.fail(c, "unsupported_media", "not audio", retryable=False) == FAILED
+    again = db.claim(owner, TRANSCRIPTION, limit=5)
+    assert [j.id for j in again] == [b.id] and again[0].attempts == 2
+    assert db.release(again, "shutdown") == 1
+    row = db.jobs(file_id=b.file_id, stage=TRANSCRIPTION)[0]
+    assert row["status"] == NOT_STARTED and row["attempts"] == 1  # release spends no attempt
+    history = [(e["from_status"], e["to_status"]) for e in db.events(b.id)]
+    assert history == [(None, NOT_STARTED), (NOT_STARTED, IN_PROGRESS), (IN_PROGRESS, NOT_STARTED),
+                       (NOT_STARTED, IN_PROGRESS), (IN_PROGRESS, NOT_STARTED)]
+
+
+def test_retryable_errors_fail_after_max_attempts(db):
+    db.register_files(records(1), [])
+    owner = dbm.make_owner()
+    for attempt in range(1, dbm.DEFAULT_MAX_ATTEMPTS + 1):
+        (job,) = db.claim(owner, TRANSCRIPTION)
+        assert job.attempts == attempt
+        status = db.fail(job, "server_error", "boom", retryable=True)
+    assert status == FAILED
+    assert db.claim(owner, TRANSCRIPTION) == []
+    assert db.reset_failed(TRANSCRIPTION) == 1
+    (job,) = db.claim(owner, TRANSCRIPTION)
+    assert job.attempts == 1  # fresh attempts, history kept
+    assert len(db.events(job.id)) > 2 * dbm.DEFAULT_MAX_ATTEMPTS
+
+
+def test_backoff_delays_the_next_claim(db):
+    db.register_files(records(1), [])
+    owner = dbm.make_owner()
+    (job,) = db.claim(owner, TRANSCRIPTION)
+    db.fail(job, "rate_limited", "429", retryable=True, delay=30, spend_attempt=False)
+    assert db.claim(owner, TRANSCRIPTION) == []
+    count, earliest = db.pending(TRANSCRIPTION)
+    assert count == 1 and earliest > time.time() + 25
+    assert db.jobs(stage=TRANSCRIPTION)[0]["attempts"] == 0
+
+
+def test_fenced_completion_refuses_a_late_worker(db):
+    db.register_files(records(1), [])
+    slow = dbm.make_owner("slow")
+    (stale,) = db.claim(slow, TRANSCRIPTION, lease_seconds=0.01)
+    time.sleep(0.05)
+    assert db.reclaim() == [stale.id]
+    fresh_owner = dbm.make_owner("fresh")
+    (fresh,) = db.claim(fresh_owner, TRANSCRIPTION)
+    with pytest.raises(LeaseLostError):
+        db.complete(stale, Outcome({"txt": {"path": "/late", "sha256": "1" * 64, "size": 1}}))
+    with pytest.raises(LeaseLostError):
+        db.fail(stale, "server_error", "late", retryable=True)
+    assert db.heartbeat(slow, [stale.id]) == set()
+    assert db.heartbeat(fresh_owner, [fresh.id]) == {fresh.id}
+    db.complete(fresh, Outcome({"txt": {"path": "/fresh", "sha256": "2" * 64, "size": 1}}))
+    row = db.jobs(stage=TRANSCRIPTION)[0]
+    assert row["status"] == COMPLETED and json.loads(row["outputs"])["txt"]["path"] == "/fresh"
+    assert [e["to_status"] for e in db.events(stale.id)].count("refused") == 2
+
+
+def test_same_owner_reclaimed_lease_is_fenced_by_claim_number(db):
+    db.register_files(records(1), [])
+    owner = dbm.make_owner()
+    (first,) = db.claim(owner, TRANSCRIPTION, lease_seconds=0.01)
+    time.sleep(0.05)
+    db.reclaim()
+    (second,) = db.claim(owner, TRANSCRIPTION)
+    assert second.attempts == first.attempts and second.claim == first.claim + 1
+    with pytest.raises(LeaseLostError):
+        db.complete(first, Outcome({}))
+    db.complete(second, Outcome({}))
+
+
+def test_reclaim_never_touches_a_live_owner(db):
+    db.register_files(records(2), [])
+    live = db.claim(dbm.make_owner(), TRANSCRIPTION, limit=2)
+    assert db.reclaim() == []
+    assert all(r["status"] == IN_PROGRESS for r in db.jobs(stage=TRANSCRIPTION))
+    assert len(live) == 2
+
+
+def test_translation_needs_a_completed_transcript(db):
+    db.register_files(records(2), ["he"])
+    owner = dbm.make_owner()
+    assert db.claim(owner, TRANSLATION, "he") == []
+    (job,) = db.claim(owner, TRANSCRIPTION)
+    db.complete(job, Outcome({"json": {"path": "/o/transcript.json", "sha256": "3" * 64, "size": 9}}))
+    (translation,) = db.claim(owner, TRANSLATION, "he", limit=5)
+    assert translation.file_id == job.file_id
+    assert translation.outputs["json"]["path"] == "/o/transcript.json"
+    with pytest.raises(ValueError):
+        db.claim(owner, TRANSLATION, "")
+
+
+def test_sixteen_threads_claim_two_thousand_jobs_exactly_once(db_path):
+    db = DatabaseManager(db_path)
+    db.register_files(records(2000), [])
+    owner = dbm.make_owner()
+    done, errors = Counter(), []
+    lock = threading.Lock()
+
+    def worker():
+        try:
+            while True:
+                jobs = db.claim(owner, TRANSCRIPTION, limit=7)
+                if not jobs:
+                    return
+                for job in jobs:
+                    db.complete(job, Outcome({}))
+                    with lock:
+                        done[job.id] += 1
+        except Exception as exc:  # any escape (e.g. "database is locked") fails the test
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    db.close_all()
+    assert errors == []
+    assert len(done) == 2000 and set(done.values()) == {1}
+    check = DatabaseManager(db_path)
+    assert check.counts()[(TRANSCRIPTION, "")][COMPLETED] == 2000
+    claims = check.query("SELECT COUNT(*) FROM events WHERE to_status = 'in_progress'")[0][0]
+    assert claims == 2000
+    check.close_all()
+
+
+WORKER_SCRIPT = textwrap.dedent("""
+    import json, sys, threading, time
+    sys.path.insert(0, sys.argv[2])
+    import db_manager as dbm
+    db = dbm.DatabaseManager(sys.argv[1])
+    owner = dbm.make_owner()
+    done, errors = [], []
+    def work():
+        try:
+            while True:
+                jobs = db.claim(owner, "transcription", limit=5)
+                if not jobs:
+                    return
+                time.sleep(0.005)  # the "API call": no transaction is open here
+                for job in jobs:
+                    db.complete(job, dbm.Outcome({}))
+                    done.append(job.id)
+        except Exception as exc:
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    print(json.dumps({"done": done, "errors": errors}))
+""")
+
+
+def test_three_processes_share_one_database(db_path, tmp_path):
+    db = DatabaseManager(db_path)
+    db.register_files(records(1200), [])
+    db.close_all()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    procs = [subprocess.Popen([sys.executable, str(script), db_path, str(ROOT)], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(r["errors"] == [] for r in results)
+    ids = Counter(i for r in results for i in r["done"])
+    assert len(ids) == 1200 and set(ids.values()) == {1}
+    assert sum(1 for r in results if r["done"]) >= 2  # the work really was shared
+    check = DatabaseManager(db_path)
+    assert check.counts()[(TRANSCRIPTION, "")][COMPLETED] == 1200
+    assert check.query("PRAGMA integrity_check")[0][0] == "ok"
+    check.close_all()
+
+
+HOLDER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    import db_manager as dbm
+    db = dbm.DatabaseManager(sys.argv[1])
+    jobs = db.claim(dbm.make_owner(), "transcription", limit=3, lease_seconds=3600)
+    print(len(jobs), flush=True)
+    time.sleep(600)
+""")
+
+
+def test_jobs_of_a_killed_process_are_reclaimed_at_once(db_path, tmp_path):
+    db = DatabaseManager(db_path)
+    db.register_files(records(5), [])
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), db_path, str(ROOT)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "3"
+    assert db.reclaim() == []  # alive, lease valid for an hour: untouchable
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    reclaimed = db.reclaim()
+    assert len(reclaimed) == 3  # not an hour later: the owner is provably dead
+    rows = db.jobs(stage=TRANSCRIPTION)
+    assert all(r["status"] == NOT_STARTED and r["attempts"] == 0 for r in rows)
+    assert all(r["lost_leases"] == 1 for r in rows if r["id"] in reclaimed)
+    assert len(db.claim(dbm.make_owner(), TRANSCRIPTION, limit=10)) == 5
+    db.close_all()
+
+
+def test_owner_liveness_checks():
+    assert dbm.owner_is_dead(dbm.make_owner()) is False
+    assert dbm.owner_is_dead(f"{dbm.HOSTNAME}:999999999:0:abcd") is True
+    assert dbm.owner_is_dead("another-host:1:0:abcd") is False  # only its lease can tell
+    assert dbm.owner_is_dead("garbage") is False
+
+
+def test_broken_connection_is_replaced(db):
+    db.register_files(records(1), [])
+    db.conn.close()
+    assert db.totals()["files"] == 1
+    db.close_all()
+    assert db.counts()[(TRANSCRIPTION, "")][NOT_STARTED] == 1
+
+
+def test_write_transactions_roll_back_on_error(db):
+    db.register_files(records(1), [])
+    with pytest.raises(RuntimeError):
+        with db.transaction() as conn:
+            conn.execute("UPDATE jobs SET status = 'failed'")
+            raise RuntimeError("boom")
+    assert db.counts()[(TRANSCRIPTION, "")][NOT_STARTED] == 1
+    with pytest.raises(sqlite3.IntegrityError):
+        with db.transaction() as conn:
+            conn.execute("UPDATE jobs SET status = 'done'")  # the CHECK keeps statuses closed

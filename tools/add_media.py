@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Register audio and video files (files or folders, recursively) in the job store.
+
+Each new file gets a transcription job and a translation job per target language
+($VERBATIM_TARGET_LANGUAGES, default en,de,he). Re-running is idempotent and fast: unchanged
+files (same path, size and mtime) are not hashed again.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import config  # noqa: E402
+from pipeline.media import describe, register_inputs  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = config.make_parser(__doc__, "python tools/add_media.py /archive/interviews --db archive.db")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="media files or folders")
+    parser.add_argument("--language", nargs="+", metavar="CODE",
+                        help="target languages for translation jobs (default: $VERBATIM_TARGET_LANGUAGES)")
+    config.add_common_args(parser)
+    args = parser.parse_args(argv)
+    config.load_env(args.env_file)
+    config.setup_logging(args.verbose)
+    languages = config.parse_languages(args.language) if args.language else config.target_languages()
+    db = config.open_db(config.db_path(args))
+    try:
+        report = register_inputs(db, args.paths, languages)
+    finally:
+        db.close_all()
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print(describe(report))
+    if report.missing_inputs:
+        print("error: some inputs do not exist", file=sys.stderr)
+        return config.EXIT_USAGE
+    return config.EXIT_FAILED if report.unreadable else config.EXIT_OK
+
+
+if __name__ == "__main__":
+    config.run_main(main)
