@@ -125,6 +125,7 @@ class Runner:
         self._progress = progress
         self._last_reclaim = 0.0
         self._done = threading.Event()
+        self._count_lock = threading.Lock()
         self.limiter = limiter
 
     # -- the main loop --------------------------------------------------------------------
@@ -242,14 +243,14 @@ class Runner:
         try:
             self.db.complete(job, outcome)
         except LeaseLostError as exc:
-            self.summary.lease_lost += 1
+            self._count("lease_lost")
             log.warning("%s; the result was discarded", exc)
             return
         except sqlite3.Error as exc:
             log.error("could not record completion of job %s (its lease will expire and it will be"
                       " redone): %s", job.id, exc)
             return
-        self.summary.completed += 1
+        self._count("completed")
         self._tick(1)
 
     def _record_failure(self, job: Job, exc: errors.ProviderError, *, retryable: bool,
@@ -259,27 +260,28 @@ class Runner:
             status = self.db.fail(job, exc.error_class, str(exc), retryable=retryable, delay=delay,
                                   spend_attempt=spend_attempt)
         except LeaseLostError as lost:
-            self.summary.lease_lost += 1
+            self._count("lease_lost")
             log.warning("%s", lost)
             return
         except sqlite3.Error as db_exc:
             log.error("could not record failure of job %s: %s", job.id, db_exc)
             return
-        self.summary.errors[exc.error_class] += 1
+        with self._count_lock:
+            self.summary.errors[exc.error_class] += 1
         if status == FAILED:
-            self.summary.failed += 1
+            self._count("failed")
             log.warning("job %s (%s) failed: %s", job.id, job.file_id, exc)
             self._tick(1)
         elif spend_attempt:
-            self.summary.retried += 1
+            self._count("retried")
             log.info("job %s (%s) will be retried in %.1f s: %s", job.id, job.file_id, delay, exc)
         else:
-            self.summary.requeued += 1
+            self._count("requeued")
         self._postfix()
 
     def _release(self, job: Job, reason: str) -> None:
         try:
-            self.summary.released += self.db.release([job], reason)
+            self._count("released", self.db.release([job], reason))
         except sqlite3.Error as exc:
             log.error("could not release job %s (its lease will expire): %s", job.id, exc)
 
@@ -310,7 +312,7 @@ class Runner:
             with self._held_lock:
                 for job in cancelled:
                     self._held.pop(job.id, None)
-            self.summary.released += self.db.release(cancelled, "run stopped before this job started")
+            self._count("released", self.db.release(cancelled, "run stopped before this job started"))
 
     def _shutdown(self, pool: ThreadPoolExecutor, pending: dict) -> None:
         self._cancel_queued(pending)
@@ -319,7 +321,7 @@ class Runner:
                 running = list(self._held.values())
                 self._held.clear()
             if running:
-                self.summary.released += self.db.release(running, "run aborted")
+                self._count("released", self.db.release(running, "run aborted"))
             pool.shutdown(wait=False, cancel_futures=True)
             return
         pool.shutdown(wait=True)
@@ -333,6 +335,10 @@ class Runner:
         self.summary.seconds = round(time.monotonic() - started, 3)
 
     # -- progress -------------------------------------------------------------------------
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._count_lock:
+            setattr(self.summary, name, getattr(self.summary, name) + n)
+
     def _tick(self, n: int) -> None:
         if self._progress is not None:
             self._progress.update(n)

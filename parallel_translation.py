@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Translate every completed transcript into one or more languages, in parallel, resumably.
+
+For each --language a runner claims translation jobs whose transcript is completed, translates
+the transcript segment by segment (so subtitles keep their cues and timings), validates that the
+result really is in the target language, and writes translation.<lang>.txt/.json/.srt/.vtt
+beside the transcript. Several languages run at once, each with its own progress bar. Run the
+same command again to resume: completed translations are never redone.
+
+Exit codes: 0 all done, 1 some jobs failed, 2 usage/configuration/account error, 130 interrupted.
+"""
+
+import json
+import logging
+import os
+
+from db_manager import COMPLETED, TRANSLATION, Job, Outcome
+from pipeline import config
+from pipeline.errors import PermanentError
+from pipeline.limiter import limiter_for
+from pipeline.outputs import as_recorded, safe_join, sha256_file
+from pipeline.runner import Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans
+from translation import choose_fallback, choose_translator, load_source, translate_document, write_translation_outputs
+
+log = logging.getLogger("verbatim.translation")
+
+
+class TranslationWork:
+    """One job: load the recorded transcript, translate and validate it, write the outputs."""
+
+    def __init__(self, translator, fallback, limiter, stop: StopSignal, output_root: str, language: str):
+        self.translator = translator
+        self.fallback = fallback
+        self.limiter = limiter
+        self.stop = stop
+        self.output_root = output_root
+        self.language = language
+
+    def __call__(self, job: Job) -> Outcome:
+        source = load_source(self._transcript_path(job))
+        translation = translate_document(source, self.language, self.translator, fallback=self.fallback,
+                                         call=lambda fn: self.limiter.call(fn, self.stop.stop))
+        folder = safe_join(self.output_root, job.folder)
+        written = write_translation_outputs(translation, folder, root=self.output_root)
+        return Outcome(outputs=as_recorded(written), provider=translation.provider, model=translation.model,
+                       characters=translation.usage.get("characters"), tokens=translation.usage.get("tokens"),
+                       cost=translation.cost)
+
+    @staticmethod
+    def _transcript_path(job: Job) -> str:
+        """The transcript this job's transcription recorded, verified against its recorded hash."""
+        recorded = job.outputs.get("json") or job.outputs.get("txt")
+        if not recorded:
+            raise PermanentError("the transcription job recorded no transcript output",
+                                 error_class="transcript_missing")
+        path = recorded["path"]
+        try:
+            actual = sha256_file(path)
+        except FileNotFoundError:
+            raise PermanentError(f"transcript missing: {path}", error_class="transcript_missing") from None
+        if actual != recorded["sha256"]:
+            raise PermanentError(f"transcript changed since it was recorded: {path}",
+                                 error_class="transcript_changed")
+        return path
+
+
+def build_parser():
+    parser = config.make_parser(__doc__, "python parallel_translation.py --language en de he --workers 2")
+    parser.add_argument("--language", nargs="+", metavar="CODE",
+                        help="target language(s) (default: $VERBATIM_TARGET_LANGUAGES, else en de he)")
+    add_run_arguments(parser, workers=2, batch_size=10)
+    config.add_common_args(parser)
+    return parser
+
+
+def dry_run(db, translators: dict, limit, as_json: bool) -> int:
+    """Characters that would be sent and their estimated cost, per language; no API call."""
+    plans = {}
+    for language, translator in translators.items():
+        eligible = [r for r in db.jobs(stage=TRANSLATION, language=language, status="not_started")
+                    if _transcript_done(db, r["file_id"])][:limit]
+        chars = sum(_transcript_chars(db, r["file_id"]) for r in eligible)
+        usage = {"characters": chars, "prompt_tokens": chars // 3, "completion_tokens": chars // 3}
+        plans[language] = {"jobs": len(eligible), "characters": chars, "provider": translator.name,
+                           "model": translator.model, "estimated_cost_usd": round(translator.cost(usage), 4)}
+    if as_json:
+        print(json.dumps(plans))
+    else:
+        for language, plan in plans.items():
+            print(f"{language}: would translate {plan['jobs']} transcript(s), {plan['characters']:,} characters,"
+                  f" with {plan['provider']} {plan['model'] or ''}, estimated cost ${plan['estimated_cost_usd']:.2f}")
+    return config.EXIT_OK
+
+
+def _transcript_done(db, file_id) -> bool:
+    rows = db.jobs(stage="transcription", file_id=file_id)
+    return bool(rows) and rows[0]["status"] == COMPLETED
+
+
+def _transcript_chars(db, file_id) -> int:
+    outputs = json.loads(db.jobs(stage="transcription", file_id=file_id)[0]["outputs"] or "{}")
+    try:
+        return len(load_source(outputs["json"]["path"]).text)
+    except Exception:  # unreadable now: it will fail with a reason when it runs
+        return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    config.load_env(args.env_file)
+    config.setup_logging(args.verbose, args.quiet)
+    languages = config.parse_languages(args.language) if args.language else config.target_languages()
+    db = config.open_db(config.db_path(args), must_exist=True)
+    try:
+        translators = {lang: choose_translator(lang, args.provider, os.environ, model=args.model)
+                       for lang in languages}
+        if args.dry_run:
+            return dry_run(db, translators, args.limit, args.json)
+        stop = StopSignal()
+        stop.install()
+        plans = []
+        for language, translator in translators.items():
+            db.ensure_jobs(TRANSLATION, language)
+            if args.retry_failed:
+                log.info("reset %d failed %s job(s) for retry", db.reset_failed(TRANSLATION, language), language)
+            limiter = limiter_for(translator.name)
+            work = TranslationWork(translator, choose_fallback(language, os.environ, translator.name), limiter,
+                                   stop, config.output_dir(args), language)
+            options = RunOptions(TRANSLATION, language, workers=args.workers, batch_size=args.batch_size,
+                                 limit=args.limit, lease_seconds=args.lease_seconds,
+                                 label=f"translation {language}", quiet=args.quiet)
+            plans.append(Plan(options, work, limiter))
+        return report(run_plans(db, plans, stop), stop, as_json=args.json)
+    finally:
+        db.close_all()
+
+
+if __name__ == "__main__":
+    config.run_main(main)

@@ -1,0 +1,240 @@
+"""The shared runner and limiter, driven by in-process work functions (no HTTP here)."""
+
+import hashlib
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+import db_manager as dbm
+from db_manager import COMPLETED, FAILED, NOT_STARTED, TRANSCRIPTION, MediaRecord, Outcome
+from pipeline import errors
+from pipeline.limiter import ProviderLimiter
+from pipeline.runner import RunOptions, Runner, StopSignal, exit_code
+
+
+def register(db, n):
+    db.register_files([MediaRecord(f"/a/{i}.wav", hashlib.sha256(str(i).encode()).hexdigest(), 1, 1, "audio")
+                       for i in range(n)], [])
+
+
+def options(**kw):
+    base = dict(stage=TRANSCRIPTION, workers=4, batch_size=3, quiet=True)
+    base.update(kw)
+    return RunOptions(**base)
+
+
+def test_every_job_is_done_once_and_workers_stay_busy(db):
+    register(db, 40)
+    seen, lock = Counter(), threading.Lock()
+    running, peak = [0], [0]
+
+    def work(job):
+        with lock:
+            seen[job.id] += 1
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return Outcome({})
+
+    summary = Runner(db, options(workers=8, batch_size=2), work).run()
+    assert summary.completed == 40 and set(seen.values()) == {1}
+    assert peak[0] == 8  # batches of 2 never left workers idle
+    assert db.counts()[(TRANSCRIPTION, "")][COMPLETED] == 40
+
+
+def test_errors_are_acted_on_by_kind(db):
+    register(db, 6)
+    calls = Counter()
+
+    def work(job):
+        calls[job.id] += 1
+        kind = job.id % 3
+        if kind == 0:
+            raise errors.PermanentError("not audio", error_class="unsupported_media")
+        if kind == 1 and calls[job.id] < 3:
+            raise errors.RetryableError("HTTP 503", status=503)
+        return Outcome({})
+
+    summary = Runner(db, options(), work).run()
+    assert summary.completed == 4 and summary.failed == 2 and summary.retried == 4
+    failed = db.jobs(status=FAILED)
+    assert {r["error_class"] for r in failed} == {"unsupported_media"}
+    assert all(calls[r["id"]] == 1 for r in failed)  # permanent: never retried
+    assert exit_code([summary], StopSignal()) == 1
+
+
+def test_disk_errors_are_retryable(db):
+    register(db, 1)
+    attempts = []
+
+    def work(job):
+        attempts.append(job.attempts)
+        if len(attempts) == 1:
+            raise OSError(28, "No space left on device")
+        return Outcome({})
+
+    summary = Runner(db, options(), work).run()
+    assert summary.completed == 1 and attempts == [1, 2]
+    assert "disk" in [e["error_class"] for e in db.events(1)]
+
+
+def test_account_error_stops_the_run_and_releases_everything(db):
+    register(db, 30)
+    started = []
+
+    def work(job):
+        started.append(job.id)
+        if len(started) == 3:
+            raise errors.AccountError("the API key was rejected", status=401, error_class="auth")
+        time.sleep(0.05)
+        return Outcome({})
+
+    stop = StopSignal()
+    summary = Runner(db, options(workers=2, batch_size=5), work, stop=stop).run()
+    counts = db.counts()[(TRANSCRIPTION, "")]
+    assert counts[FAILED] == 0 and counts["in_progress"] == 0
+    assert counts[COMPLETED] == summary.completed <= 3
+    assert counts[NOT_STARTED] == 30 - summary.completed
+    assert all(r["attempts"] == 0 for r in db.jobs(status=NOT_STARTED))  # nobody's attempt spent
+    assert exit_code([summary], stop) == 2 and "rejected" in stop.account_error
+
+
+def test_graceful_stop_releases_queued_jobs(db):
+    register(db, 20)
+    stop = StopSignal()
+    both_running = threading.Barrier(2)
+
+    def work(job):
+        both_running.wait(timeout=5)
+        stop.request()  # Ctrl-C arrives while the first two jobs run
+        time.sleep(0.05)
+        return Outcome({})
+
+    summary = Runner(db, options(workers=2, batch_size=10), work, stop=stop).run()
+    counts = db.counts()[(TRANSCRIPTION, "")]
+    assert counts["in_progress"] == 0
+    assert counts[COMPLETED] == summary.completed == 2  # the running ones finished
+    assert counts[NOT_STARTED] == 18 and exit_code([summary], stop) == 130
+
+
+def test_a_late_result_after_the_lease_moved_on_is_discarded(db):
+    register(db, 1)
+
+    def slow(job):
+        time.sleep(0.6)  # the lease (0.1 s) expires, and the heartbeat is too slow to save it
+        return Outcome({"txt": {"path": "/late", "sha256": "0" * 64, "size": 1}})
+
+    runner = Runner(db, options(lease_seconds=0.1), slow)
+    runner._heartbeat_loop = lambda: None  # a frozen heartbeat: the lease really expires
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    time.sleep(0.3)
+    assert db.reclaim()  # another run takes the job over ...
+    (job,) = db.claim(dbm.make_owner("other"), TRANSCRIPTION)
+    db.complete(job, Outcome({"txt": {"path": "/winner", "sha256": "1" * 64, "size": 1}}))
+    thread.join(10)
+    assert runner.summary.lease_lost == 1 and runner.summary.completed == 0
+    rows = db.jobs(stage=TRANSCRIPTION)
+    assert len(rows) == 1 and rows[0]["status"] == COMPLETED and "/winner" in rows[0]["outputs"]
+
+
+def test_heartbeat_keeps_long_jobs_alive(db):
+    register(db, 1)
+
+    def slow(job):
+        time.sleep(0.8)
+        return Outcome({})
+
+    summary = Runner(db, options(lease_seconds=0.3), slow).run()
+    assert summary.completed == 1 and summary.lease_lost == 0
+
+
+def test_limiter_settles_at_a_concurrency_cap():
+    cap, lock = 5, threading.Lock()
+    state = {"now": 0, "peak_after_429": 0, "seen_429": False, "calls": 0}
+
+    def request():
+        with lock:
+            state["calls"] += 1
+            state["now"] += 1
+            if state["now"] > cap:
+                state["now"] -= 1
+                state["seen_429"] = True
+                raise errors.RateLimitError("too_many_concurrent_requests", retry_after=0.05, concurrency=True)
+            if state["seen_429"]:
+                state["peak_after_429"] = max(state["peak_after_429"], state["now"])
+        time.sleep(0.02)
+        with lock:
+            state["now"] -= 1
+        return True
+
+    limiter = ProviderLimiter("fake")
+    threads = [threading.Thread(target=lambda: [limiter.call(request) for _ in range(5)]) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert state["seen_429"] and state["peak_after_429"] <= cap
+    assert limiter.limit <= cap
+
+
+def test_limiter_waits_out_a_storm_without_multiplying_requests():
+    storm_until = time.monotonic() + 1.0
+    calls = Counter()
+
+    def request():
+        if time.monotonic() < storm_until:
+            calls["429"] += 1
+            raise errors.RateLimitError("rate limited", retry_after=0.1)
+        calls["ok"] += 1
+        return True
+
+    limiter = ProviderLimiter("fake")
+    workers, per_worker = 16, 5
+    threads = [threading.Thread(target=lambda: [limiter.call(request) for _ in range(per_worker)])
+               for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls["ok"] == workers * per_worker
+    # one probe per cool-down, plus the first wave: nowhere near workers x retries
+    assert calls["429"] <= workers + 1.0 / 0.1 + 2
+
+
+def test_limiter_requeues_when_asked_to_wait_long():
+    limiter = ProviderLimiter("fake")
+
+    def request():
+        raise errors.RateLimitError("come back in an hour", retry_after=3600)
+
+    with pytest.raises(errors.RateLimitError):
+        limiter.call(request)
+    with pytest.raises(errors.RateLimitError):  # others do not even try during the cool-down
+        limiter.call(lambda: True)
+
+
+def test_limiter_rpm_spaces_requests():
+    limiter = ProviderLimiter("fake", rpm=600)  # 10 per second, burst of 10
+    start = time.monotonic()
+    for _ in range(15):
+        limiter.call(lambda: True)
+    assert time.monotonic() - start >= 0.4
+
+
+def test_retry_policy_functions():
+    assert errors.retry_delay(3, retry_after=7) == 7
+    assert all(0 <= errors.retry_delay(n, base=1, cap=10) <= min(10, 2 ** (n - 1)) for n in range(1, 10))
+    assert errors.parse_retry_after({"retry-after-ms": "1500"}) == 1.5
+    assert errors.parse_retry_after({"Retry-After": "3"}) == 3.0
+    kinds = {429: errors.RateLimitError, 500: errors.RetryableError, 503: errors.RetryableError,
+             408: errors.RetryableError, 401: errors.AccountError, 456: errors.AccountError,
+             400: errors.PermanentError, 413: errors.PermanentError}
+    for status, kind in kinds.items():
+        assert type(errors.classify_http(status, "x")) is kind
+    quota = errors.classify_http(429, {"error": {"code": "insufficient_quota"}})
+    assert isinstance(quota, errors.AccountError)
