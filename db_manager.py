@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from pipeline.errors import redact
+from pipeline.faults import crash_point
 
 NOT_STARTED = "not_started"
 IN_PROGRESS = "in_progress"
@@ -540,6 +541,7 @@ class DatabaseManager:
                           provider=outcome.provider, model=outcome.model, note=outcome.note,
                           audio_seconds=outcome.audio_seconds, characters=outcome.characters,
                           tokens=outcome.tokens, cost=outcome.cost))
+            crash_point("in_commit")
             if not rows:
                 refused = self._refuse(conn, job, "complete")
             elif outcome.duration is not None or outcome.source_language:

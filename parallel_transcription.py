@@ -16,6 +16,7 @@ import sys
 from db_manager import TRANSCRIPTION, Job, Outcome
 from pipeline import config
 from pipeline.errors import PermanentError
+from pipeline.faults import crash_point
 from pipeline.limiter import limiter_for
 from pipeline.media import describe, register_inputs
 from pipeline.outputs import as_recorded, safe_join
@@ -42,6 +43,7 @@ class TranscriptionWork:
         media = self._media_path(job)
         transcript = transcribe_media(media, self.transcriber, language=self.language, prompt=self.prompt,
                                       call=lambda fn: self.limiter.call(fn, self.stop.stop))
+        crash_point("after_api")
         folder = safe_join(self.output_root, job.folder)
         written = write_transcript_outputs(transcript, folder, root=self.output_root)
         seconds = transcript.usage.get("audio_seconds") or transcript.duration or 0.0

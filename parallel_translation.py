@@ -17,6 +17,7 @@ import os
 from db_manager import COMPLETED, TRANSLATION, Job, Outcome
 from pipeline import config
 from pipeline.errors import PermanentError
+from pipeline.faults import crash_point
 from pipeline.limiter import limiter_for
 from pipeline.outputs import as_recorded, safe_join, sha256_file
 from pipeline.runner import Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans
@@ -40,6 +41,7 @@ class TranslationWork:
         source = load_source(self._transcript_path(job))
         translation = translate_document(source, self.language, self.translator, fallback=self.fallback,
                                          call=lambda fn: self.limiter.call(fn, self.stop.stop))
+        crash_point("after_api")
         folder = safe_join(self.output_root, job.folder)
         written = write_translation_outputs(translation, folder, root=self.output_root)
         return Outcome(outputs=as_recorded(written), provider=translation.provider, model=translation.model,

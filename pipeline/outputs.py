@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.faults import crash_point
+
 TEMP_SUFFIX = ".tmp"
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 _SLUG_RE = re.compile(r"[^A-Za-z0-9]+")
@@ -94,6 +96,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, root: str | os.P
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        crash_point("after_temp_write")
         os.replace(tmp, target)
     except BaseException:
         try:

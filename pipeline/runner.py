@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from db_manager import DEFAULT_LEASE_SECONDS, FAILED, DatabaseManager, Job, LeaseLostError, Outcome, make_owner
 from pipeline import errors
 from pipeline.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from pipeline.faults import crash_point
 from pipeline.limiter import Stopping
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class Runner:
                 break
             with self._held_lock:
                 self._held.update((job.id, job) for job in jobs)
+            crash_point("after_claim")
             for job in jobs:
                 pending[pool.submit(self._run_job, job)] = job
             total += len(jobs)
@@ -234,6 +236,7 @@ class Runner:
                                             error_class="internal_error")
             self._record_failure(job, wrapped, retryable=True)
         else:
+            crash_point("after_rename")
             self._record_success(job, outcome)
         finally:
             with self._held_lock:

@@ -118,7 +118,7 @@ class FakeServer:
             request_queue_size = 256
 
         self._httpd = Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="fake-server", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="fake-server", daemon=True)
         self._thread.start()
         return self
 

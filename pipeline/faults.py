@@ -1,0 +1,22 @@
+"""Named crash points for the fault-injection tests.
+
+``VERBATIM_CRASH_AT=<name>`` makes the process SIGKILL itself when it reaches that point, so a test
+can prove that a crash at exactly that moment loses nothing and completes nothing twice. Unset (the
+normal case) it costs one environment lookup. Points, in the order a job passes them:
+
+- ``after_claim``       jobs leased, nothing sent yet
+- ``after_api``         the provider answered, nothing written yet
+- ``after_temp_write``  an output's temporary file is written and fsynced, not yet renamed
+- ``after_rename``      all outputs are in place, the completion not yet committed
+- ``in_commit``         inside the completing transaction, before COMMIT
+"""
+
+import os
+import signal
+
+POINTS = ("after_claim", "after_api", "after_temp_write", "after_rename", "in_commit")
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get("VERBATIM_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,579 @@
+"""Speech-to-text for one recording: providers, the per-file job, output files and a standalone CLI.
+
+``transcribe_media`` is the whole job for one file: probe and prepare the audio in a private
+temporary folder (``pipeline.audio``), send each chunk to a ``Transcriber`` through the caller's
+``call`` wrapper (the runner's shared rate limiter; nothing here retries), and merge the chunk
+results into one ``Transcript`` with continuous timestamps. ``write_transcript_outputs`` writes it
+atomically as ``transcript.txt/.json/.srt/.vtt`` plus the raw provider answers.
+
+Providers are ``Transcriber`` subclasses registered in ``PROVIDERS``: one abstract method,
+``transcribe_chunk``, which makes exactly one HTTP request and raises only
+``pipeline.errors.ProviderError`` subclasses. Instances are shared by worker threads.
+
+The JSON written to ``transcript.json`` is ``Transcript.to_dict(raw=False)``; translation reads it,
+so its shape is a contract: text, language, duration, provider, model, has_timestamps, note,
+segments [{id, start, end, text, speaker}] with ids 1..n, usage {audio_seconds, tokens}.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import openai
+import requests
+
+from pipeline import audio
+from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, load_env,
+                             make_parser, parse_languages, setup_logging)
+from pipeline.errors import (AccountError, ProviderError, RetryableError, classify_http, from_openai_exception,
+                             from_requests_exception, register_secret)
+from pipeline.outputs import WrittenFile, atomic_write
+from pipeline.subtitles import RTL_LANGUAGES, Cue, format_srt, format_vtt
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+OUTPUT_NAMES = {"txt": "transcript.txt", "json": "transcript.json", "srt": "transcript.srt",
+                "vtt": "transcript.vtt", "raw": "transcript.raw.json.gz"}
+
+# Providers name languages differently (Whisper: "german", Scribe: "deu"); we store ISO 639-1.
+_LANGUAGE_CODES = {
+    "german": "de", "deu": "de", "ger": "de", "english": "en", "eng": "en", "hebrew": "he", "heb": "he",
+    "french": "fr", "fra": "fr", "fre": "fr", "spanish": "es", "spa": "es", "italian": "it", "ita": "it",
+    "dutch": "nl", "nld": "nl", "dut": "nl", "polish": "pl", "pol": "pl", "russian": "ru", "rus": "ru",
+    "ukrainian": "uk", "ukr": "uk", "czech": "cs", "ces": "cs", "cze": "cs", "hungarian": "hu",
+    "hun": "hu", "yiddish": "yi", "yid": "yi", "arabic": "ar", "ara": "ar",
+}
+
+
+def normalize_language(value) -> str | None:
+    """An ISO 639-1 code where we know one, else the provider's value in lower case."""
+    if not value:
+        return None
+    value = str(value).strip().lower()
+    return _LANGUAGE_CODES.get(value, value)
+
+
+# -- the transcript contract ----------------------------------------------------------------
+@dataclass
+class Segment:
+    start: float
+    end: float
+    text: str
+    speaker: str | None = None
+
+    def to_dict(self, segment_id: int) -> dict:
+        return {"id": segment_id, "start": round(self.start, 3), "end": round(self.end, 3),
+                "text": self.text, "speaker": self.speaker}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Segment":
+        return cls(float(data["start"]), float(data["end"]), str(data["text"]), data.get("speaker"))
+
+
+@dataclass
+class Transcript:
+    text: str
+    segments: list[Segment]
+    language: str | None
+    duration: float | None
+    provider: str
+    model: str
+    usage: dict
+    has_timestamps: bool
+    note: str | None = None
+    raw_responses: list = field(default_factory=list)
+
+    def to_dict(self, *, raw: bool = True) -> dict:
+        """The ``transcript.json`` shape; ``raw=True`` adds the provider answers (kept out of that file)."""
+        data = {"text": self.text, "language": self.language,
+                "duration": None if self.duration is None else round(self.duration, 3),
+                "provider": self.provider, "model": self.model, "has_timestamps": self.has_timestamps,
+                "note": self.note,
+                "segments": [segment.to_dict(n) for n, segment in enumerate(self.segments, 1)],
+                "usage": dict(self.usage)}
+        if raw:
+            data["raw_responses"] = list(self.raw_responses)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Transcript":
+        return cls(text=data["text"], segments=[Segment.from_dict(s) for s in data.get("segments", [])],
+                   language=data.get("language"), duration=data.get("duration"),
+                   provider=data["provider"], model=data["model"], usage=dict(data.get("usage") or {}),
+                   has_timestamps=bool(data["has_timestamps"]), note=data.get("note"),
+                   raw_responses=list(data.get("raw_responses") or []))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(raw=False), ensure_ascii=False, indent=2) + "\n"
+
+    def to_txt(self) -> str:
+        """One paragraph per speaker turn (``speaker_0: ...``) when speakers are known, else one line
+        per segment."""
+        if not self.segments:
+            return self.text.strip() + "\n" if self.text.strip() else ""
+        if not any(segment.speaker for segment in self.segments):
+            return "".join(segment.text + "\n" for segment in self.segments)
+        turns: list[tuple[str | None, list[str]]] = []
+        for segment in self.segments:
+            if turns and turns[-1][0] == segment.speaker:
+                turns[-1][1].append(segment.text)
+            else:
+                turns.append((segment.speaker, [segment.text]))
+        paragraphs = [f"{speaker}: {' '.join(texts)}" if speaker else " ".join(texts) for speaker, texts in turns]
+        return "\n\n".join(paragraphs) + "\n"
+
+    def _cues(self) -> list[Cue]:
+        if not self.has_timestamps:
+            raise ValueError(f"{self.provider}/{self.model} gave no timestamps: no subtitles")
+        return [Cue(n, s.start, s.end, s.text) for n, s in enumerate(self.segments, 1)]
+
+    def to_srt(self) -> str:
+        return format_srt(self._cues(), rtl=self.language in RTL_LANGUAGES)
+
+    def to_vtt(self) -> str:
+        return format_vtt(self._cues(), rtl=self.language in RTL_LANGUAGES)
+
+
+# -- providers ------------------------------------------------------------------------------
+def _upload_name(path) -> str:
+    """``audio.<ext>``: the provider needs the extension, never the original (private) name."""
+    suffix = os.path.splitext(os.fsdecode(path))[1].lower()
+    return "audio" + suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else "audio"
+
+
+def _invalid_response(provider: str, what: str) -> RetryableError:
+    return RetryableError(f"{provider}: invalid response body ({what})", error_class="invalid_response")
+
+
+class Transcriber(ABC):
+    """A speech-to-text provider. Capabilities are class attributes; the base class handles keys,
+    models, limits and cost estimates. Subclasses implement ``transcribe_chunk`` only, and make it
+    thread-safe: one instance serves every worker thread."""
+
+    name: ClassVar[str]
+    key_env_var: ClassVar[str]
+    base_url_env_var: ClassVar[str]
+    default_base_url: ClassVar[str]
+    default_model: ClassVar[str]
+    models: ClassVar[tuple[str, ...]]
+    max_upload_bytes: int | None = None                        # per request; None: no limit
+    max_chunk_seconds: Mapping[str, float] = {}                # per model; absent: no limit
+    price_per_minute: ClassVar[Mapping[str, float]] = {}       # USD per audio minute, estimates
+    text_only_models: ClassVar[frozenset[str]] = frozenset()   # models without timestamps
+
+    def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
+                 timeout: float = 600.0):
+        model = model or self.default_model
+        if model not in self.models:
+            raise ConfigError(f"{self.name}: unknown model {model!r}; choose from {', '.join(self.models)}")
+        if not api_key:
+            raise ConfigError(f"{self.name}: no API key; set {self.key_env_var}")
+        register_secret(api_key)
+        self._api_key = api_key
+        self.base_url = (base_url or self.default_base_url).rstrip("/")
+        self.model = model
+        self.timeout = timeout
+
+    @classmethod
+    def from_env(cls, env: Mapping | None = None, model: str | None = None) -> "Transcriber":
+        """Key and base URL from the environment; ``VERBATIM_<NAME>_MAX_UPLOAD_BYTES`` lowers the
+        upload limit (tests force splitting with it)."""
+        env = os.environ if env is None else env
+        key = env.get(cls.key_env_var)
+        if not key:
+            raise ConfigError(f"{cls.name} needs an API key: set {cls.key_env_var} in the environment or .env")
+        transcriber = cls(api_key=key, base_url=env.get(cls.base_url_env_var) or None, model=model)
+        limit_var = f"VERBATIM_{cls.name.upper()}_MAX_UPLOAD_BYTES"
+        if env.get(limit_var):
+            transcriber.max_upload_bytes = _positive_int(limit_var, env[limit_var])
+        return transcriber
+
+    def estimate_cost(self, audio_seconds: float) -> float:
+        """Estimated USD for ``audio_seconds`` of audio (list prices; see ``price_per_minute``)."""
+        return audio_seconds / 60.0 * self.price_per_minute.get(self.model, 0.0)
+
+    @abstractmethod
+    def transcribe_chunk(self, audio_path: str, *, language: str | None = None,
+                         prompt: str | None = None) -> Transcript:
+        """Transcribe one prepared file with exactly one request; times relative to the file."""
+
+
+def _positive_int(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise ConfigError(f"{name} must be a positive number of bytes, not {value!r}")
+    return number
+
+
+class OpenAITranscriber(Transcriber):
+    """OpenAI (or any OpenAI-compatible server) through the official SDK, its retries switched off:
+    the runner retries in one layer."""
+
+    name = "openai"
+    key_env_var = "OPENAI_API_KEY"
+    base_url_env_var = "OPENAI_BASE_URL"
+    default_base_url = "https://api.openai.com/v1"
+    default_model = "whisper-1"
+    models = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+    max_upload_bytes = 26214400  # "Maximum content size limit (26214400)"
+    max_chunk_seconds = {"gpt-4o-transcribe": 1500.0, "gpt-4o-mini-transcribe": 1500.0}
+    price_per_minute = {"whisper-1": 0.006, "gpt-4o-transcribe": 0.006, "gpt-4o-mini-transcribe": 0.003}
+    text_only_models = frozenset({"gpt-4o-transcribe", "gpt-4o-mini-transcribe"})
+
+    def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
+                 timeout: float = 600.0):
+        super().__init__(api_key=api_key, base_url=base_url, model=model, timeout=timeout)
+        # One client for all threads (the SDK client is thread-safe).
+        self._client = openai.OpenAI(api_key=api_key, base_url=self.base_url, max_retries=0,
+                                     timeout=openai.Timeout(timeout, connect=CONNECT_TIMEOUT))
+
+    def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
+        text_only = self.model in self.text_only_models
+        params = {"model": self.model, "response_format": "json" if text_only else "verbose_json"}
+        if not text_only:
+            params["timestamp_granularities"] = ["segment"]
+        if language:
+            params["language"] = language
+        if prompt:
+            params["prompt"] = prompt
+        with open(audio_path, "rb") as handle:
+            try:
+                response = self._client.audio.transcriptions.with_raw_response.create(
+                    file=(_upload_name(audio_path), handle), **params)
+                data = json.loads(response.content)
+            except (openai.OpenAIError, ValueError) as exc:
+                raise from_openai_exception(exc, provider=self.name) from exc
+        return self._parse(data, language, text_only)
+
+    def _parse(self, data, language: str | None, text_only: bool) -> Transcript:
+        if not isinstance(data, dict) or not isinstance(data.get("text"), str):
+            raise _invalid_response(self.name, "no text")
+        try:
+            segments = [Segment(float(s["start"]), float(s["end"]), str(s["text"]).strip())
+                        for s in data.get("segments") or []]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _invalid_response(self.name, "malformed segments") from exc
+        return Transcript(
+            text=data["text"].strip(), segments=[s for s in segments if s.text],
+            language=normalize_language(data.get("language")) or language,
+            duration=data.get("duration"), provider=self.name, model=self.model,
+            usage=self._usage(data.get("usage")), has_timestamps=not text_only,
+            note=f"{self.model} returns text only: no subtitles" if text_only else None,
+            raw_responses=[data])
+
+    @staticmethod
+    def _usage(usage) -> dict:
+        """``usage.seconds`` (whisper-1) or token counts (gpt-4o models)."""
+        if not isinstance(usage, dict):
+            return {}
+        result = {}
+        if usage.get("type") == "duration" and isinstance(usage.get("seconds"), (int, float)):
+            result["audio_seconds"] = float(usage["seconds"])
+        if isinstance(usage.get("total_tokens"), int):
+            result["tokens"] = usage["total_tokens"]
+        return result
+
+
+# ElevenLabs words are grouped into subtitle-sized segments.
+PAUSE_SECONDS = 1.0          # a longer pause starts a new segment
+SENTENCE_MIN_CHARS = 25      # a sentence end closes a segment once it is this long
+MAX_SEGMENT_SECONDS = 15.0
+MAX_SEGMENT_CHARS = 250
+
+
+def _breaks_before(segment: Segment, start: float, end: float, speaker, text: str) -> bool:
+    body = segment.text.strip()
+    return (speaker != segment.speaker
+            or start - segment.end > PAUSE_SECONDS
+            or (body.rstrip("\"'»«“”)").endswith((".", "?", "!")) and len(body) >= SENTENCE_MIN_CHARS)
+            or end - segment.start > MAX_SEGMENT_SECONDS
+            or len(body) + 1 + len(text) > MAX_SEGMENT_CHARS)
+
+
+def group_words(words: list[dict]) -> list[Segment]:
+    """Segments from Scribe's word list: a new one at a speaker change, a pause, a sentence end once
+    the segment has some length, or at the length limits. Spacing items join words as sent."""
+    segments: list[Segment] = []
+    for item in words:
+        text = str(item.get("text") or "")
+        if item.get("type") == "spacing":
+            if segments:
+                segments[-1].text += text
+            continue
+        start, end, speaker = float(item["start"]), float(item["end"]), item.get("speaker_id")
+        if not segments or _breaks_before(segments[-1], start, end, speaker, text):
+            segments.append(Segment(start, end, "", speaker))
+        segments[-1].text += text
+        segments[-1].end = max(segments[-1].end, end)
+    cleaned = (Segment(s.start, s.end, s.text.strip(), s.speaker) for s in segments)
+    return [s for s in cleaned if s.text]
+
+
+class _MultipartFile:
+    """A multipart/form-data body that streams its file from disk, with a known length.
+
+    ``requests`` would build the whole body in memory; this keeps hours of audio on disk, and the
+    known length avoids chunked transfer encoding.
+    """
+
+    def __init__(self, fields: Mapping[str, str], filename: str, path):
+        boundary = uuid.uuid4().hex
+        head = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+                        f"{value}\r\n".encode() for name, value in fields.items())
+        head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+                 "Content-Type: application/octet-stream\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        self.content_type = f"multipart/form-data; boundary={boundary}"
+        self._file = open(path, "rb")
+        self._length = len(head) + os.fstat(self._file.fileno()).st_size + len(tail)
+        self._parts = [io.BytesIO(head), self._file, io.BytesIO(tail)]
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int = -1) -> bytes:
+        pieces = []
+        while self._parts and size != 0:
+            data = self._parts[0].read(size)
+            if not data:
+                self._parts.pop(0)
+                continue
+            pieces.append(data)
+            if size > 0:
+                size -= len(data)
+        return b"".join(pieces)
+
+    def __iter__(self):
+        while block := self.read(1 << 16):
+            yield block
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+class ElevenLabsTranscriber(Transcriber):
+    """ElevenLabs Scribe over ``requests`` (one Session per thread), diarized, word timestamps."""
+
+    name = "elevenlabs"
+    key_env_var = "ELEVENLABS_API_KEY"
+    base_url_env_var = "ELEVENLABS_BASE_URL"
+    default_base_url = "https://api.elevenlabs.io"
+    default_model = "scribe_v1"
+    models = ("scribe_v1", "scribe_v2")
+    max_upload_bytes = None  # 3 GB / 10 h per file: never split
+    price_per_minute = {"scribe_v1": 0.40 / 60, "scribe_v2": 0.40 / 60}  # about USD 0.40 per hour
+    diarize = True
+
+    def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
+                 timeout: float = 600.0):
+        super().__init__(api_key=api_key, base_url=base_url, model=model, timeout=timeout)
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        """A Session per thread: requests does not promise that one Session is thread-safe."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
+
+    def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
+        """``prompt`` is not sent: Scribe takes no vocabulary prompt."""
+        fields = {"model_id": self.model, "diarize": "true" if self.diarize else "false",
+                  "timestamps_granularity": "word"}
+        if language:
+            fields["language_code"] = language
+        try:
+            with _MultipartFile(fields, _upload_name(audio_path), audio_path) as body:
+                response = self._session().post(
+                    f"{self.base_url}/v1/speech-to-text", data=body,
+                    headers={"xi-api-key": self._api_key, "Content-Type": body.content_type},
+                    timeout=(CONNECT_TIMEOUT, self.timeout))
+            if response.status_code != 200:
+                raise classify_http(response.status_code, response.text, response.headers, provider=self.name)
+            data = response.json()
+        except (requests.RequestException, ValueError) as exc:
+            raise from_requests_exception(exc, provider=self.name) from exc
+        return self._parse(data, language)
+
+    def _parse(self, data, language: str | None) -> Transcript:
+        if not isinstance(data, dict) or not isinstance(data.get("text"), str) \
+                or not isinstance(data.get("words", []), list):
+            raise _invalid_response(self.name, "no text or words")
+        try:
+            segments = group_words(data.get("words") or [])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _invalid_response(self.name, "malformed words") from exc
+        return Transcript(text=data["text"].strip(), segments=segments,
+                          language=normalize_language(data.get("language_code")) or language,
+                          duration=None, provider=self.name, model=self.model, usage={},
+                          has_timestamps=True, raw_responses=[data])
+
+
+# Registry, in auto-selection order. A provider that needs no key (a local model) sets
+# key_env_var = None and overrides from_env; auto-selection only picks providers by their key.
+PROVIDERS: dict[str, type[Transcriber]] = {
+    OpenAITranscriber.name: OpenAITranscriber,
+    ElevenLabsTranscriber.name: ElevenLabsTranscriber,
+}
+
+
+def choose_transcriber(name: str | None = None, env: Mapping | None = None,
+                       model: str | None = None) -> Transcriber:
+    """``name``, else ``$VERBATIM_TRANSCRIPTION_PROVIDER``, else the first provider whose key is set."""
+    env = os.environ if env is None else env
+    name = (name or env.get("VERBATIM_TRANSCRIPTION_PROVIDER") or "").strip().lower()
+    if name:
+        if name not in PROVIDERS:
+            raise ConfigError(f"unknown transcription provider {name!r}; choose from {', '.join(PROVIDERS)}")
+        return PROVIDERS[name].from_env(env, model)
+    for cls in PROVIDERS.values():
+        if cls.key_env_var and env.get(cls.key_env_var):
+            return cls.from_env(env, model)
+    keys = " or ".join(cls.key_env_var for cls in PROVIDERS.values() if cls.key_env_var)
+    raise ConfigError(f"no transcription provider configured: set {keys} "
+                      "(environment or .env), or VERBATIM_TRANSCRIPTION_PROVIDER")
+
+
+# -- the per-file job -----------------------------------------------------------------------
+def _call_now(fn: Callable[[], Transcript]) -> Transcript:
+    return fn()
+
+
+def transcribe_media(path, transcriber: Transcriber, *, language: str | None = None,
+                     prompt: str | None = None, call: Callable | None = None) -> Transcript:
+    """Transcribe one recording: prepare its audio, send each chunk through ``call``, merge.
+
+    ``call(fn)`` runs one provider request (the runner passes its rate limiter; errors propagate,
+    nothing is retried here). The working folder with the chunks is removed whatever happens.
+    """
+    call = call or _call_now
+    info = audio.probe(path)
+    with tempfile.TemporaryDirectory(prefix="verbatim-") as workdir:
+        chunks = audio.prepare(path, workdir, max_upload_bytes=transcriber.max_upload_bytes,
+                               max_chunk_seconds=transcriber.max_chunk_seconds.get(transcriber.model),
+                               info=info)
+        log.debug("%d chunk(s) for %s/%s", len(chunks), transcriber.name, transcriber.model)
+        parts = [call(functools.partial(transcriber.transcribe_chunk, chunk.path,
+                                        language=language, prompt=prompt)) for chunk in chunks]
+    return merge_chunks(list(zip(chunks, parts)), duration=info.duration, language=language)
+
+
+def merge_chunks(pieces: list[tuple[audio.Chunk, Transcript]], *, duration: float | None,
+                 language: str | None = None) -> Transcript:
+    """One transcript from chunk transcripts: times shifted by each chunk's offset, texts joined,
+    usage summed. A text-only chunk becomes one segment spanning the chunk, so readers that walk
+    segments (translation) still get all text; ``has_timestamps`` stays False for them."""
+    parts = [part for _chunk, part in pieces]
+    segments = []
+    for chunk, part in pieces:
+        if part.has_timestamps:
+            segments += [Segment(s.start + chunk.offset, s.end + chunk.offset, s.text, s.speaker)
+                         for s in part.segments if s.text]
+        elif part.text:
+            segments.append(Segment(chunk.offset, chunk.offset + chunk.duration, part.text))
+    return Transcript(
+        text=" ".join(part.text for part in parts if part.text), segments=segments,
+        language=next((part.language for part in parts if part.language), language),
+        duration=duration, provider=parts[0].provider, model=parts[0].model,
+        usage=_sum_usage(pieces), has_timestamps=all(part.has_timestamps for part in parts),
+        note=parts[0].note,
+        raw_responses=[{"offset": chunk.offset, "duration": chunk.duration, "response": raw}
+                       for chunk, part in pieces for raw in part.raw_responses])
+
+
+def _sum_usage(pieces) -> dict:
+    """Summed usage; a chunk whose provider reports no audio seconds counts its own length."""
+    total: dict = {}
+    for chunk, part in pieces:
+        usage = {"audio_seconds": chunk.duration, **part.usage}
+        for key, value in usage.items():
+            total[key] = total.get(key, 0) + value
+    if "audio_seconds" in total:
+        total["audio_seconds"] = round(total["audio_seconds"], 3)
+    return total
+
+
+# -- output files ---------------------------------------------------------------------------
+def write_transcript_outputs(transcript: Transcript, folder, *, root) -> dict[str, WrittenFile]:
+    """Write every format atomically under ``root``; subtitles only when there are timestamps (a
+    stale subtitle from an earlier run with another model is removed)."""
+    folder = Path(folder)
+    contents: dict[str, str | bytes] = {"txt": transcript.to_txt(), "json": transcript.to_json()}
+    if transcript.has_timestamps:
+        contents["srt"], contents["vtt"] = transcript.to_srt(), transcript.to_vtt()
+    else:
+        for key in ("srt", "vtt"):
+            (folder / OUTPUT_NAMES[key]).unlink(missing_ok=True)
+    raw = json.dumps(transcript.raw_responses, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    contents["raw"] = gzip.compress(raw, mtime=0)  # mtime 0: same answers, same bytes, same hash
+    return {key: atomic_write(folder / OUTPUT_NAMES[key], data, root=root) for key, data in contents.items()}
+
+
+# -- standalone command line ----------------------------------------------------------------
+RENDERERS = {"txt": Transcript.to_txt, "json": Transcript.to_json, "srt": Transcript.to_srt,
+             "vtt": Transcript.to_vtt}
+
+
+def build_parser():
+    parser = make_parser(
+        "Transcribe one audio or video file and print the transcript (no database).",
+        "python transcription.py interview.mp4 --provider openai --language de --format srt > interview.srt")
+    parser.add_argument("file", help="audio or video file (put -- before a name that starts with '-')")
+    parser.add_argument("--provider", choices=sorted(PROVIDERS),
+                        help="default: $VERBATIM_TRANSCRIPTION_PROVIDER, else the first with a key set")
+    parser.add_argument("--model", help="provider model (default: the provider's default)")
+    parser.add_argument("--language", help="spoken language, ISO 639-1 (default: detected)")
+    parser.add_argument("--prompt", help="vocabulary hint: names and terms (OpenAI only)")
+    parser.add_argument("--format", choices=sorted(RENDERERS), default="txt", help="output format (default: txt)")
+    parser.add_argument("--env-file", metavar="PATH", help="settings file to load (default: ./.env)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        load_env(args.env_file)
+        setup_logging(args.verbose)
+        transcriber = choose_transcriber(args.provider, os.environ, args.model)
+        language = parse_languages([args.language])[0] if args.language else None
+        if args.format in ("srt", "vtt") and transcriber.model in transcriber.text_only_models:
+            raise ConfigError(f"--format {args.format} needs timestamps; {transcriber.model} returns text only")
+        log.debug("transcribing %r with %s/%s", args.file, transcriber.name, transcriber.model)
+        transcript = transcribe_media(args.file, transcriber, language=language, prompt=args.prompt)
+    except (ConfigError, AccountError) as exc:
+        print(f"transcription.py: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ProviderError as exc:
+        print(f"transcription.py: {args.file!r} failed [{exc.error_class}]: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    sys.stdout.write(RENDERERS[args.format](transcript))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
