@@ -21,7 +21,7 @@ from pipeline.limiter import limiter_for
 from pipeline.media import describe, register_inputs
 from pipeline.outputs import as_recorded, safe_join
 from pipeline.runner import Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans
-from transcription import choose_transcriber, transcribe_media, write_transcript_outputs
+from transcription import add_local_arguments, choose_transcriber, transcribe_media, write_transcript_outputs
 
 log = logging.getLogger("verbatim.transcription")
 
@@ -68,8 +68,18 @@ def build_parser():
     parser.add_argument("--language", help="spoken language hint, ISO-639-1 (default: auto-detect)")
     parser.add_argument("--prompt", help="vocabulary hint: names and places spoken in the interviews")
     add_run_arguments(parser, workers=5, batch_size=20)
+    add_local_arguments(parser)
     config.add_common_args(parser)
     return parser
+
+
+def provider_limiter(transcriber):
+    """The provider's shared limiter. A provider with parallelism of its own (the local engine's
+    workers) sets the limiter's concurrency to exactly that."""
+    env = os.environ
+    if transcriber.max_concurrency:
+        env = {**os.environ, f"VERBATIM_{transcriber.name.upper()}_MAX_CONCURRENCY": str(transcriber.max_concurrency)}
+    return limiter_for(transcriber.name, env)
 
 
 def dry_run(db, transcriber, limit, as_json: bool) -> int:
@@ -90,7 +100,8 @@ def dry_run(db, transcriber, limit, as_json: bool) -> int:
         else:
             seconds += duration
     cost = transcriber.estimate_cost(seconds) if transcriber else None
-    plan = {"jobs": len(rows), "audio_hours": round(seconds / 3600, 3), "unknown_duration": unknown,
+    plan = {"jobs": len(rows), "audio_seconds": round(seconds, 1), "audio_hours": round(seconds / 3600, 3),
+            "unknown_duration": unknown,
             "provider": getattr(transcriber, "name", None), "model": getattr(transcriber, "model", None),
             "estimated_cost_usd": None if cost is None else round(cost, 4)}
     if as_json:
@@ -116,17 +127,20 @@ def main(argv=None) -> int:
             print(describe(scan), file=sys.stderr)
             if scan.missing_inputs:
                 raise config.ConfigError("input not found: " + ", ".join(map(repr, scan.missing_inputs)))
-        transcriber = choose_transcriber(args.provider, os.environ, model=args.model)
+        transcriber = choose_transcriber(args.provider, os.environ, model=args.model, workers=args.workers,
+                                         device=args.device, compute_type=args.compute_type)
         if args.dry_run:
             return dry_run(db, transcriber, args.limit, args.json)
+        transcriber.load()
         if args.retry_failed:
             log.info("reset %d failed transcription job(s) for retry", db.reset_failed(TRANSCRIPTION))
-        limiter = limiter_for(transcriber.name)
+        limiter = provider_limiter(transcriber)
+        workers = min(args.workers, transcriber.max_concurrency or args.workers)  # no idle threads holding jobs
         stop = StopSignal()
         stop.install()
         work = TranscriptionWork(db, transcriber, limiter, stop, config.output_dir(args),
                                  language=args.language, prompt=args.prompt)
-        options = RunOptions(TRANSCRIPTION, "", workers=args.workers, batch_size=args.batch_size,
+        options = RunOptions(TRANSCRIPTION, "", workers=workers, batch_size=args.batch_size,
                              limit=args.limit, lease_seconds=args.lease_seconds, label="transcription",
                              quiet=args.quiet)
         summaries = run_plans(db, [Plan(options, work, limiter)], stop)

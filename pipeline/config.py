@@ -106,7 +106,7 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     if level > logging.DEBUG:  # third-party chatter only when asked for
-        for name in ("httpx", "httpcore", "urllib3", "openai"):
+        for name in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "openai"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
