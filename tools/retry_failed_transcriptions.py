@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Retry failed jobs: reset them (fresh attempts, their event history kept) and run them again
+with the same runner, provider choice and rate limiter as parallel_transcription.py.
+
+Failed transcriptions by default; --stage translation --language CODE retries the failed
+translations into CODE instead, as parallel_translation.py would run them. Only the jobs reset
+here are processed: other queued jobs wait for the normal run. --error-class picks one kind of
+failure (see tools/status.py --failed), --limit caps how many are retried, and --dry-run lists
+what would be reset and sends nothing.
+
+Exit codes: 0 every retried job completed, 1 some failed again, 2 usage, configuration or
+account error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from db_manager import FAILED, NOT_STARTED, STAGES, STATUSES, TRANSCRIPTION, TRANSLATION  # noqa: E402
+from pipeline import config  # noqa: E402
+from pipeline.limiter import limiter_for  # noqa: E402
+from pipeline.runner import Plan, RunOptions, StopSignal, report, run_plans  # noqa: E402
+
+log = logging.getLogger("verbatim.retry")
+
+DEFAULT_WORKERS = {TRANSCRIPTION: 5, TRANSLATION: 2}      # as parallel_transcription / parallel_translation
+DEFAULT_BATCH_SIZE = {TRANSCRIPTION: 20, TRANSLATION: 10}
+
+
+class RetryScope:
+    """The job store as the runner sees it during a retry: only the jobs reset here can be claimed,
+    waited for and counted, so a retry never starts unrelated queued work and its summary and exit
+    code speak of the retried jobs alone. Everything else is the real DatabaseManager."""
+
+    def __init__(self, db, stage: str, language: str, file_ids: list[str]):
+        self._db = db
+        self._stage = stage
+        self._language = language
+        self._file_ids = list(file_ids)
+        self._ids_json = json.dumps(self._file_ids)   # one bound parameter, however many files
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+    def claim(self, owner: str, stage: str, language: str = "", **kwargs):
+        return self._db.claim(owner, stage, language, file_ids=self._file_ids, **kwargs)
+
+    def pending(self, stage: str, language: str = "") -> tuple[int, float | None]:
+        """DatabaseManager.pending, narrowed to the retried files."""
+        sql = ("SELECT COUNT(*), MIN(run_after) FROM jobs WHERE stage = ? AND language = ?"
+               " AND status = 'not_started' AND file_id IN (SELECT value FROM json_each(?))")
+        if stage == TRANSLATION:  # claim() takes a translation only once its transcript is completed
+            sql += (" AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
+                    " AND t.stage = 'transcription' AND t.status = 'completed')")
+        row = self._db.query(sql, (stage, language, self._ids_json))[0]
+        return row[0], row[1]
+
+    def counts(self) -> dict:
+        """DatabaseManager.counts for the retried jobs only."""
+        bucket = dict.fromkeys(STATUSES, 0)
+        for row in self._db.query("SELECT status, COUNT(*) FROM jobs WHERE stage = ? AND language = ?"
+                                  " AND file_id IN (SELECT value FROM json_each(?)) GROUP BY status",
+                                  (self._stage, self._language, self._ids_json)):
+            bucket[row[0]] = row[1]
+        return {(self._stage, self._language): bucket}
+
+
+def failed_jobs(db, stage: str, language: str, error_class: str | None, limit: int | None) -> list:
+    """The failed jobs DatabaseManager.reset_failed resets for these arguments (same filter, same order)."""
+    sql = ("SELECT j.id, j.file_id, j.attempts, j.error_class, j.error_message, m.path_display"
+           " FROM jobs j JOIN media_files m USING (file_id)"
+           " WHERE j.stage = ? AND j.language = ? AND j.status = ?")
+    params: list = [stage, language, FAILED]
+    if error_class:
+        sql += " AND j.error_class = ?"
+        params.append(error_class)
+    sql += " ORDER BY j.id"
+    if limit:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return db.query(sql, params)
+
+
+def list_jobs(rows, what: str, as_json: bool) -> int:
+    jobs = [{"job_id": r["id"], "file_id": r["file_id"], "attempts": r["attempts"], "error_class": r["error_class"],
+             "error": r["error_message"], "path": r["path_display"]} for r in rows]
+    if as_json:
+        print(json.dumps({"stage": what, "would_reset": len(jobs), "jobs": jobs}, ensure_ascii=True))
+        return config.EXIT_OK
+    for job in jobs:
+        print(f"job {job['job_id']}  {job['file_id']}  {what}  [{job['error_class']}] after {job['attempts']} "
+              f"attempt(s): {job['error']}  {job['path']}")
+    print(f"would reset {len(jobs)} failed {what} job(s) to {NOT_STARTED} and retry them")
+    return config.EXIT_OK
+
+
+def transcription_plan(args, db, stop: StopSignal) -> Plan:
+    from parallel_transcription import TranscriptionWork
+    from transcription import choose_transcriber
+
+    transcriber = choose_transcriber(args.provider, os.environ, model=args.model)
+    limiter = limiter_for(transcriber.name)
+    work = TranscriptionWork(db, transcriber, limiter, stop, config.output_dir(args),
+                             language=args.spoken_language, prompt=args.prompt)
+    return Plan(_options(args, TRANSCRIPTION, ""), work, limiter)
+
+
+def translation_plan(args, language: str, stop: StopSignal) -> Plan:
+    from parallel_translation import TranslationWork
+    from translation import choose_fallback, choose_translator
+
+    translator = choose_translator(language, args.provider, os.environ, model=args.model)
+    limiter = limiter_for(translator.name)
+    work = TranslationWork(translator, choose_fallback(language, os.environ, translator.name), limiter, stop,
+                           config.output_dir(args), language)
+    return Plan(_options(args, TRANSLATION, language), work, limiter)
+
+
+def _options(args, stage: str, language: str) -> RunOptions:
+    return RunOptions(stage, language, workers=args.workers or DEFAULT_WORKERS[stage],
+                      batch_size=args.batch_size or DEFAULT_BATCH_SIZE[stage],
+                      label=f"retry {stage}" + (f" {language}" if language else ""), quiet=args.quiet)
+
+
+def selection(args) -> tuple[str, str]:
+    if args.stage == TRANSLATION:
+        if not args.language:
+            raise config.ConfigError("--stage translation needs --language CODE (the target language)")
+        if args.spoken_language or args.prompt:
+            raise config.ConfigError("--spoken-language and --prompt apply to transcriptions only")
+        return TRANSLATION, config.parse_languages([args.language])[0]
+    if args.language:
+        raise config.ConfigError("--language is a translation target: use it with --stage translation "
+                                 "(--spoken-language is the transcription hint)")
+    if args.spoken_language:
+        config.parse_languages([args.spoken_language])
+    return TRANSCRIPTION, ""
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def build_parser():
+    parser = config.make_parser(
+        __doc__, "python tools/retry_failed_transcriptions.py --workers 3 --error-class server_error\n"
+                 "  python tools/retry_failed_transcriptions.py --stage translation --language he --dry-run")
+    parser.add_argument("--stage", choices=STAGES, default=TRANSCRIPTION,
+                        help="which failed jobs to retry (default: transcription)")
+    parser.add_argument("--language", metavar="CODE", help="with --stage translation: the target language to retry")
+    parser.add_argument("--workers", type=_positive, metavar="N",
+                        help="parallel API calls (default 5 for transcription, 2 for translation)")
+    parser.add_argument("--batch-size", type=_positive, metavar="N",
+                        help="jobs claimed per batch (default 20 for transcription, 10 for translation)")
+    parser.add_argument("--error-class", metavar="CLASS", help="retry only jobs that failed with this error class")
+    parser.add_argument("--limit", type=_positive, metavar="N", help="retry at most N failed jobs (oldest first)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be reset; change and send nothing")
+    parser.add_argument("--provider", help="provider to use (default: from .env, else the first configured)")
+    parser.add_argument("--model", help="provider model (default: the provider's default)")
+    parser.add_argument("--spoken-language", metavar="CODE", help="transcription: spoken language hint")
+    parser.add_argument("--prompt", help="transcription: vocabulary hint (names and places)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    config.add_common_args(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    config.load_env(args.env_file)
+    config.setup_logging(args.verbose, args.quiet)
+    stage, language = selection(args)
+    what = stage + (f" {language}" if language else "")
+    db = config.open_db(config.db_path(args), must_exist=True)
+    try:
+        rows = failed_jobs(db, stage, language, args.error_class, args.limit)
+        if args.dry_run:
+            return list_jobs(rows, what, args.json)
+        if not rows:
+            print(f"no failed {what} jobs to retry", file=sys.stderr)
+            return config.EXIT_OK
+        stop = StopSignal()
+        # The provider is set up before anything is reset, so a missing key changes nothing.
+        plan = transcription_plan(args, db, stop) if stage == TRANSCRIPTION else translation_plan(args, language, stop)
+        reset = db.reset_failed(stage, language, error_class=args.error_class, limit=args.limit)
+        log.info("reset %d failed %s job(s) for retry", reset, what)
+        stop.install()
+        scope = RetryScope(db, stage, language, [r["file_id"] for r in rows])
+        return report(run_plans(scope, [plan], stop), stop, as_json=args.json)
+    finally:
+        db.close_all()
+
+
+if __name__ == "__main__":
+    config.run_main(main)
