@@ -487,10 +487,7 @@ class DatabaseManager:
         if stage == TRANSLATION:
             where += (" AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
                       " AND t.stage = 'transcription' AND t.status = 'completed')")
-        if file_ids is not None:
-            ids = list(file_ids)
-            where += f" AND file_id IN ({','.join('?' * len(ids))})"
-            params += ids
+        where, params = _scoped(where, params, file_ids)
         with self.transaction() as conn:
             rows = conn.execute(
                 "UPDATE jobs SET status = 'in_progress', attempts = attempts + 1, claims = claims + 1,"
@@ -639,8 +636,10 @@ class DatabaseManager:
                 error_message=reason))
 
     def reset_failed(self, stage: str, language: str = "", *, error_class: str | None = None,
-                     limit: int | None = None) -> int:
-        """Failed jobs back to not_started with fresh attempts (history kept in events)."""
+                     limit: int | None = None) -> list[str]:
+        """Failed jobs back to not_started with fresh attempts (history kept in events).
+
+        Returns the file ids whose job was reset, so a retry can be scoped to exactly those."""
         _check_stage(stage, language)
         sql = "SELECT id FROM jobs WHERE stage = ? AND language = ? AND status = 'failed'"
         params: list = [stage, language]
@@ -651,8 +650,13 @@ class DatabaseManager:
         if limit:
             sql += " LIMIT ?"
             params.append(limit)
-        ids = [r[0] for r in self.query(sql, params)]
-        return self.reset(ids, "retry of failed job", reset_attempts=True, from_statuses=(FAILED,))
+        sets = dict(run_after=0, outputs="{}", completed_at=None, attempts=0, lost_leases=0)
+        with self.transaction() as conn:
+            ids = [r[0] for r in conn.execute(sql, params)]
+            rows = self._transition(conn, f"id IN ({','.join('?' * len(ids))}) AND status = 'failed'", tuple(ids),
+                                    NOT_STARTED, owner="tool", sets=sets, error_class="reset",
+                                    error_message="retry of failed job") if ids else []
+        return [r["file_id"] for r in rows]
 
     def adopt(self, job_id: int, outputs: dict, note: str = "adopted existing valid output") -> bool:
         """Mark a failed/not_started job completed because its valid output already exists."""
@@ -663,11 +667,12 @@ class DatabaseManager:
                           error_message=None, note=note)))
 
     # -- reports ----------------------------------------------------------------------------------
-    def counts(self) -> dict:
+    def counts(self, *, file_ids: Iterable[str] | None = None) -> dict:
         """{(stage, language): {status: n}} for every stage/language that has jobs."""
         result: dict = {}
-        for row in self.query("SELECT stage, language, status, COUNT(*) AS n FROM jobs"
-                              " GROUP BY stage, language, status"):
+        where, params = _scoped("1", [], file_ids)
+        for row in self.query(f"SELECT stage, language, status, COUNT(*) AS n FROM jobs WHERE {where}"
+                              " GROUP BY stage, language, status", params):
             bucket = result.setdefault((row["stage"], row["language"]), dict.fromkeys(STATUSES, 0))
             bucket[row["status"]] = row["n"]
         return result
@@ -715,18 +720,27 @@ class DatabaseManager:
                               " WHERE j.file_id = ? ORDER BY e.id", (file_id,))
         return self.query("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))
 
-    def pending(self, stage: str, language: str = "") -> tuple[int, float | None]:
+    def pending(self, stage: str, language: str = "", *,
+                file_ids: Iterable[str] | None = None) -> tuple[int, float | None]:
         """(not_started jobs that are or will become eligible, earliest run_after among them)."""
-        sql = "SELECT COUNT(*), MIN(run_after) FROM jobs WHERE stage = ? AND language = ? AND status = 'not_started'"
+        where = "stage = ? AND language = ? AND status = 'not_started'"
         if stage == TRANSLATION:
-            sql += (" AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
-                    " AND t.stage = 'transcription' AND t.status = 'completed')")
-        row = self.query(sql, (stage, language))[0]
+            where += (" AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
+                      " AND t.stage = 'transcription' AND t.status = 'completed')")
+        where, params = _scoped(where, [stage, language], file_ids)
+        row = self.query(f"SELECT COUNT(*), MIN(run_after) FROM jobs WHERE {where}", params)[0]
         return row[0], row[1]
 
 
 class _Sql(str):
     """A literal SQL expression for ``_transition`` sets (never user input)."""
+
+
+def _scoped(where: str, params: list, file_ids: Iterable[str] | None) -> tuple[str, list]:
+    """Narrow a WHERE clause to some files: one JSON parameter, however many ids."""
+    if file_ids is None:
+        return where, list(params)
+    return where + " AND file_id IN (SELECT value FROM json_each(?))", [*params, json.dumps(list(file_ids))]
 
 
 def _check_stage(stage: str, language: str) -> None:

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
             return dry_run(db, transcriber, args.limit, args.json)
         transcriber.load()
         if args.retry_failed:
-            log.info("reset %d failed transcription job(s) for retry", db.reset_failed(TRANSCRIPTION))
+            log.info("reset %d failed transcription job(s) for retry", len(db.reset_failed(TRANSCRIPTION)))
         limiter = provider_limiter(transcriber)
         workers = min(args.workers, transcriber.max_concurrency or args.workers)  # no idle threads holding jobs
         stop = StopSignal()

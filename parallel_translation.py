@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         for language, translator in translators.items():
             db.ensure_jobs(TRANSLATION, language)
             if args.retry_failed:
-                log.info("reset %d failed %s job(s) for retry", db.reset_failed(TRANSLATION, language), language)
+                log.info("reset %d failed %s job(s) for retry", len(db.reset_failed(TRANSLATION, language)), language)
             limiter = limiter_for(translator.name)
             work = TranslationWork(translator, choose_fallback(language, os.environ, translator.name), limiter,
                                    stop, config.output_dir(args), language)

@@ -53,6 +53,7 @@ class RunOptions:
     label: str = ""
     quiet: bool = False
     position: int = 0            # progress bar line, when several runners share a terminal
+    file_ids: list[str] | None = None   # only these files' jobs (a retry of failed ones), else all
 
 
 @dataclass
@@ -170,7 +171,7 @@ class Runner:
                 break
             try:
                 jobs = self.db.claim(self.owner, self.options.stage, self.options.language, limit=room,
-                                     lease_seconds=self.options.lease_seconds)
+                                     lease_seconds=self.options.lease_seconds, file_ids=self.options.file_ids)
             except sqlite3.OperationalError as exc:
                 log.warning("claim failed, will retry: %s", exc)
                 break
@@ -189,7 +190,8 @@ class Runner:
         if self.options.limit is not None and claimed >= self.options.limit:
             return False
         self._reclaim()
-        count, earliest = self.db.pending(self.options.stage, self.options.language)
+        count, earliest = self.db.pending(self.options.stage, self.options.language,
+                                          file_ids=self.options.file_ids)
         if not count:
             return False
         delay = min(max(0.0, (earliest or 0) - time.time()), IDLE_POLL_SECONDS * 4)
@@ -330,7 +332,8 @@ class Runner:
         pool.shutdown(wait=True)
 
     def _finish(self, started: float) -> None:
-        counts = self.db.counts().get((self.options.stage, self.options.language), {})
+        counts = self.db.counts(file_ids=self.options.file_ids).get(
+            (self.options.stage, self.options.language), {})
         self.summary.failed_total = counts.get(FAILED, 0)
         self.summary.remaining = counts.get("not_started", 0)
         self.summary.account_error = self.stop.account_error
@@ -415,7 +418,7 @@ def run_plans(db: DatabaseManager, plans: list[Plan], stop: StopSignal) -> list[
     owner = make_owner()
     runners, bars = [], []
     for position, plan in enumerate(plans):
-        total, _ = db.pending(plan.options.stage, plan.options.language)
+        total, _ = db.pending(plan.options.stage, plan.options.language, file_ids=plan.options.file_ids)
         if plan.options.limit is not None:
             total = min(total, plan.options.limit)
         bar = tqdm(total=total, desc=plan.options.label, unit="job", file=sys.stderr, position=position,

@@ -120,7 +120,7 @@ def test_retryable_errors_fail_after_max_attempts(db):
         status = db.fail(job, "server_error", "boom", retryable=True)
     assert status == FAILED
     assert db.claim(owner, TRANSCRIPTION) == []
-    assert db.reset_failed(TRANSCRIPTION) == 1
+    assert len(db.reset_failed(TRANSCRIPTION)) == 1
     (job,) = db.claim(owner, TRANSCRIPTION)
     assert job.attempts == 1  # fresh attempts, history kept
     assert len(db.events(job.id)) > 2 * dbm.DEFAULT_MAX_ATTEMPTS

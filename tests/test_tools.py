@@ -414,17 +414,17 @@ def test_retry_options_are_checked(archive):
             retry_tool.main(archive.args("--dry-run", *bad))
 
 
-def test_retry_scope_claims_waits_for_and_counts_only_the_retried_jobs(archive):
+def test_a_retry_scope_claims_waits_for_and_counts_only_the_retried_jobs(archive):
     ids = {name: archive.add(name) for name in "abc"}
     archive.fail(ids["a"])
     archive.fail(ids["b"])
-    assert archive.db.reset_failed(TRANSCRIPTION) == 2
-    scope = retry_tool.RetryScope(archive.db, TRANSCRIPTION, "", [ids["a"]])
-    assert scope.pending(TRANSCRIPTION) == (1, 0)
-    assert scope.counts()[(TRANSCRIPTION, "")][NOT_STARTED] == 1
-    claimed = scope.claim(archive.owner, TRANSCRIPTION, limit=10)
+    assert sorted(archive.db.reset_failed(TRANSCRIPTION)) == sorted([ids["a"], ids["b"]])
+    scope = [ids["a"]]
+    assert archive.db.pending(TRANSCRIPTION, file_ids=scope) == (1, 0)
+    assert archive.db.counts(file_ids=scope)[(TRANSCRIPTION, "")][NOT_STARTED] == 1
+    claimed = archive.db.claim(archive.owner, TRANSCRIPTION, limit=10, file_ids=scope)
     assert [job.file_id for job in claimed] == [ids["a"]]
-    assert scope.pending(TRANSCRIPTION)[0] == 0 and archive.db.pending(TRANSCRIPTION)[0] == 2
+    assert archive.db.pending(TRANSCRIPTION, file_ids=scope)[0] == 0 and archive.db.pending(TRANSCRIPTION)[0] == 2
 
 
 def test_retry_runs_failed_files_again_once_the_api_heals(tmp_path):

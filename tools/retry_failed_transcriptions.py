@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from db_manager import FAILED, NOT_STARTED, STAGES, STATUSES, TRANSCRIPTION, TRANSLATION  # noqa: E402
+from db_manager import FAILED, NOT_STARTED, STAGES, TRANSCRIPTION, TRANSLATION  # noqa: E402
 from pipeline import config  # noqa: E402
 from pipeline.limiter import limiter_for  # noqa: E402
 from pipeline.runner import Plan, RunOptions, StopSignal, report, run_plans  # noqa: E402
@@ -32,44 +32,6 @@ log = logging.getLogger("verbatim.retry")
 
 DEFAULT_WORKERS = {TRANSCRIPTION: 5, TRANSLATION: 2}      # as parallel_transcription / parallel_translation
 DEFAULT_BATCH_SIZE = {TRANSCRIPTION: 20, TRANSLATION: 10}
-
-
-class RetryScope:
-    """The job store as the runner sees it during a retry: only the jobs reset here can be claimed,
-    waited for and counted, so a retry never starts unrelated queued work and its summary and exit
-    code speak of the retried jobs alone. Everything else is the real DatabaseManager."""
-
-    def __init__(self, db, stage: str, language: str, file_ids: list[str]):
-        self._db = db
-        self._stage = stage
-        self._language = language
-        self._file_ids = list(file_ids)
-        self._ids_json = json.dumps(self._file_ids)   # one bound parameter, however many files
-
-    def __getattr__(self, name):
-        return getattr(self._db, name)
-
-    def claim(self, owner: str, stage: str, language: str = "", **kwargs):
-        return self._db.claim(owner, stage, language, file_ids=self._file_ids, **kwargs)
-
-    def pending(self, stage: str, language: str = "") -> tuple[int, float | None]:
-        """DatabaseManager.pending, narrowed to the retried files."""
-        sql = ("SELECT COUNT(*), MIN(run_after) FROM jobs WHERE stage = ? AND language = ?"
-               " AND status = 'not_started' AND file_id IN (SELECT value FROM json_each(?))")
-        if stage == TRANSLATION:  # claim() takes a translation only once its transcript is completed
-            sql += (" AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
-                    " AND t.stage = 'transcription' AND t.status = 'completed')")
-        row = self._db.query(sql, (stage, language, self._ids_json))[0]
-        return row[0], row[1]
-
-    def counts(self) -> dict:
-        """DatabaseManager.counts for the retried jobs only."""
-        bucket = dict.fromkeys(STATUSES, 0)
-        for row in self._db.query("SELECT status, COUNT(*) FROM jobs WHERE stage = ? AND language = ?"
-                                  " AND file_id IN (SELECT value FROM json_each(?)) GROUP BY status",
-                                  (self._stage, self._language, self._ids_json)):
-            bucket[row[0]] = row[1]
-        return {(self._stage, self._language): bucket}
 
 
 def failed_jobs(db, stage: str, language: str, error_class: str | None, limit: int | None) -> list:
@@ -190,11 +152,12 @@ def main(argv=None) -> int:
         stop = StopSignal()
         # The provider is set up before anything is reset, so a missing key changes nothing.
         plan = transcription_plan(args, db, stop) if stage == TRANSCRIPTION else translation_plan(args, language, stop)
-        reset = db.reset_failed(stage, language, error_class=args.error_class, limit=args.limit)
-        log.info("reset %d failed %s job(s) for retry", reset, what)
+        # Only the reset jobs run: a retry never starts unrelated queued work, and its summary and
+        # exit code speak of the retried jobs alone.
+        plan.options.file_ids = db.reset_failed(stage, language, error_class=args.error_class, limit=args.limit)
+        log.info("reset %d failed %s job(s) for retry", len(plan.options.file_ids), what)
         stop.install()
-        scope = RetryScope(db, stage, language, [r["file_id"] for r in rows])
-        return report(run_plans(scope, [plan], stop), stop, as_json=args.json)
+        return report(run_plans(db, [plan], stop), stop, as_json=args.json)
     finally:
         db.close_all()
 
