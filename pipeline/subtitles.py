@@ -62,7 +62,8 @@ def _parse_time(value: str) -> float:
     if not match:
         raise SubtitleError(f"bad timestamp {value!r}")
     hours, minutes, seconds, millis = match.groups()
-    return int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds) + int(millis) / 1000
+    total_ms = ((int(hours or 0) * 60 + int(minutes)) * 60 + int(seconds)) * 1000 + int(millis)
+    return total_ms / 1000
 
 
 def _parse_blocks(blocks: list[str]) -> list[Cue]:
