@@ -732,6 +732,14 @@ class DatabaseManager:
         return row[0], row[1]
 
 
+    def awaiting_transcripts(self, language: str, *, file_ids: Iterable[str] | None = None) -> int:
+        """Translation jobs whose transcript a running transcription is producing right now."""
+        where, params = _scoped("stage = 'translation' AND language = ? AND status = 'not_started'"
+                                " AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
+                                " AND t.stage = 'transcription' AND t.status = 'in_progress')", [language], file_ids)
+        return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
+
+
 class _Sql(str):
     """A literal SQL expression for ``_transition`` sets (never user input)."""
 

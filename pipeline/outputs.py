@@ -5,8 +5,9 @@ original name is data and never becomes a path unchecked. Every path is resolved
 stay under the output root. Every file is written atomically: a unique temporary name in the
 destination folder, flush, fsync, ``os.replace``, fsync of the folder. Only after that may the
 job be committed ``completed`` with the size and sha256 returned here. A SIGKILL can leave a
-temporary file behind (``.<name>.<random>.tmp``); those are harmless and ``sweep_temp_files``
-removes them.
+temporary file behind (``.<name>.<host>-<pid>.<random>.tmp``). Such a file is harmless, and it does
+not stay: the next write of the same output removes temporary files whose writer process on this
+host is gone, and ``sweep_temp_files`` (used by the fix tool) removes old ones anywhere.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ from pipeline.faults import crash_point
 
 TEMP_SUFFIX = ".tmp"
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+_TEMP_WRITER_RE = re.compile(r"\.([A-Za-z0-9_]+)-(\d+)\.[0-9a-f]{32}\.tmp$")
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
 _SLUG_RE = re.compile(r"[^A-Za-z0-9]+")
 
 
@@ -90,12 +94,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, root: str | os.P
     target = Path(path).resolve()
     safe_join(root, os.path.relpath(target, Path(root).resolve()))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
+    _remove_dead_writers_temps(target)
+    tmp = target.parent / f".{target.name}.{_HOST}-{os.getpid()}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
     try:
         with open(tmp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            _write_durably(handle, data)
         crash_point("after_temp_write")
         os.replace(tmp, target)
     except BaseException:
@@ -106,6 +109,39 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, root: str | os.P
         raise
     _fsync_dir(target.parent)
     return WrittenFile(str(target), hashlib.sha256(data).hexdigest(), len(data))
+
+
+def _write_durably(handle, data: bytes) -> None:
+    """Write, flush and fsync; the seam where tests inject ENOSPC and EIO."""
+    handle.write(data)
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _remove_dead_writers_temps(target: Path) -> None:
+    """Remove temporary files of ``target`` left by a killed writer on this host."""
+    prefix = f".{target.name}."
+    try:
+        entries = [e.name for e in os.scandir(target.parent) if e.name.startswith(prefix)]
+    except FileNotFoundError:
+        return
+    for name in entries:
+        match = _TEMP_WRITER_RE.search(name)
+        if is_temp_file(name) and match and match.group(1) == _HOST and _process_gone(int(match.group(2))):
+            try:
+                os.unlink(target.parent / name)
+            except FileNotFoundError:
+                pass
 
 
 def is_temp_file(name: str) -> bool:

@@ -30,7 +30,8 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from db_manager import DEFAULT_LEASE_SECONDS, FAILED, DatabaseManager, Job, LeaseLostError, Outcome, make_owner
+from db_manager import (DEFAULT_LEASE_SECONDS, FAILED, TRANSLATION, DatabaseManager, Job, LeaseLostError, Outcome,
+                        make_owner)
 from pipeline import errors
 from pipeline.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from pipeline.faults import crash_point
@@ -192,6 +193,11 @@ class Runner:
         self._reclaim()
         count, earliest = self.db.pending(self.options.stage, self.options.language,
                                           file_ids=self.options.file_ids)
+        if not count and self.options.stage == TRANSLATION and self.db.awaiting_transcripts(
+                self.options.language, file_ids=self.options.file_ids):
+            # A transcription run is producing transcripts right now: follow it instead of leaving.
+            self.stop.stop.wait(IDLE_POLL_SECONDS * 2)
+            return True
         if not count:
             return False
         delay = min(max(0.0, (earliest or 0) - time.time()), IDLE_POLL_SECONDS * 4)

@@ -65,7 +65,7 @@ class Response:
 
 @dataclass
 class Fault:
-    """One injected misbehaviour: ``kind`` is status | reset | truncate | hang | garbage."""
+    """One injected misbehaviour: ``kind`` is status | reset | reset_mid_body | truncate | hang | garbage."""
 
     kind: str
     status: int = 500
@@ -88,6 +88,12 @@ class FakeServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.concurrency_log: list[tuple[float, int]] = []
+        # A plan's concurrency limit, as ElevenLabs enforces it: over the cap, 429 at once.
+        self.concurrency_cap: int | None = None
+        self.accepted_in_flight = 0
+        self.rejected_for_concurrency = 0
+        self.rejection_times: list[float] = []
+        self.peak_after_first_rejection = 0
         self._stopping = threading.Event()
         self._httpd = None
         self._thread = None
@@ -155,7 +161,24 @@ class FakeServer:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self.concurrency_log.append((time.monotonic(), self.in_flight))
+        accepted = False
         try:
+            if self.concurrency_cap is not None:
+                with self.lock:
+                    accepted = self.accepted_in_flight < self.concurrency_cap
+                    if accepted:
+                        self.accepted_in_flight += 1
+                        if self.rejected_for_concurrency:
+                            self.peak_after_first_rejection = max(self.peak_after_first_rejection,
+                                                                  self.accepted_in_flight)
+                    else:
+                        self.rejected_for_concurrency += 1
+                        self.rejection_times.append(time.monotonic())
+                if not accepted:
+                    self._send(handler, Response(429, {"detail": {
+                        "status": "too_many_concurrent_requests",
+                        "message": "Too many concurrent requests for your plan."}}))
+                    return
             fault = self.fault(request) if self.fault else None
             if fault is not None:
                 self._apply_fault(handler, fault)
@@ -172,6 +195,8 @@ class FakeServer:
         finally:
             with self.lock:
                 self.in_flight -= 1
+                if accepted:
+                    self.accepted_in_flight -= 1
 
     def _send(self, handler, response: Response):
         payload, ctype = response.encoded()
@@ -189,6 +214,18 @@ class FakeServer:
             self._send(handler, Response(fault.status, fault.body, fault.headers))
         elif fault.kind == "reset":
             # RST instead of FIN: SO_LINGER with a zero timeout, then close mid-request.
+            sock = handler.connection
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            handler.close_connection = True
+            sock.close()
+        elif fault.kind == "reset_mid_body":
+            # Headers and half a body, then RST: the client sees the connection die while reading.
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", "4000")
+            handler.end_headers()
+            handler.wfile.write(b'{"text": "' + b"x" * 1000)
+            handler.wfile.flush()
             sock = handler.connection
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             handler.close_connection = True
