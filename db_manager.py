@@ -486,7 +486,7 @@ class DatabaseManager:
         params: list = [stage, language, now]
         if stage == TRANSLATION:
             where += (" AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
-                      " AND t.stage = 'transcription' AND t.status = 'completed')")
+                      " AND t.stage = 'transcription' AND t.language = '' AND t.status = 'completed')")
         where, params = _scoped(where, params, file_ids)
         with self.transaction() as conn:
             rows = conn.execute(
@@ -726,7 +726,7 @@ class DatabaseManager:
         where = "stage = ? AND language = ? AND status = 'not_started'"
         if stage == TRANSLATION:
             where += (" AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
-                      " AND t.stage = 'transcription' AND t.status = 'completed')")
+                      " AND t.stage = 'transcription' AND t.language = '' AND t.status = 'completed')")
         where, params = _scoped(where, [stage, language], file_ids)
         row = self.query(f"SELECT COUNT(*), MIN(run_after) FROM jobs WHERE {where}", params)[0]
         return row[0], row[1]
@@ -736,7 +736,7 @@ class DatabaseManager:
         """Translation jobs whose transcript a running transcription is producing right now."""
         where, params = _scoped("stage = 'translation' AND language = ? AND status = 'not_started'"
                                 " AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
-                                " AND t.stage = 'transcription' AND t.status = 'in_progress')", [language], file_ids)
+                                " AND t.stage = 'transcription' AND t.language = '' AND t.status = 'in_progress')", [language], file_ids)
         return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
 
 

@@ -9,6 +9,8 @@ atomically as ``transcript.txt/.json/.srt/.vtt`` plus the raw provider answers.
 Providers are ``Transcriber`` subclasses registered in ``PROVIDERS``: one abstract method,
 ``transcribe_chunk``, which makes exactly one HTTP request and raises only
 ``pipeline.errors.ProviderError`` subclasses. Instances are shared by worker threads.
+The ``local`` provider (faster-whisper, optional install) needs no key and uploads nothing: it
+decodes the original file itself, so ``transcribe_media`` hands it that file whole.
 
 The JSON written to ``transcript.json`` is ``Transcript.to_dict(raw=False)``; translation reads it,
 so its shape is a contract: text, language, duration, provider, model, has_timestamps, note,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import io
 import json
 import logging
@@ -34,14 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import openai
 import requests
 
 from pipeline import audio
 from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, load_env,
                              make_parser, parse_languages, setup_logging)
-from pipeline.errors import (AccountError, ProviderError, RetryableError, classify_http, from_openai_exception,
-                             from_requests_exception, register_secret)
+from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, classify_http,
+                             from_openai_exception, from_requests_exception, register_secret)
 from pipeline.outputs import WrittenFile, atomic_write
 from pipeline.subtitles import RTL_LANGUAGES, Cue, format_srt, format_vtt
 
@@ -176,6 +178,8 @@ class Transcriber(ABC):
     max_chunk_seconds: Mapping[str, float] = {}                # per model; absent: no limit
     price_per_minute: ClassVar[Mapping[str, float]] = {}       # USD per audio minute, estimates
     text_only_models: ClassVar[frozenset[str]] = frozenset()   # models without timestamps
+    decodes_media: ClassVar[bool] = False     # True: takes the original file, no prepared upload
+    max_concurrency: int | None = None        # requests it runs at once (None: no limit of its own)
 
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 600.0):
@@ -191,18 +195,29 @@ class Transcriber(ABC):
         self.timeout = timeout
 
     @classmethod
-    def from_env(cls, env: Mapping | None = None, model: str | None = None) -> "Transcriber":
+    def from_env(cls, env: Mapping | None = None, model: str | None = None, *, workers: int | None = None,
+                 device: str | None = None, compute_type: str | None = None) -> "Transcriber":
         """Key and base URL from the environment; ``VERBATIM_<NAME>_MAX_UPLOAD_BYTES`` lowers the
-        upload limit (tests force splitting with it)."""
+        upload limit (tests force splitting with it). ``device`` and ``compute_type`` are for the
+        local engine only; ``workers`` does not concern an HTTP provider."""
         env = os.environ if env is None else env
+        if device or compute_type:
+            raise ConfigError(f"--device and --compute-type are for the local provider, not {cls.name}")
         key = env.get(cls.key_env_var)
         if not key:
             raise ConfigError(f"{cls.name} needs an API key: set {cls.key_env_var} in the environment or .env")
-        transcriber = cls(api_key=key, base_url=env.get(cls.base_url_env_var) or None, model=model)
+        # VERBATIM_REQUEST_TIMEOUT bounds one request (seconds): a server that never answers
+        # becomes a retryable timeout instead of a hung worker.
+        timeout = float(env.get("VERBATIM_REQUEST_TIMEOUT") or 600.0)
+        transcriber = cls(api_key=key, base_url=env.get(cls.base_url_env_var) or None, model=model,
+                          timeout=timeout)
         limit_var = f"VERBATIM_{cls.name.upper()}_MAX_UPLOAD_BYTES"
         if env.get(limit_var):
             transcriber.max_upload_bytes = _positive_int(limit_var, env[limit_var])
         return transcriber
+
+    def load(self) -> None:
+        """Get ready before the first file (the local engine loads its model); HTTP providers: nothing."""
 
     def estimate_cost(self, audio_seconds: float) -> float:
         """Estimated USD for ``audio_seconds`` of audio (list prices; see ``price_per_minute``)."""
@@ -242,11 +257,15 @@ class OpenAITranscriber(Transcriber):
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 600.0):
         super().__init__(api_key=api_key, base_url=base_url, model=model, timeout=timeout)
+        import openai  # here, not at the top: the SDK takes 0.6 s to import and local runs never need it
+
         # One client for all threads (the SDK client is thread-safe).
         self._client = openai.OpenAI(api_key=api_key, base_url=self.base_url, max_retries=0,
                                      timeout=openai.Timeout(timeout, connect=CONNECT_TIMEOUT))
 
     def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
+        import openai
+
         text_only = self.model in self.text_only_models
         params = {"model": self.model, "response_format": "json" if text_only else "verbose_json"}
         if not text_only:
@@ -431,29 +450,118 @@ class ElevenLabsTranscriber(Transcriber):
                           has_timestamps=True, raw_responses=[data])
 
 
-# Registry, in auto-selection order. A provider that needs no key (a local model) sets
-# key_env_var = None and overrides from_env; auto-selection only picks providers by their key.
+LOCAL_INSTALL_HINT = "pip install -r requirements-local.txt"
+
+
+class LocalWhisperTranscriber(Transcriber):
+    """Whisper on this machine through faster-whisper (``local_whisper``): no key, no upload, no cost.
+
+    ``model`` is a Whisper size name (downloaded on first use and cached) or a CTranslate2 model
+    folder (offline). One model per process serves every thread; ``workers`` becomes the engine's
+    own parallelism and ``max_concurrency``. faster-whisper is imported only when this provider is
+    built, so everything else works without the optional install.
+    """
+
+    name = "local"
+    key_env_var = None
+    base_url_env_var = None
+    default_base_url = None
+    default_model = "turbo"
+    models = ()  # any Whisper size name or model folder; checked by the engine
+    decodes_media = True
+
+    def __init__(self, *, model: str | None = None, device: str | None = None, compute_type: str | None = None,
+                 workers: int | None = None):
+        engine = _local_engine_module()
+        self._engine = engine.engine_for(engine.settings_for(model or self.default_model, device=device,
+                                                             compute_type=compute_type, workers=workers))
+        self.settings = self._engine.settings
+        self.model = self.settings.label
+        self.max_concurrency = self.settings.workers
+        self.base_url, self.timeout = None, None
+        self.alternative: str | None = None  # said when loading fails, if chosen for want of a key
+
+    @classmethod
+    def from_env(cls, env=None, model=None, *, workers=None, device=None, compute_type=None) -> "Transcriber":
+        """Flags first, then ``VERBATIM_LOCAL_MODEL``, ``_DEVICE``, ``_COMPUTE_TYPE`` and
+        ``_MAX_CONCURRENCY`` (a cap on ``workers``) from the environment."""
+        env = os.environ if env is None else env
+        cap = env.get("VERBATIM_LOCAL_MAX_CONCURRENCY")
+        if cap:
+            if not cap.strip().isdigit() or int(cap) < 1:
+                raise ConfigError(f"VERBATIM_LOCAL_MAX_CONCURRENCY must be a positive number, not {cap!r}")
+            workers = min(workers or 1, int(cap))
+        return cls(model=model or env.get("VERBATIM_LOCAL_MODEL") or None,
+                   device=device or env.get("VERBATIM_LOCAL_DEVICE") or None,
+                   compute_type=compute_type or env.get("VERBATIM_LOCAL_COMPUTE_TYPE") or None, workers=workers)
+
+    @staticmethod
+    def installed() -> bool:
+        return importlib.util.find_spec("faster_whisper") is not None
+
+    def load(self) -> None:
+        try:
+            self._engine.load()
+        except ConfigError as exc:
+            if self.alternative:
+                raise ConfigError(f"{exc}. {self.alternative}") from exc
+            raise
+
+    def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
+        """The whole recording, decoded and transcribed window by window by the engine."""
+        try:
+            self.load()
+        except ConfigError as exc:  # in a worker: stop the run as for a rejected key; no file is at fault
+            raise AccountError(str(exc), error_class="local_model") from exc
+        result = self._engine.transcribe(audio_path, language=language, prompt=prompt)
+        segments = [Segment(s.start, s.end, s.text) for s in result.segments]
+        return Transcript(text=" ".join(s.text for s in segments), segments=segments,
+                          language=normalize_language(result.language) or language, duration=result.duration,
+                          provider=self.name, model=self.model, usage={}, has_timestamps=True,
+                          raw_responses=result.raw)
+
+
+def _local_engine_module():
+    if not LocalWhisperTranscriber.installed():
+        raise ConfigError(f"the local provider needs faster-whisper, which is not installed: {LOCAL_INSTALL_HINT}")
+    try:
+        import local_whisper
+    except ImportError as exc:
+        raise ConfigError(f"the local provider could not import faster-whisper ({exc}); "
+                          f"reinstall it: {LOCAL_INSTALL_HINT}") from exc
+    return local_whisper
+
+
+# Registry, in auto-selection order: a cloud provider whose key is set, else the local engine.
 PROVIDERS: dict[str, type[Transcriber]] = {
     OpenAITranscriber.name: OpenAITranscriber,
     ElevenLabsTranscriber.name: ElevenLabsTranscriber,
+    LocalWhisperTranscriber.name: LocalWhisperTranscriber,
 }
 
 
-def choose_transcriber(name: str | None = None, env: Mapping | None = None,
-                       model: str | None = None) -> Transcriber:
-    """``name``, else ``$VERBATIM_TRANSCRIPTION_PROVIDER``, else the first provider whose key is set."""
+def choose_transcriber(name: str | None = None, env: Mapping | None = None, model: str | None = None,
+                       **engine) -> Transcriber:
+    """``name``, else ``$VERBATIM_TRANSCRIPTION_PROVIDER``, else the first provider whose key is set,
+    else ``local`` when faster-whisper is installed. ``engine``: ``workers``, ``device`` and
+    ``compute_type`` for the local engine (see ``Transcriber.from_env``)."""
     env = os.environ if env is None else env
     name = (name or env.get("VERBATIM_TRANSCRIPTION_PROVIDER") or "").strip().lower()
     if name:
         if name not in PROVIDERS:
             raise ConfigError(f"unknown transcription provider {name!r}; choose from {', '.join(PROVIDERS)}")
-        return PROVIDERS[name].from_env(env, model)
+        return PROVIDERS[name].from_env(env, model, **engine)
     for cls in PROVIDERS.values():
         if cls.key_env_var and env.get(cls.key_env_var):
-            return cls.from_env(env, model)
+            return cls.from_env(env, model, **engine)
     keys = " or ".join(cls.key_env_var for cls in PROVIDERS.values() if cls.key_env_var)
+    if LocalWhisperTranscriber.installed():
+        local = LocalWhisperTranscriber.from_env(env, model, **engine)
+        local.alternative = f"No cloud key is set: set {keys} (environment or .env) to use a cloud provider instead"
+        return local
     raise ConfigError(f"no transcription provider configured: set {keys} "
-                      "(environment or .env), or VERBATIM_TRANSCRIPTION_PROVIDER")
+                      "(environment or .env), or VERBATIM_TRANSCRIPTION_PROVIDER, "
+                      f"or install the local engine for offline transcription: {LOCAL_INSTALL_HINT}")
 
 
 # -- the per-file job -----------------------------------------------------------------------
@@ -470,6 +578,12 @@ def transcribe_media(path, transcriber: Transcriber, *, language: str | None = N
     """
     call = call or _call_now
     info = audio.probe(path)
+    if transcriber.decodes_media:  # the local engine reads the original itself, as one request
+        if not info.has_audio:
+            raise PermanentError("video without an audio track", error_class="no_audio")
+        whole = audio.Chunk(os.fsdecode(path), 0.0, info.duration)
+        part = call(functools.partial(transcriber.transcribe_chunk, whole.path, language=language, prompt=prompt))
+        return merge_chunks([(whole, part)], duration=info.duration, language=language)
     with tempfile.TemporaryDirectory(prefix="verbatim-") as workdir:
         chunks = audio.prepare(path, workdir, max_upload_bytes=transcriber.max_upload_bytes,
                                max_chunk_seconds=transcriber.max_chunk_seconds.get(transcriber.model),
@@ -543,13 +657,23 @@ def build_parser():
     parser.add_argument("file", help="audio or video file (put -- before a name that starts with '-')")
     parser.add_argument("--provider", choices=sorted(PROVIDERS),
                         help="default: $VERBATIM_TRANSCRIPTION_PROVIDER, else the first with a key set")
-    parser.add_argument("--model", help="provider model (default: the provider's default)")
+    parser.add_argument("--model", help="provider model; local: a Whisper size (tiny ... large-v3, turbo) "
+                        "or a CTranslate2 model folder (default: the provider's default)")
+    add_local_arguments(parser)
     parser.add_argument("--language", help="spoken language, ISO 639-1 (default: detected)")
-    parser.add_argument("--prompt", help="vocabulary hint: names and terms (OpenAI only)")
+    parser.add_argument("--prompt", help="vocabulary hint: names and terms (OpenAI and local)")
     parser.add_argument("--format", choices=sorted(RENDERERS), default="txt", help="output format (default: txt)")
     parser.add_argument("--env-file", metavar="PATH", help="settings file to load (default: ./.env)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     return parser
+
+
+def add_local_arguments(parser) -> None:
+    """``--device`` and ``--compute-type``, for the local engine."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="local provider: where Whisper runs (default: $VERBATIM_LOCAL_DEVICE, else auto)")
+    parser.add_argument("--compute-type", metavar="TYPE",
+                        help="local provider: CTranslate2 compute type (default: int8 on CPU, float16 on GPU)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -557,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load_env(args.env_file)
         setup_logging(args.verbose)
-        transcriber = choose_transcriber(args.provider, os.environ, args.model)
+        transcriber = choose_transcriber(args.provider, os.environ, args.model, device=args.device,
+                                         compute_type=args.compute_type)
         language = parse_languages([args.language])[0] if args.language else None
         if args.format in ("srt", "vtt") and transcriber.model in transcriber.text_only_models:
             raise ConfigError(f"--format {args.format} needs timestamps; {transcriber.model} returns text only")

@@ -7,10 +7,17 @@ any input into a list of ``Chunk`` files inside a per-job working folder:
 - the audio track is extracted from video;
 - audio is re-encoded to 16 kHz mono Ogg/Opus at 24 kbit/s (about 11 MB per hour) when that is
   clearly smaller than the original, or when the original is video or a container a provider may
-  not accept; otherwise the original is used as it is (through a safely named symlink);
+  not accept; otherwise, and for any small original in an accepted container (re-encoding it would
+  cost more than the few kilobytes it saves), the original is used as it is (through a safely named
+  symlink);
 - when the result is still too big or too long it is cut into chunks at silences (ffmpeg
   ``silencedetect``), the nearest silence below each limit, so no word is cut in half unless the
   audio has no pause at all; every chunk knows its exact offset in the original.
+
+Probing costs no process for the common audio-only formats: WAV (PCM), MP3, Ogg (Opus, Vorbis)
+and FLAC are described from their headers in Python, the way ``ffmpeg -i`` describes them; any
+other file, or one whose header is unusual, is probed by ffmpeg. Per file that leaves at most the
+one ffmpeg run that decodes and encodes, and none for a small compact original.
 
 ffmpeg reads and writes every file itself: no audio passes through Python memory. Input names
 are passed as ``file:`` plus the absolute path in bytes, so names with a leading ``-``, newlines,
@@ -27,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +51,9 @@ OPUS_BYTES_PER_SECOND = OPUS_BITRATE / 8 * 1.15
 # Keep the original when re-encoding would not save at least a fifth: a second lossy
 # generation costs recognition accuracy for little gain.
 KEEP_ORIGINAL_RATIO = 0.8
+# An original this small (in an accepted container, within the limits) is sent as it is: an
+# ffmpeg run costs about 40 ms of CPU, more than uploading the quarter megabyte it could save.
+KEEP_SMALL_BYTES = 256 * 1024
 # A pause is at least this long and this quiet (interviews: breaths, sentence ends).
 SILENCE_NOISE = "-35dB"
 SILENCE_MIN_SECONDS = 0.4
@@ -154,6 +165,9 @@ def probe(path: str | bytes | os.PathLike) -> MediaInfo:
         raise PermanentError(f"no such file: {_display(path)}", error_class="not_found") from exc
     if size == 0:
         raise PermanentError(f"empty file (0 bytes): {_display(path)}", error_class="empty_file")
+    info = quick_probe(path, size)
+    if info is not None:
+        return info
     text = _stderr(run_ffmpeg(["-i", ffmpeg_input(path)], timeout=PROBE_TIMEOUT))
     info = _parse_probe(text, size)
     if info is None:
@@ -205,6 +219,175 @@ def _decoded_duration(path, timeout: float) -> float:
     return seconds
 
 
+# -- probing in Python: the common audio-only formats from their headers ------------------------
+_HEAD_BYTES = 64 * 1024
+_TAIL_BYTES = 64 * 1024
+
+
+def quick_probe(path: str | bytes | os.PathLike, size: int | None = None) -> MediaInfo | None:
+    """Describe a WAV (PCM), MP3, Ogg (Opus or Vorbis) or FLAC file from its headers, as
+    ``ffmpeg -i`` would, without starting a process; None for any other or unusual file (a
+    video, several streams, a header that does not add up): then ffmpeg must look at it."""
+    try:
+        with open(os.fsencode(path), "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size if size is None else size
+            head = handle.read(_HEAD_BYTES)
+            if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+                return _wav_info(head, size)
+            if head[:4] == b"OggS":
+                return _ogg_info(handle, head, size)
+            if head[:4] == b"fLaC":
+                return _flac_info(head, size)
+            return _mp3_info(handle, head, size)
+    except (OSError, ValueError, IndexError, struct.error):
+        return None
+
+
+_PCM_CODECS = {(1, 8): "pcm_u8", (1, 16): "pcm_s16le", (1, 24): "pcm_s24le", (1, 32): "pcm_s32le",
+               (3, 32): "pcm_f32le", (3, 64): "pcm_f64le"}
+
+
+def _wav_info(head: bytes, size: int) -> MediaInfo | None:
+    fmt, at = None, 12
+    while at + 8 <= len(head):
+        chunk, length = head[at:at + 4], int.from_bytes(head[at + 4:at + 8], "little")
+        body = at + 8
+        if chunk == b"fmt ":
+            if length < 16 or body + length > len(head):
+                return None
+            tag, channels, rate, _byte_rate, align, bits = struct.unpack_from("<HHIIHH", head, body)
+            if tag == 0xFFFE and length >= 26:  # WAVE_FORMAT_EXTENSIBLE: the sub-format's tag
+                tag = int.from_bytes(head[body + 24:body + 26], "little")
+            fmt = (_PCM_CODECS.get((tag, bits)), channels, rate, align, bits)
+        elif chunk == b"data":
+            if fmt is None or fmt[0] is None:
+                return None
+            codec, channels, rate, align, bits = fmt
+            if not channels or not rate or align != channels * bits // 8:
+                return None
+            available = size - body
+            frames = (available if length in (0, 0xFFFFFFFF) else min(length, available)) // align
+            if frames <= 0:
+                return None
+            return MediaInfo(frames / rate, True, False, codec, size, "wav")
+        at = body + length + (length & 1)
+    return None
+
+
+def _ogg_page(data: bytes, at: int) -> tuple[int, int, int, int] | None:
+    """(flags, granule, serial, end of page) of the Ogg page at ``at``, None if there is none."""
+    if data[at:at + 4] != b"OggS" or at + 27 > len(data) or data[at + 4] != 0:
+        return None
+    segments = data[at + 26]
+    end = at + 27 + segments + sum(data[at + 27:at + 27 + segments])
+    if end > len(data):  # cut off
+        return None
+    return (data[at + 5], int.from_bytes(data[at + 6:at + 14], "little", signed=True),
+            int.from_bytes(data[at + 14:at + 18], "little"), end)
+
+
+def _ogg_info(handle, head: bytes, size: int) -> MediaInfo | None:
+    first = _ogg_page(head, 0)
+    if first is None or not first[0] & 0x02:  # the first page begins a stream
+        return None
+    _flags, _granule, serial, end = first
+    packet = head[27 + head[26]:end]
+    if packet[:8] == b"OpusHead":
+        codec, rate, preskip = "opus", 48000, int.from_bytes(packet[10:12], "little")
+    elif packet[:7] == b"\x01vorbis":
+        codec, rate, preskip = "vorbis", int.from_bytes(packet[12:16], "little"), 0
+    else:
+        return None
+    second = _ogg_page(head, end)
+    if second is None or second[0] & 0x02:  # another stream (video, a second track): ffmpeg decides
+        return None
+    handle.seek(max(0, size - _TAIL_BYTES))
+    tail = handle.read(_TAIL_BYTES)
+    # The file must end with a whole page of this stream: its granule position is the length in
+    # samples. A file cut off mid-page (ffmpeg refuses some of those) goes to ffmpeg.
+    at = tail.rfind(b"OggS")
+    while at >= 0:
+        page = _ogg_page(tail, at)
+        if page is not None and page[3] == len(tail):
+            if page[2] != serial or page[1] <= 0 or not rate:
+                return None
+            seconds = (page[1] - preskip) / rate
+            return MediaInfo(seconds, True, False, codec, size, "ogg") if seconds > 0 else None
+        at = tail.rfind(b"OggS", 0, at)
+    return None
+
+
+def _flac_info(head: bytes, size: int) -> MediaInfo | None:
+    if head[4] & 0x7F != 0 or int.from_bytes(head[5:8], "big") != 34:  # STREAMINFO comes first
+        return None
+    info = head[8:42]
+    rate = int.from_bytes(info[10:13], "big") >> 4
+    samples = int.from_bytes(info[13:18], "big") & 0xFFFFFFFFF
+    if not rate or not samples:
+        return None
+    return MediaInfo(samples / rate, True, False, "flac", size, "flac")
+
+
+_MP3_KBPS = {1: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),      # MPEG-1
+             2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}          # MPEG-2, 2.5
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def _mp3_frame(data: bytes, at: int) -> tuple[int, int, int, int, int] | None:
+    """(version, channel mode, sample rate, kbit/s, frame length) of an MPEG layer III frame header."""
+    if at + 4 > len(data):
+        return None
+    header = int.from_bytes(data[at:at + 4], "big")
+    version, layer = (header >> 19) & 3, (header >> 17) & 3
+    index, rate_index = (header >> 12) & 15, (header >> 10) & 3
+    if header >> 21 != 0x7FF or version == 1 or layer != 1 or index in (0, 15) or rate_index == 3:
+        return None
+    kbps = _MP3_KBPS[1 if version == 3 else 2][index]
+    rate = _MP3_RATES[version][rate_index]
+    length = (144 if version == 3 else 72) * kbps * 1000 // rate + ((header >> 9) & 1)
+    return version, (header >> 6) & 3, rate, kbps, length
+
+
+def _mp3_info(handle, head: bytes, size: int) -> MediaInfo | None:
+    start = 0
+    if head[:3] == b"ID3":
+        start = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10]))
+        start += 10 if head[5] & 0x10 else 0  # footer
+        handle.seek(start)
+        head = handle.read(8192)
+    frame = _mp3_frame(head, 0)
+    if frame is None:
+        return None
+    version, mode, rate, kbps, length = frame
+    at = 0
+    for _ in range(2):  # a decoder trusts three frames in a row, and so do we
+        at += length
+        following = _mp3_frame(head, at)
+        if following is None or following[0] != version or following[2] != rate:
+            return None
+        length = following[4]
+    samples = 1152 if version == 3 else 576
+    side = (32 if mode != 3 else 17) if version == 3 else (17 if mode != 3 else 9)
+    tag = head[4 + side:8 + side]
+    if tag in (b"Xing", b"Info"):
+        flags = int.from_bytes(head[8 + side:12 + side], "big")
+        if not flags & 1:
+            return None
+        count = int.from_bytes(head[12 + side:16 + side], "big") * samples
+        lame = 16 + side + (4 if flags & 2 else 0) + (100 if flags & 4 else 0) + (4 if flags & 8 else 0)
+        if head[lame:lame + 4] in (b"LAME", b"Lavf", b"Lavc"):  # encoder delay and padding, as ffmpeg
+            pads = int.from_bytes(head[lame + 21:lame + 24], "big")
+            count -= (pads >> 12) + (pads & 0xFFF)
+        seconds = count / rate
+    elif head[36:40] == b"VBRI":
+        seconds = int.from_bytes(head[50:54], "big") * samples / rate
+    else:  # constant bitrate: what ffmpeg estimates too
+        handle.seek(max(0, size - 128))
+        id3v1 = 128 if handle.read(3) == b"TAG" else 0
+        seconds = (size - start - id3v1) * 8 / (kbps * 1000)
+    return MediaInfo(seconds, True, False, "mp3", size, "mp3") if seconds > 0 else None
+
+
 # -- preparing -------------------------------------------------------------------------------
 def prepare(path: str | bytes | os.PathLike, workdir: str | os.PathLike, *,
             max_upload_bytes: int | None = None, max_chunk_seconds: float | None = None,
@@ -220,7 +403,8 @@ def prepare(path: str | bytes | os.PathLike, workdir: str | os.PathLike, *,
     limits = _Limits(max_upload_bytes, max_chunk_seconds)
     upload_ext = None if info.has_video else _UPLOAD_EXTENSIONS.get(info.container or "")
     estimate = info.duration * OPUS_BYTES_PER_SECOND
-    if upload_ext and estimate > info.size * KEEP_ORIGINAL_RATIO and limits.fits(info.size, info.duration):
+    worth_keeping = info.size <= KEEP_SMALL_BYTES or estimate > info.size * KEEP_ORIGINAL_RATIO
+    if upload_ext and worth_keeping and limits.fits(info.size, info.duration):
         return [Chunk(_link_original(path, workdir, upload_ext), 0.0, info.duration)]
     compact = workdir / "audio.ogg" if limits.fits(estimate, info.duration) else None
     duration, silences = _scan(path, compact, _work_timeout(info.duration))

@@ -95,18 +95,30 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class _ProgressAwareHandler(logging.StreamHandler):
+    """Writes log lines above the progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Logs go to stderr; results go to stdout. Call from scripts only."""
     level = logging.DEBUG if verbose or os.environ.get("VERBATIM_DEBUG") else (
         logging.WARNING if quiet else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ProgressAwareHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     if level > logging.DEBUG:  # third-party chatter only when asked for
-        for name in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "openai"):
+        for name in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "openai", "faster_whisper"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -1,6 +1,6 @@
 """A per-provider limiter shared by every worker thread of a run.
 
-It bounds how many requests run at once and how many start per minute, and it is the one place
+It bounds how many requests run at once and how many start per second, and it is the one place
 where a 429 is waited out: the request that got it is retried after the cool-down, and every
 other thread waits for the same cool-down instead of adding to the storm.
 
@@ -8,7 +8,18 @@ Concurrency adapts (AIMD): a 429 lowers the allowed concurrency to just below wh
 flight; successes raise it again by one each (slow start) up to what was configured. When the
 provider says the 429 is about *concurrent* requests (ElevenLabs ``too_many_concurrent_requests``),
 the level that triggered it is remembered as a ceiling, and the limiter probes above it only after
-``PROBE_INTERVAL`` seconds without a 429, so 32 workers on a 5-request plan settle at 5.
+``PROBE_INTERVAL`` seconds without a 429, so 32 workers on a 5-request plan settle at 5. Such a
+429 is no request to slow down in time: the refused request waits for a free slot under the
+ceiling (and for its own ``Retry-After``, if one came), and nobody else is held up.
+
+The request rate is learned too. After a 429 about the *rate*, once its cool-down is over (when
+the answers of the requests that raced it are in), the limiter counts the requests the provider
+accepted before it, and from then on starts requests no faster than ``RATE_MARGIN`` of that rate,
+evenly spaced; after each ``RATE_PROBE_SECONDS`` without such a 429 it raises the pace by
+``RATE_PROBE_STEP``, so it follows a provider whose limit grows. A configured
+``VERBATIM_<PROVIDER>_RPM`` is a ceiling on top. The reason: providers answer a 100 ms wait with
+a whole-second ``Retry-After``, which every thread waits out, so each 429 costs a second of work;
+paced, they stay rare.
 
 Rate-limit waits do not spend job attempts; they are bounded by ``patience`` seconds per call,
 after which (or when the server asks for more than ``MAX_INLINE_WAIT_SECONDS``) the error is
@@ -18,8 +29,10 @@ raised so the runner requeues the job for later instead of holding a thread.
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from pipeline import errors
@@ -27,6 +40,20 @@ from pipeline import errors
 UNLIMITED = 1_000_000
 PROBE_INTERVAL = 30.0
 DEFAULT_PATIENCE = 900.0
+# Learning a rate limit: the accepted requests of at most this many seconds before a 429 count ...
+RATE_WINDOW = 5.0
+# ... a window that starts fresh (the run's start, a cool-down's end) found the provider's bucket
+# full, holding about this many seconds of requests, which the count must not take for rate ...
+RATE_BURST_SECONDS = 1.0
+# ... and requests then start at this share of the measured rate, raised by this step after
+# every this many seconds without a rate 429.
+RATE_MARGIN = 0.95
+RATE_PROBE_STEP = 1.05
+RATE_PROBE_SECONDS = 5.0
+# A request refused for concurrency waits for a free slot, and also up to this long (jittered,
+# doubling per refusal of the same request) so that a provider freeing slots late is not hammered.
+CONCURRENCY_RETRY_BASE = 0.05
+CONCURRENCY_RETRY_CAP = 2.0
 
 
 class Stopping(Exception):
@@ -39,6 +66,7 @@ class LimiterStats:
     rate_limited: int = 0
     waits: int = 0
     wait_seconds: float = 0.0
+    learned_rps: float | None = None   # the request rate learned from 429s, if any
 
 
 class ProviderLimiter:
@@ -56,34 +84,54 @@ class ProviderLimiter:
         self._cooldown_until = 0.0
         self._last_429 = 0.0
         self._consecutive_429 = 0
+        # rate learning
+        self._learned_rps: float | None = None
+        self._first_start: float | None = None
+        self._running: list[float] = []            # start times of the requests in flight
+        self._accepted: deque[float] = deque()     # start times of recent successful requests
+        self._episode: tuple[float, float, bool] | None = None  # (429 at, window start, fresh)
+        self._learned_at = 0.0
+        self._rate_probed = 0.0
         self._tokens = self._burst()
         self._refilled = time.monotonic()
-
-    def _burst(self) -> float:
-        return max(1.0, (self.rpm or 0) / 60.0)
 
     # -- the public entry point -----------------------------------------------------------
     def call(self, fn, stop: threading.Event | None = None):
         """Run ``fn()`` (one request) under the limits; wait out 429s; return its result."""
         deadline = time.monotonic() + self.patience
+        refused = 0
         while True:
-            self._acquire(stop, deadline)
+            started = self._acquire(stop, deadline)
             try:
                 result = fn()
             except errors.RateLimitError as exc:
-                self._release()
-                delay = self._on_rate_limited(exc)
+                self._release(started)
+                if exc.concurrency:
+                    refused += 1
+                    delay = self._on_concurrency_limited(exc, refused)
+                else:
+                    delay = self._on_rate_limited(exc, started)
                 if delay > errors.MAX_INLINE_WAIT_SECONDS or time.monotonic() + delay > deadline:
                     raise
+                if exc.concurrency and delay > 0:  # this request's own wait; the others go on
+                    if stop is None:
+                        time.sleep(delay)
+                    elif stop.wait(delay):
+                        raise Stopping(f"{self.name}: run is stopping") from None
                 continue
             except BaseException:
-                self._release()
+                self._release(started)
                 raise
-            self._release(success=True)
+            self._release(started, success=True)
             return result
 
-    # -- internals ------------------------------------------------------------------------
-    def _acquire(self, stop, deadline) -> None:
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # -- acquiring and releasing a slot ---------------------------------------------------
+    def _acquire(self, stop, deadline) -> float:
+        """Wait until a request may start; returns its start time."""
         started = time.monotonic()
         waited = False
         with self._cond:
@@ -95,6 +143,8 @@ class ProviderLimiter:
                 if wait > errors.MAX_INLINE_WAIT_SECONDS or (wait > 0 and now + wait > deadline):
                     raise errors.RateLimitError(
                         f"{self.name}: provider asked us to wait {wait:.0f} s", retry_after=wait)
+                if wait <= 0 and self._episode is not None:
+                    self._learn_rate(now)
                 if wait <= 0 and self._in_flight < self.limit:
                     wait = self._take_token(now)
                     if wait <= 0:
@@ -102,37 +152,70 @@ class ProviderLimiter:
                 waited = True
                 self._cond.wait(timeout=min(max(wait, 0.01), 0.5) if wait > 0 else 0.5)
             self._in_flight += 1
+            self._running.append(now)
+            if self._first_start is None:
+                self._first_start = now
             self.stats.requests += 1
             if waited:
                 self.stats.waits += 1
-                self.stats.wait_seconds += time.monotonic() - started
+                self.stats.wait_seconds += now - started
+        return now
 
-    def _take_token(self, now: float) -> float:
-        """0 when a request may start now (a token is taken), else seconds until one is due."""
-        if not self.rpm:
-            return 0.0
-        self._tokens = min(self._burst(), self._tokens + (now - self._refilled) * self.rpm / 60.0)
-        self._refilled = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return 0.0
-        return (1.0 - self._tokens) * 60.0 / self.rpm
-
-    def _release(self, success: bool = False) -> None:
+    def _release(self, started: float, success: bool = False) -> None:
         with self._cond:
             self._in_flight -= 1
+            self._running.remove(started)
             if success:
-                self._consecutive_429 = 0
                 now = time.monotonic()
+                self._consecutive_429 = 0
+                self._accepted.append(started)
+                while self._accepted and self._accepted[0] < now - 2 * RATE_WINDOW:
+                    self._accepted.popleft()
                 if self.limit < self.ceiling:
                     self.limit += 1
                 elif self.limit < self.max_concurrency and now - self._last_429 > PROBE_INTERVAL:
                     self.limit += 1
                     self.ceiling = self.limit
                     self._last_429 = now  # next probe only after another quiet interval
+                if (self._learned_rps is not None and now - self._last_429 > RATE_PROBE_SECONDS
+                        and now - self._rate_probed > RATE_PROBE_SECONDS):
+                    self._set_learned(self._learned_rps * RATE_PROBE_STEP)
+                    self._rate_probed = now
             self._cond.notify_all()
 
-    def _on_rate_limited(self, exc: errors.RateLimitError) -> float:
+    # -- pacing ---------------------------------------------------------------------------
+    def _pace(self) -> float | None:
+        """Requests per second allowed to start: the configured and the learned rate, the lower."""
+        rates = [r for r in ((self.rpm / 60.0) if self.rpm else None, self._learned_rps) if r]
+        return min(rates) if rates else None
+
+    def _burst(self) -> float:
+        """Tokens the bucket holds: a second of the configured rate; one once a rate was learned
+        (evenly spaced starts do not drain a provider's bucket in bursts)."""
+        if self._learned_rps is not None:
+            return 1.0
+        return max(1.0, (self.rpm or 0) / 60.0)
+
+    def _take_token(self, now: float) -> float:
+        """0 when a request may start now (a token is taken), else seconds until one is due."""
+        rate = self._pace()
+        if not rate:
+            return 0.0
+        self._tokens = min(self._burst(), self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / rate
+
+    def _set_learned(self, rps: float) -> None:
+        self._learned_rps = self.stats.learned_rps = rps
+        self._tokens = min(self._tokens, self._burst())
+
+    # -- 429s -----------------------------------------------------------------------------
+    def _on_rate_limited(self, exc: errors.RateLimitError, started: float) -> float:
+        """A 429 about the rate: every thread waits out the cool-down. The first such 429 of an
+        episode (not an echo of requests sent before the pace last changed) opens a measurement."""
         with self._cond:
             now = time.monotonic()
             self.stats.rate_limited += 1
@@ -140,16 +223,43 @@ class ProviderLimiter:
             self._last_429 = now
             # ``_in_flight`` no longer counts this request: it is what the provider did accept.
             self.limit = max(1, min(self.limit, self._in_flight))
-            if exc.concurrency:
-                self.ceiling = self.limit
+            if self._episode is None and started >= self._learned_at:
+                # Up to now, not to this request's start: requests race, and whichever the
+                # provider took before it refused this one started around the same time.
+                window = now - RATE_WINDOW
+                fresh = max(self._first_start or started,
+                            self._cooldown_until if self._cooldown_until <= started else 0.0)
+                self._episode = (now, max(window, fresh), fresh > window)
             delay = errors.retry_delay(self._consecutive_429, exc.retry_after, base=0.5, cap=30.0)
             self._cooldown_until = max(self._cooldown_until, now + delay)
             self._cond.notify_all()
             return max(0.0, self._cooldown_until - now)
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
+    def _learn_rate(self, now: float) -> None:
+        """After the cool-down: the requests that started in the window before the 429 and were
+        accepted (answered, or still running long after the refusals came back) give the rate."""
+        refused_at, since, fresh = self._episode
+        self._episode = None
+        accepted = (sum(1 for t in self._accepted if since <= t < refused_at)
+                    + sum(1 for t in self._running if since <= t < refused_at))
+        span = refused_at - since + (RATE_BURST_SECONDS if fresh else 0.0)
+        if accepted and span > 0:
+            measured = accepted / span
+            current = self._learned_rps
+            self._set_learned(RATE_MARGIN * (measured if current is None else min(current, measured)))
+        self._learned_at = self._rate_probed = now
+
+    def _on_concurrency_limited(self, exc: errors.RateLimitError, refused: int) -> float:
+        """A 429 about concurrency: the level the provider accepted becomes the ceiling. Returns
+        how long this request waits before it tries again (a free slot is waited for anyway)."""
+        with self._cond:
+            self.stats.rate_limited += 1
+            self._last_429 = time.monotonic()
+            self.limit = self.ceiling = max(1, min(self.limit, self._in_flight))
+            self._cond.notify_all()
+        if exc.retry_after is not None:
+            return exc.retry_after
+        return random.uniform(0.0, min(CONCURRENCY_RETRY_CAP, CONCURRENCY_RETRY_BASE * 2 ** (refused - 1)))
 
 
 _registry: dict[str, ProviderLimiter] = {}

@@ -12,6 +12,7 @@ for _name in list(os.environ):
     if _name.startswith(("OPENAI_", "ELEVENLABS_", "DEEPL_", "MS_TRANSLATOR_", "VERBATIM_")):
         del os.environ[_name]
 os.environ["VERBATIM_ENV_FILE"] = os.devnull
+os.environ["HF_HUB_OFFLINE"] = "1"  # the local engine never reaches for a model hub in tests
 os.environ["VERBATIM_RETRY_BASE_SECONDS"] = "0.01"
 os.environ["VERBATIM_RETRY_CAP_SECONDS"] = "0.05"
 

@@ -396,7 +396,8 @@ def test_choose_by_name_env_or_first_key():
     ("openai", {"OPENAI_API_KEY": "sk-test-a1b2c3", "VERBATIM_OPENAI_MAX_UPLOAD_BYTES": "lots"}, None,
      "VERBATIM_OPENAI_MAX_UPLOAD_BYTES must be a positive number"),
 ])
-def test_configuration_errors_say_what_to_set(name, env, model, message):
+def test_configuration_errors_say_what_to_set(name, env, model, message, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)  # as without requirements-local.txt
     with pytest.raises(ConfigError, match=message):
         T.choose_transcriber(name, env, model)
 

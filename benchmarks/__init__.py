@@ -1,0 +1,1 @@
+"""Benchmarks: plain scripts, see benchmarks/common.py."""

@@ -1,0 +1,76 @@
+"""The benchmark scripts in tiny configurations, so they do not rot: each runs, prints its table and
+writes its JSON with the expected keys. Timing is not asserted (that is what the benchmarks are for)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, script_env
+
+COMMON = {"benchmark", "when", "command", "commit", "machine", "rows"}
+
+
+def run_benchmark(name, tmp_path, *args, timeout=120) -> dict:
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args, "--out", str(out)],
+                            capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=script_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip(), "no table printed"
+    data = json.loads(out.read_text())
+    assert COMMON <= set(data) and data["benchmark"] == name and data["rows"]
+    assert {"cpu", "cores", "python", "sqlite"} <= set(data["machine"])
+    return data
+
+
+def test_throughput(tmp_path):
+    data = run_benchmark("throughput", tmp_path, "--files", "4", "--w1-files", "2", "--workers", "1", "2",
+                         "--latency", "0.05", "--seconds", "1")
+    assert [(r["script"], r["workers"]) for r in data["rows"]] == [
+        ("transcription", 1), ("transcription", 2), ("translation", 1), ("translation", 2)]
+    for row in data["rows"]:
+        assert {"bound_s", "makespan_s", "files_per_minute", "efficiency", "startup_s", "tail_s",
+                "efficiency_after_start", "cpu_ms_per_file", "peak_in_flight"} <= set(row)
+        assert row["completed"] == row["files"] and row["failed"] == 0
+
+
+def test_ratelimit(tmp_path):
+    data = run_benchmark("ratelimit", tmp_path, "--jobs", "6", "--workers", "3", "--rate", "20", "--cap", "2",
+                         "--latency", "0.05")
+    assert {(r["limit"], r["configured"]) for r in data["rows"]} == {
+        ("rate", "no"), ("rate", "yes"), ("concurrency", "no"), ("concurrency", "yes")}
+    for row in data["rows"]:
+        assert {"bound_per_s", "completed_per_s", "efficiency", "responses_429_per_job", "failed"} <= set(row)
+        assert row["completed"] == 6 and row["failed"] == 0
+
+
+def test_overhead(tmp_path):
+    data = run_benchmark("overhead", tmp_path, "--jobs", "200", "--threads", "4", "--raw", "50")
+    pipeline_row = data["rows"][0]
+    assert pipeline_row["count"] == 200 and pipeline_row["per_second"] > 0 and pipeline_row["synchronous"] == 2
+
+
+def test_scale(tmp_path):
+    data = run_benchmark("scale", tmp_path, "--files", "400", "--claims", "5")
+    assert data["registered_files"] == 400 and data["jobs"] == 1600
+    for key in ("register_seconds", "status_seconds", "claim_1_p50_ms", "claim_1_p99_ms", "claim_20_p50_ms",
+                "claim_translation_p99_ms", "database_bytes_per_file"):
+        assert data[key] >= 0, key
+
+
+@pytest.mark.timeout(180)
+def test_upload(tmp_path):
+    data = run_benchmark("upload", tmp_path, "--seconds", "20")
+    assert [r["sent_as"] for r in data["rows"]] == [".ogg", ".ogg"]
+    assert all(r["sent_bytes"] > 0 and r["original_bytes"] > r["sent_bytes"] for r in data["rows"])
+
+
+def test_run_all_summarizes_against_the_targets(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--only", "overhead", "scale",
+                             "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT, env=script_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {r["benchmark"] for r in summary["rows"]} == {"overhead", "scale"}
+    assert all({"what", "target", "measured", "met"} <= set(r) for r in summary["rows"])
