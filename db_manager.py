@@ -43,6 +43,7 @@ from typing import Iterable, Iterator
 
 from pipeline.errors import redact
 from pipeline.faults import crash_point
+from pipeline.outputs import process_gone
 
 NOT_STARTED = "not_started"
 IN_PROGRESS = "in_progress"
@@ -233,12 +234,8 @@ def owner_is_dead(owner: str | None) -> bool:
         return False
     if host != HOSTNAME:
         return False  # another machine: only its lease expiry can tell
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if process_gone(pid):
         return True
-    except PermissionError:
-        return False
     return start != "0" and _process_start(pid) not in (start, "0")
 
 

@@ -118,7 +118,8 @@ def _write_durably(handle, data: bytes) -> None:
     os.fsync(handle.fileno())
 
 
-def _process_gone(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
+    """True only when no process ``pid`` exists on this host (the one liveness probe we use)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -137,7 +138,7 @@ def _remove_dead_writers_temps(target: Path) -> None:
         return
     for name in entries:
         match = _TEMP_WRITER_RE.search(name)
-        if is_temp_file(name) and match and match.group(1) == _HOST and _process_gone(int(match.group(2))):
+        if is_temp_file(name) and match and match.group(1) == _HOST and process_gone(int(match.group(2))):
             try:
                 os.unlink(target.parent / name)
             except FileNotFoundError:
