@@ -637,23 +637,35 @@ class DatabaseManager:
         """Failed jobs back to not_started with fresh attempts (history kept in events).
 
         Returns the file ids whose job was reset, so a retry can be scoped to exactly those."""
-        _check_stage(stage, language)
-        sql = "SELECT id FROM jobs WHERE stage = ? AND language = ? AND status = 'failed'"
-        params: list = [stage, language]
-        if error_class:
-            sql += " AND error_class = ?"
-            params.append(error_class)
-        sql += " ORDER BY id"
-        if limit:
-            sql += " LIMIT ?"
-            params.append(limit)
+        sql, params = self._failed_query(stage, language, error_class, limit)
         sets = dict(run_after=0, outputs="{}", completed_at=None, attempts=0, lost_leases=0)
         with self.transaction() as conn:
-            ids = [r[0] for r in conn.execute(sql, params)]
+            ids = [r["id"] for r in conn.execute(sql, params)]
             rows = self._transition(conn, f"id IN ({','.join('?' * len(ids))}) AND status = 'failed'", tuple(ids),
                                     NOT_STARTED, owner="tool", sets=sets, error_class="reset",
                                     error_message="retry of failed job") if ids else []
         return [r["file_id"] for r in rows]
+
+    def failed_jobs(self, stage: str, language: str = "", *, error_class: str | None = None,
+                    limit: int | None = None) -> list[sqlite3.Row]:
+        """The failed jobs ``reset_failed`` with the same arguments would reset (same filter and order)."""
+        return self.query(*self._failed_query(stage, language, error_class, limit))
+
+    @staticmethod
+    def _failed_query(stage, language, error_class, limit) -> tuple[str, list]:
+        _check_stage(stage, language)
+        sql = ("SELECT j.id, j.file_id, j.attempts, j.error_class, j.error_message, m.path_display"
+               " FROM jobs j JOIN media_files m USING (file_id)"
+               " WHERE j.stage = ? AND j.language = ? AND j.status = 'failed'")
+        params: list = [stage, language]
+        if error_class:
+            sql += " AND j.error_class = ?"
+            params.append(error_class)
+        sql += " ORDER BY j.id"
+        if limit:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return sql, params
 
     def adopt(self, job_id: int, outputs: dict, note: str = "adopted existing valid output") -> bool:
         """Mark a failed/not_started job completed because its valid output already exists."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from db_manager import FAILED, NOT_STARTED, STAGES, TRANSCRIPTION, TRANSLATION  # noqa: E402
+from db_manager import NOT_STARTED, STAGES, TRANSCRIPTION, TRANSLATION  # noqa: E402
 from pipeline import config  # noqa: E402
 from pipeline.limiter import limiter_for  # noqa: E402
 from pipeline.runner import Plan, RunOptions, StopSignal, report, run_plans  # noqa: E402
@@ -32,22 +32,6 @@ log = logging.getLogger("verbatim.retry")
 
 DEFAULT_WORKERS = {TRANSCRIPTION: 5, TRANSLATION: 2}      # as parallel_transcription / parallel_translation
 DEFAULT_BATCH_SIZE = {TRANSCRIPTION: 20, TRANSLATION: 10}
-
-
-def failed_jobs(db, stage: str, language: str, error_class: str | None, limit: int | None) -> list:
-    """The failed jobs DatabaseManager.reset_failed resets for these arguments (same filter, same order)."""
-    sql = ("SELECT j.id, j.file_id, j.attempts, j.error_class, j.error_message, m.path_display"
-           " FROM jobs j JOIN media_files m USING (file_id)"
-           " WHERE j.stage = ? AND j.language = ? AND j.status = ?")
-    params: list = [stage, language, FAILED]
-    if error_class:
-        sql += " AND j.error_class = ?"
-        params.append(error_class)
-    sql += " ORDER BY j.id"
-    if limit:
-        sql += " LIMIT ?"
-        params.append(limit)
-    return db.query(sql, params)
 
 
 def list_jobs(rows, what: str, as_json: bool) -> int:
@@ -143,7 +127,7 @@ def main(argv=None) -> int:
     what = stage + (f" {language}" if language else "")
     db = config.open_db(config.db_path(args), must_exist=True)
     try:
-        rows = failed_jobs(db, stage, language, args.error_class, args.limit)
+        rows = db.failed_jobs(stage, language, error_class=args.error_class, limit=args.limit)
         if args.dry_run:
             return list_jobs(rows, what, args.json)
         if not rows:
