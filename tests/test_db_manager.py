@@ -1,5 +1,6 @@
 """The job store: exactly-once claims under threads and processes, fencing, reclaim, migrations."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -326,3 +327,68 @@ def test_write_transactions_roll_back_on_error(db):
     with pytest.raises(sqlite3.IntegrityError):
         with db.transaction() as conn:
             conn.execute("UPDATE jobs SET status = 'done'")  # the CHECK keeps statuses closed
+
+
+def _queue_behind_the_write_lock(db, calls):
+    """Start one thread per call while the test holds the write lock; return them once all queued."""
+    results = {}
+
+    def run(name, fn):
+        try:
+            results[name] = ("ok", fn())
+        except BaseException as exc:  # noqa: BLE001 - what each caller got is the point
+            results[name] = ("error", exc)
+
+    threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(db._queue) < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return threads, results
+
+
+def test_completions_that_arrive_together_share_one_commit(db, monkeypatch):
+    db.register_files(records(6), [])
+    owner = dbm.make_owner()
+    jobs = db.claim(owner, TRANSCRIPTION, limit=6)
+    stale = dataclasses.replace(jobs[5], claim=99)
+    batches = []
+    commit_units = db._commit_units
+    monkeypatch.setattr(db, "_commit_units", lambda batch: (batches.append(len(batch)), commit_units(batch)))
+    calls = {f"done-{j.id}": (lambda j=j: db.complete(j, Outcome({}, provider="p"))) for j in jobs[:4]}
+    calls["fail"] = lambda: db.fail(jobs[4], "server_error", "503", retryable=True)
+    calls["stale"] = lambda: db.complete(stale, Outcome({}))
+    with db._write_lock:
+        threads, results = _queue_behind_the_write_lock(db, calls)
+        assert len(db._queue) == 6
+    for thread in threads:
+        thread.join(10)
+    assert batches == [6]  # one transaction, one fsync, for six units of work
+    assert results["fail"] == ("ok", NOT_STARTED)
+    assert results["stale"][0] == "error" and isinstance(results["stale"][1], LeaseLostError)
+    assert all(results[f"done-{j.id}"] == ("ok", None) for j in jobs[:4])
+    statuses = {r["id"]: r["status"] for r in db.jobs(stage=TRANSCRIPTION)}
+    assert [statuses[j.id] for j in jobs] == [COMPLETED] * 4 + [NOT_STARTED, IN_PROGRESS]
+    assert [e["to_status"] for e in db.events(stale.id)][-1] == "refused"  # the refusal is logged
+
+
+def test_a_group_commit_that_fails_reaches_every_caller_and_keeps_nothing(db):
+    db.register_files(records(2), [])
+    owner = dbm.make_owner()
+    first, second = db.claim(owner, TRANSCRIPTION, limit=2)
+
+    def interrupted(conn):
+        raise KeyboardInterrupt  # not a unit's own error: the whole transaction rolls back
+
+    calls = {"first": lambda: db.complete(first, Outcome({})), "interrupt": lambda: db._grouped(interrupted),
+             "second": lambda: db.complete(second, Outcome({}))}
+    with db._write_lock:
+        threads, results = _queue_behind_the_write_lock(db, calls)
+    for thread in threads:
+        thread.join(10)
+    assert {name: type(got[1]) for name, got in results.items()} == {
+        "first": KeyboardInterrupt, "interrupt": KeyboardInterrupt, "second": KeyboardInterrupt}
+    assert db.counts()[(TRANSCRIPTION, "")][IN_PROGRESS] == 2  # nothing of the batch was committed
+    db.complete(first, Outcome({}))  # and the store is usable afterwards
+    assert db.counts()[(TRANSCRIPTION, "")][COMPLETED] == 1
