@@ -45,7 +45,7 @@ from pipeline.config import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, SUPPORTED_LANGUAG
 from pipeline.errors import (MAX_INLINE_WAIT_SECONDS, AccountError, PermanentError, ProviderError,
                              RetryableError, classify_http, from_openai_exception, from_requests_exception,
                              register_secret, retry_delay)
-from pipeline.outputs import WrittenFile, atomic_write
+from pipeline.outputs import WrittenFile, write_files
 from pipeline.subtitles import RTL_LANGUAGES, Cue, SubtitleError, format_srt, format_vtt, parse_srt, parse_vtt
 
 log = logging.getLogger("translation")
@@ -779,8 +779,9 @@ def write_translation_outputs(translation: Translation, folder: str | os.PathLik
                               root: str | os.PathLike) -> dict[str, WrittenFile]:
     """Write txt and json (and srt, vtt when timed) atomically under ``root``."""
     formats = FORMATS if translation.has_timestamps else ("txt", "json")
-    return {fmt: atomic_write(Path(folder) / output_name(translation.language, fmt),
-                              render_output(translation, fmt), root=root) for fmt in formats}
+    names = {fmt: output_name(translation.language, fmt) for fmt in formats}
+    written = write_files(folder, {names[fmt]: render_output(translation, fmt) for fmt in formats}, root=root)
+    return {fmt: written[names[fmt]] for fmt in formats}
 
 
 # -- command line -------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Output folders are named from the file id (plus a readable slug of the original name); the
 original name is data and never becomes a path unchecked. Every path is resolved and checked to
 stay under the output root. Every file is written atomically: a unique temporary name in the
-destination folder, flush, fsync, ``os.replace``, fsync of the folder. Only after that may the
+destination folder, flush, fsync, ``os.replace``, and one fsync of the folder for all of a job's
+files. Only after that may the
 job be committed ``completed`` with the size and sha256 returned here. A SIGKILL can leave a
 temporary file behind (``.<name>.<host>-<pid>.<random>.tmp``). Such a file is harmless, and it does
 not stay: the next write of the same output removes temporary files whose writer process on this
@@ -56,12 +57,12 @@ def folder_name(file_id: str, original_name: str = "") -> str:
 
 
 def safe_join(root: str | os.PathLike, *parts: str) -> Path:
-    """Join under ``root`` and refuse anything that resolves outside it."""
-    base = Path(root).resolve()
-    target = base.joinpath(*parts).resolve()
-    if target != base and base not in target.parents:
+    """Join under ``root`` and refuse anything that resolves outside it (``..``, symlinks, absolute parts)."""
+    base = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(base, *parts))
+    if target != base and not target.startswith(os.path.join(base, "")):
         raise UnsafePathError(f"output path escapes the output root: {target}")
-    return target
+    return Path(target)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -84,31 +85,61 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, root: str | os.PathLike) -> WrittenFile:
-    """Write ``data`` to ``path`` (under ``root``) atomically and durably; return hash and size.
+    """Write ``data`` to ``path`` (under ``root``) atomically and durably; return hash and size."""
+    path = Path(path)
+    return write_files(path.parent, {path.name: data}, root=root)[path.name]
 
-    On any OSError (ENOSPC, EIO from fsync, ...) the temporary file is removed and the error is
-    raised: the final name either holds the complete previous/new content or does not exist.
+
+def write_files(folder: str | os.PathLike, contents: dict[str, bytes | str], *,
+                root: str | os.PathLike) -> dict[str, WrittenFile]:
+    """Write each ``name: data`` into ``folder`` (under ``root``) atomically and durably.
+
+    Each file goes to a temporary name, is fsynced and renamed over its final name; the folder is
+    fsynced once after the last rename (one journal flush for all of a job's files, not one per
+    file). When this returns, every file is on disk, so the job may be committed ``completed``.
+    On any OSError (ENOSPC, EIO from fsync, ...) the temporary files are removed and the error is
+    raised: each final name holds either its complete previous or its complete new content.
     """
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    target = Path(path).resolve()
-    safe_join(root, os.path.relpath(target, Path(root).resolve()))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_writers_temps(target)
-    tmp = target.parent / f".{target.name}.{_HOST}-{os.getpid()}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
+    folder = safe_join(root, os.fspath(folder))
+    for name in contents:
+        if not name or name in (".", "..") or "/" in name or os.sep in name:
+            raise UnsafePathError(f"not a plain file name: {name!r}")
+    if not _make_folder(folder):  # a fresh folder cannot hold a killed writer's leftovers
+        _remove_dead_writers_temps(folder, contents)
+    temps: dict[str, Path] = {}
+    written = {}
     try:
-        with open(tmp, "xb") as handle:
-            _write_durably(handle, data)
-        crash_point("after_temp_write")
-        os.replace(tmp, target)
+        for name, data in contents.items():
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            tmp = folder / f".{name}.{_HOST}-{os.getpid()}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
+            with open(tmp, "xb") as handle:
+                temps[name] = tmp
+                _write_durably(handle, data)
+            written[name] = WrittenFile(str(folder / name), hashlib.sha256(data).hexdigest(), len(data))
+            crash_point("after_temp_write")
+        for name in list(temps):
+            os.replace(temps.pop(name), folder / name)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        for tmp in temps.values():
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         raise
-    _fsync_dir(target.parent)
-    return WrittenFile(str(target), hashlib.sha256(data).hexdigest(), len(data))
+    _fsync_dir(folder)
+    return written
+
+
+def _make_folder(folder: Path) -> bool:
+    """Create ``folder`` (and missing parents); True if this call created it."""
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        folder.mkdir(parents=True, exist_ok=True)
+    return True
 
 
 def _write_durably(handle, data: bytes) -> None:
@@ -129,18 +160,18 @@ def process_gone(pid: int) -> bool:
     return False
 
 
-def _remove_dead_writers_temps(target: Path) -> None:
-    """Remove temporary files of ``target`` left by a killed writer on this host."""
-    prefix = f".{target.name}."
+def _remove_dead_writers_temps(folder: Path, names) -> None:
+    """Remove temporary files of ``names`` in ``folder`` left by a killed writer on this host."""
+    prefixes = tuple(f".{name}." for name in names)
     try:
-        entries = [e.name for e in os.scandir(target.parent) if e.name.startswith(prefix)]
+        entries = [e.name for e in os.scandir(folder) if e.name.startswith(prefixes)]
     except FileNotFoundError:
         return
     for name in entries:
         match = _TEMP_WRITER_RE.search(name)
         if is_temp_file(name) and match and match.group(1) == _HOST and process_gone(int(match.group(2))):
             try:
-                os.unlink(target.parent / name)
+                os.unlink(folder / name)
             except FileNotFoundError:
                 pass
 
