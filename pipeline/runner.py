@@ -21,13 +21,14 @@ import argparse
 import json
 import logging
 import os
+import queue
 import signal
 import sqlite3
 import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from db_manager import (DEFAULT_LEASE_SECONDS, FAILED, TRANSLATION, DatabaseManager, Job, LeaseLostError, Outcome,
@@ -130,6 +131,9 @@ class Runner:
         self._done = threading.Event()
         self._count_lock = threading.Lock()
         self.limiter = limiter
+        # Finished futures arrive here (a done-callback), so the main loop sleeps on one queue
+        # instead of installing a waiter on every pending future each time one finishes.
+        self._finished: queue.SimpleQueue = queue.SimpleQueue()
 
     # -- the main loop --------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -150,9 +154,7 @@ class Runner:
                 else:
                     self._cancel_queued(pending)
                 if pending:
-                    done, _ = wait(pending, timeout=IDLE_POLL_SECONDS, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        pending.pop(future)
+                    self._reap(pending)
                     continue
                 if self.stop.stop.is_set() or not self._wait_for_more(claimed):
                     break
@@ -161,6 +163,19 @@ class Runner:
             self._done.set()
         self._finish(started)
         return self.summary
+
+    def _reap(self, pending: dict) -> None:
+        """Wait (at most one poll interval) for a job to finish; forget every finished one."""
+        try:
+            future = self._finished.get(timeout=IDLE_POLL_SECONDS)
+        except queue.Empty:
+            return
+        while True:
+            pending.pop(future, None)
+            try:
+                future = self._finished.get_nowait()
+            except queue.Empty:
+                return
 
     def _fill(self, pool, pending, claimed) -> int:
         """Claim batches until the pool has a batch queued beyond its running jobs."""
@@ -182,7 +197,9 @@ class Runner:
                 self._held.update((job.id, job) for job in jobs)
             crash_point("after_claim")
             for job in jobs:
-                pending[pool.submit(self._run_job, job)] = job
+                future = pool.submit(self._run_job, job)
+                pending[future] = job
+                future.add_done_callback(self._finished.put)
             total += len(jobs)
         return total
 
