@@ -17,10 +17,10 @@ from db_manager import TRANSCRIPTION, Job, Outcome
 from pipeline import config
 from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
-from pipeline.limiter import limiter_for
+from pipeline.limiter import RunRequests, limiter_for
 from pipeline.media import describe, register_inputs
 from pipeline.outputs import as_recorded, safe_join
-from pipeline.runner import Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans
+from pipeline.runner import Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
 from transcription import add_local_arguments, choose_transcriber, transcribe_media, write_transcript_outputs
 
 log = logging.getLogger("verbatim.transcription")
@@ -29,12 +29,11 @@ log = logging.getLogger("verbatim.transcription")
 class TranscriptionWork:
     """One job: find the media, transcribe it (through the shared limiter), write the outputs."""
 
-    def __init__(self, db, transcriber, limiter, stop: StopSignal, output_root: str, *,
+    def __init__(self, db, transcriber, call: RunRequests, output_root: str, *,
                  language: str | None = None, prompt: str | None = None):
         self.db = db
         self.transcriber = transcriber
-        self.limiter = limiter
-        self.stop = stop
+        self.call = call
         self.output_root = output_root
         self.language = language
         self.prompt = prompt
@@ -42,7 +41,7 @@ class TranscriptionWork:
     def __call__(self, job: Job) -> Outcome:
         media = self._media_path(job)
         transcript = transcribe_media(media, self.transcriber, language=self.language, prompt=self.prompt,
-                                      call=lambda fn: self.limiter.call(fn, self.stop.stop))
+                                      call=self.call)
         crash_point("after_api")
         folder = safe_join(self.output_root, job.folder)
         written = write_transcript_outputs(transcript, folder, root=self.output_root)
@@ -138,9 +137,10 @@ def main(argv=None) -> int:
         workers = min(args.workers, transcriber.max_concurrency or args.workers)  # no idle threads holding jobs
         stop = StopSignal()
         stop.install()
-        work = TranscriptionWork(db, transcriber, limiter, stop, config.output_dir(args),
-                                 language=args.language, prompt=args.prompt)
-        options = RunOptions(TRANSCRIPTION, "", workers=workers, batch_size=args.batch_size,
+        work = TranscriptionWork(db, transcriber, RunRequests(limiter, workers, stop.stop),
+                                 config.output_dir(args), language=args.language, prompt=args.prompt)
+        options = RunOptions(TRANSCRIPTION, "", workers=workers, threads=thread_count(workers),
+                             batch_size=args.batch_size,
                              limit=args.limit, lease_seconds=args.lease_seconds, label="transcription",
                              quiet=args.quiet)
         summaries = run_plans(db, [Plan(options, work, limiter)], stop)

@@ -18,9 +18,9 @@ from db_manager import COMPLETED, TRANSLATION, Job, Outcome
 from pipeline import config
 from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
-from pipeline.limiter import limiter_for
+from pipeline.limiter import RunRequests, limiter_for
 from pipeline.outputs import as_recorded, safe_join, sha256_file
-from pipeline.runner import Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans
+from pipeline.runner import Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
 from translation import choose_fallback, choose_translator, load_source, translate_document, write_translation_outputs
 
 log = logging.getLogger("verbatim.translation")
@@ -29,18 +29,17 @@ log = logging.getLogger("verbatim.translation")
 class TranslationWork:
     """One job: load the recorded transcript, translate and validate it, write the outputs."""
 
-    def __init__(self, translator, fallback, limiter, stop: StopSignal, output_root: str, language: str):
+    def __init__(self, translator, fallback, call: RunRequests, output_root: str, language: str):
         self.translator = translator
         self.fallback = fallback
-        self.limiter = limiter
-        self.stop = stop
+        self.call = call
         self.output_root = output_root
         self.language = language
 
     def __call__(self, job: Job) -> Outcome:
         source = load_source(self._transcript_path(job))
         translation = translate_document(source, self.language, self.translator, fallback=self.fallback,
-                                         call=lambda fn: self.limiter.call(fn, self.stop.stop))
+                                         call=self.call)
         crash_point("after_api")
         folder = safe_join(self.output_root, job.folder)
         written = write_translation_outputs(translation, folder, root=self.output_root)
@@ -126,9 +125,10 @@ def main(argv=None) -> int:
             if args.retry_failed:
                 log.info("reset %d failed %s job(s) for retry", len(db.reset_failed(TRANSLATION, language)), language)
             limiter = limiter_for(translator.name)
-            work = TranslationWork(translator, choose_fallback(language, os.environ, translator.name), limiter,
-                                   stop, config.output_dir(args), language)
-            options = RunOptions(TRANSLATION, language, workers=args.workers, batch_size=args.batch_size,
+            work = TranslationWork(translator, choose_fallback(language, os.environ, translator.name),
+                                   RunRequests(limiter, args.workers, stop.stop), config.output_dir(args), language)
+            options = RunOptions(TRANSLATION, language, workers=args.workers, threads=thread_count(args.workers),
+                                 batch_size=args.batch_size,
                                  limit=args.limit, lease_seconds=args.lease_seconds,
                                  label=f"translation {language}", quiet=args.quiet)
             plans.append(Plan(options, work, limiter))

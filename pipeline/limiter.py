@@ -262,6 +262,27 @@ class ProviderLimiter:
         return random.uniform(0.0, min(CONCURRENCY_RETRY_CAP, CONCURRENCY_RETRY_BASE * 2 ** (refused - 1)))
 
 
+class RunRequests:
+    """How one run makes a request: at most ``workers`` of its own requests at once, each also
+    under the provider's shared limiter. The run has a few more threads than that, so while
+    ``workers`` requests are out, the other threads write the last answers' outputs and prepare
+    the next files; a finished request's slot goes at once to a thread that is ready to send."""
+
+    def __init__(self, limiter: ProviderLimiter, workers: int, stop: threading.Event | None = None):
+        self.limiter = limiter
+        self.stop = stop
+        self._slots = threading.BoundedSemaphore(workers)
+
+    def __call__(self, fn):
+        while not self._slots.acquire(timeout=0.5):
+            if self.stop is not None and self.stop.is_set():
+                raise Stopping(f"{self.limiter.name}: run is stopping")
+        try:
+            return self.limiter.call(fn, self.stop)
+        finally:
+            self._slots.release()
+
+
 _registry: dict[str, ProviderLimiter] = {}
 _registry_lock = threading.Lock()
 

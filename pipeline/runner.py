@@ -48,7 +48,8 @@ RECLAIM_EVERY_SECONDS = 30.0
 class RunOptions:
     stage: str
     language: str = ""
-    workers: int = 5
+    workers: int = 5             # parallel API calls (the scripts' RunRequests holds them to this)
+    threads: int = 0             # worker threads; 0: as many as workers (see thread_count)
     batch_size: int = 20
     limit: int | None = None
     lease_seconds: float = DEFAULT_LEASE_SECONDS
@@ -131,6 +132,7 @@ class Runner:
         self._done = threading.Event()
         self._count_lock = threading.Lock()
         self.limiter = limiter
+        self._threads = options.threads or options.workers
         # Finished futures arrive here (a done-callback), so the main loop sleeps on one queue
         # instead of installing a waiter on every pending future each time one finishes.
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
@@ -142,7 +144,7 @@ class Runner:
         heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.options.label}",
                                      daemon=True)
         heartbeat.start()
-        pool = ThreadPoolExecutor(self.options.workers, thread_name_prefix=f"worker-{self.options.label}")
+        pool = ThreadPoolExecutor(self._threads, thread_name_prefix=f"worker-{self.options.label}")
         pending: dict = {}
         claimed = 0
         try:
@@ -181,7 +183,7 @@ class Runner:
         """Claim batches until the pool has a batch queued beyond its running jobs."""
         total = 0
         limit = self.options.limit
-        while len(pending) <= self.options.workers:
+        while len(pending) <= self._threads:
             room = self.options.batch_size if limit is None else min(self.options.batch_size, limit - claimed - total)
             if room <= 0:
                 break
@@ -413,6 +415,12 @@ def add_run_arguments(parser, *, workers: int, batch_size: int) -> None:
     parser.add_argument("--dry-run", action="store_true", help="show what would run and its cost; no API call")
     parser.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS, help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+
+
+def thread_count(workers: int) -> int:
+    """Worker threads for ``workers`` parallel API calls: a quarter more (at least two), so that
+    writing one answer's outputs and preparing the next file never hold a request slot idle."""
+    return workers + max(2, workers // 4)
 
 
 def _positive(text: str) -> int:

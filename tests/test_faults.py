@@ -341,7 +341,7 @@ def test_disk_errors_on_output_writes(error, stt, tmp_path, monkeypatch):
     import db_manager as dbm
     from parallel_transcription import TranscriptionWork
     from pipeline import outputs
-    from pipeline.limiter import ProviderLimiter
+    from pipeline.limiter import ProviderLimiter, RunRequests
     from pipeline.media import register_inputs
     from pipeline.runner import RunOptions, Runner, StopSignal
     from transcription import OpenAITranscriber
@@ -369,7 +369,8 @@ def test_disk_errors_on_output_writes(error, stt, tmp_path, monkeypatch):
     monkeypatch.setattr(outputs, "_write_durably", broken)
     transcriber = OpenAITranscriber(api_key=stt.openai_key, base_url=stt.openai_base_url)
     stop = StopSignal()
-    work = TranscriptionWork(db, transcriber, ProviderLimiter("openai"), stop, str(tmp_path / "out"))
+    call = RunRequests(ProviderLimiter("openai"), 1, stop.stop)
+    work = TranscriptionWork(db, transcriber, call, str(tmp_path / "out"))
     summary = Runner(db, RunOptions("transcription", workers=1, batch_size=1, quiet=True), work, stop=stop).run()
     assert summary.completed == 2 and summary.retried == 2
     assert summary.errors["disk"] == 2
@@ -421,7 +422,7 @@ def test_transcription_and_translation_at_once(stt, tmp_path):
 def test_a_lease_that_expires_while_the_worker_runs(stt, tmp_path):
     import db_manager as dbm
     from parallel_transcription import TranscriptionWork
-    from pipeline.limiter import ProviderLimiter
+    from pipeline.limiter import ProviderLimiter, RunRequests
     from pipeline.media import register_inputs
     from pipeline.runner import RunOptions, Runner, StopSignal
     from transcription import OpenAITranscriber
@@ -432,7 +433,8 @@ def test_a_lease_that_expires_while_the_worker_runs(stt, tmp_path):
     stt.server.latency = 1.0
     stop = StopSignal()
     transcriber = OpenAITranscriber(api_key=stt.openai_key, base_url=stt.openai_base_url)
-    work = TranscriptionWork(db, transcriber, ProviderLimiter("openai"), stop, str(tmp_path / "out"))
+    call = RunRequests(ProviderLimiter("openai"), 1, stop.stop)
+    work = TranscriptionWork(db, transcriber, call, str(tmp_path / "out"))
     runner = Runner(db, RunOptions("transcription", workers=1, lease_seconds=0.3, quiet=True), work, stop=stop)
     runner._heartbeat_loop = lambda: None  # the worker is alive but its heartbeat stalls
     thread = threading.Thread(target=runner.run)

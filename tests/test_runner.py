@@ -238,3 +238,64 @@ def test_retry_policy_functions():
         assert type(errors.classify_http(status, "x")) is kind
     quota = errors.classify_http(429, {"error": {"code": "insufficient_quota"}})
     assert isinstance(quota, errors.AccountError)
+
+
+def test_spare_threads_write_outputs_while_the_request_slots_stay_full(db):
+    """--workers caps parallel requests; the run's extra threads do the work around them."""
+    from pipeline.limiter import RunRequests
+    from pipeline.runner import thread_count
+
+    register(db, 30)
+    stop = StopSignal()
+    call = RunRequests(ProviderLimiter("test"), 3, stop.stop)
+    lock = threading.Lock()
+    state = {"requests": 0, "posts": 0, "peak_requests": 0, "peak_busy": 0}
+
+    def bump(key, n):
+        with lock:
+            state[key] += n
+            state["peak_requests"] = max(state["peak_requests"], state["requests"])
+            state["peak_busy"] = max(state["peak_busy"], state["requests"] + state["posts"])
+
+    def request():
+        bump("requests", 1)
+        time.sleep(0.02)
+        bump("requests", -1)
+
+    def work(job):
+        call(request)
+        bump("posts", 1)  # writing the outputs: no request slot held
+        time.sleep(0.02)
+        bump("posts", -1)
+        return Outcome({})
+
+    summary = Runner(db, options(workers=3, threads=thread_count(3), batch_size=4), work, stop=stop).run()
+    assert summary.completed == 30
+    assert state["peak_requests"] == 3       # never more requests than --workers ...
+    assert state["peak_busy"] > 3            # ... while other threads finished earlier jobs
+
+
+def test_waiting_for_a_request_slot_ends_when_the_run_stops():
+    from pipeline.limiter import RunRequests, Stopping
+
+    stop = threading.Event()
+    call = RunRequests(ProviderLimiter("test"), 1, stop)
+    inside, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=call, args=(lambda: (inside.set(), release.wait(5)),))
+    holder.start()
+    inside.wait(5)
+    outcome = []
+
+    def second():
+        try:
+            call(lambda: outcome.append("ran"))
+        except Stopping:
+            outcome.append("stopped")
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    stop.set()
+    waiter.join(5)
+    release.set()
+    holder.join(5)
+    assert outcome == ["stopped"]

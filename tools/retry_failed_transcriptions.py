@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import NOT_STARTED, STAGES, TRANSCRIPTION, TRANSLATION  # noqa: E402
 from pipeline import config  # noqa: E402
-from pipeline.limiter import limiter_for  # noqa: E402
-from pipeline.runner import Plan, RunOptions, StopSignal, report, run_plans  # noqa: E402
+from pipeline.limiter import RunRequests, limiter_for  # noqa: E402
+from pipeline.runner import Plan, RunOptions, StopSignal, report, run_plans, thread_count  # noqa: E402
 
 log = logging.getLogger("verbatim.retry")
 
@@ -53,9 +53,10 @@ def transcription_plan(args, db, stop: StopSignal) -> Plan:
 
     transcriber = choose_transcriber(args.provider, os.environ, model=args.model)
     limiter = limiter_for(transcriber.name)
-    work = TranscriptionWork(db, transcriber, limiter, stop, config.output_dir(args),
+    options = _options(args, TRANSCRIPTION, "")
+    work = TranscriptionWork(db, transcriber, RunRequests(limiter, options.workers, stop.stop), config.output_dir(args),
                              language=args.spoken_language, prompt=args.prompt)
-    return Plan(_options(args, TRANSCRIPTION, ""), work, limiter)
+    return Plan(options, work, limiter)
 
 
 def translation_plan(args, language: str, stop: StopSignal) -> Plan:
@@ -64,13 +65,15 @@ def translation_plan(args, language: str, stop: StopSignal) -> Plan:
 
     translator = choose_translator(language, args.provider, os.environ, model=args.model)
     limiter = limiter_for(translator.name)
-    work = TranslationWork(translator, choose_fallback(language, os.environ, translator.name), limiter, stop,
-                           config.output_dir(args), language)
-    return Plan(_options(args, TRANSLATION, language), work, limiter)
+    options = _options(args, TRANSLATION, language)
+    work = TranslationWork(translator, choose_fallback(language, os.environ, translator.name),
+                           RunRequests(limiter, options.workers, stop.stop), config.output_dir(args), language)
+    return Plan(options, work, limiter)
 
 
 def _options(args, stage: str, language: str) -> RunOptions:
-    return RunOptions(stage, language, workers=args.workers or DEFAULT_WORKERS[stage],
+    workers = args.workers or DEFAULT_WORKERS[stage]
+    return RunOptions(stage, language, workers=workers, threads=thread_count(workers),
                       batch_size=args.batch_size or DEFAULT_BATCH_SIZE[stage],
                       label=f"retry {stage}" + (f" {language}" if language else ""), quiet=args.quiet)
 
