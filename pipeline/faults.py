@@ -1,8 +1,9 @@
 """Named crash points for the fault-injection tests.
 
 ``VERBATIM_CRASH_AT=<name>`` makes the process SIGKILL itself when it reaches that point, so a test
-can prove that a crash at exactly that moment loses nothing and completes nothing twice. The variable is
-read once at start (the tests set it for a subprocess), so unset it costs one comparison. Points, in the order a job passes them:
+can prove that a crash at exactly that moment loses nothing and completes nothing twice. The variable
+is read once at start (the tests set it for a subprocess), so unset it costs one comparison. Points,
+in the order a job passes them:
 
 - ``after_claim``       jobs leased, nothing sent yet
 - ``after_api``         the provider answered, nothing written yet
