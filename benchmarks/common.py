@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -109,8 +110,11 @@ def children_cpu() -> float:
 class ScriptRun:
     """One run of a script as a subprocess: wall time, CPU (with its ffmpeg children), JSON result."""
 
-    def __init__(self, args: list[str], env: dict, timeout: float = 1800.0):
+    def __init__(self, args: list[str], env: dict, timeout: float = 1800.0, profile: str | None = None):
         self.args = [sys.executable, *args]
+        if profile:  # sample the script with py-spy (what holds the GIL), folded stacks to ``profile``
+            self.args = [shutil.which("py-spy") or "py-spy", "record", "--gil", "--rate", "250", "--format", "raw",
+                         "--output", profile, "--", *self.args]
         self.env = env
         self.timeout = timeout
         self.started = self.ended = 0.0

@@ -45,6 +45,7 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.fakeapi import FakeAPI  # noqa: E402
 
 SCRIPT_ARGS: list[str] = []  # passed on to both scripts (--batch-size)
+PROFILE_DIR: list[Path] = []  # --profile: where py-spy writes each run's folded stacks
 COLUMNS = [("script", "script", ""), ("workers", "W", "d"), ("files", "M", "d"), ("bound_s", "bound s", ".1f"),
            ("makespan_s", "makespan s", ".2f"), ("files_per_minute", "files/min", ",.0f"),
            ("efficiency", "efficiency", ".2f"), ("startup_s", "startup s", ".2f"), ("tail_s", "tail s", ".2f"),
@@ -69,6 +70,10 @@ def _row(script: str, workers: int, files: int, latency: float, run: ScriptRun, 
             "failed": sum(r["failed_total"] for r in summary["runs"]), "exit_code": run.returncode}
 
 
+def _profile_path(script: str, workers: int) -> str | None:
+    return str(PROFILE_DIR[0] / f"{script}-w{workers}.folded") if PROFILE_DIR else None
+
+
 def transcription(api: FakeAPI, work: Path, media: list[Path], workers: int, files: int, latency: float) -> dict:
     import db_manager as dbm
     from pipeline.media import register_inputs
@@ -82,7 +87,7 @@ def transcription(api: FakeAPI, work: Path, media: list[Path], workers: int, fil
     run = ScriptRun([str(ROOT / "parallel_transcription.py"), "--db", str(folder / "jobs.db"),
                      "--output-dir", str(folder / "out"), "--workers", str(workers), "--quiet", "--json",
                      *SCRIPT_ARGS],
-                    script_env(**api.openai_env())).run()
+                    script_env(**api.openai_env()), profile=_profile_path("transcription", workers)).run()
     return _row("transcription", workers, files, latency, run, api)
 
 
@@ -93,7 +98,8 @@ def translation(api: FakeAPI, work: Path, workers: int, files: int, latency: flo
     api.reset(latency=latency)
     run = ScriptRun([str(ROOT / "parallel_translation.py"), "--db", str(folder / "jobs.db"),
                      "--output-dir", str(folder / "out"), "--language", "en", "--workers", str(workers),
-                     "--quiet", "--json", *SCRIPT_ARGS], script_env(**api.deepl_env())).run()
+                     "--quiet", "--json", *SCRIPT_ARGS], script_env(**api.deepl_env()),
+                    profile=_profile_path("translation", workers)).run()
     return _row("translation", workers, files, latency, run, api)
 
 
@@ -107,8 +113,13 @@ def main(argv=None) -> int:
     parser.add_argument("--scripts", nargs="+", choices=("transcription", "translation"),
                         default=["transcription", "translation"])
     parser.add_argument("--batch-size", type=int, help="passed on to the scripts (default: theirs)")
+    parser.add_argument("--profile", metavar="DIR", help="run each script under py-spy (pip install py-spy); "
+                        "folded stacks of what holds the GIL go to DIR (timings are then not comparable)")
     parser.add_argument("--out", help="JSON result path (default: benchmarks/results/throughput-<time>.json)")
     args = parser.parse_args(argv)
+    if args.profile:
+        PROFILE_DIR[:] = [Path(args.profile)]
+        PROFILE_DIR[0].mkdir(parents=True, exist_ok=True)
     if args.batch_size:
         SCRIPT_ARGS[:] = ["--batch-size", str(args.batch_size)]
 
