@@ -279,6 +279,12 @@ class RunRequests:
                 raise Stopping(f"{self.limiter.name}: run is stopping")
         try:
             return self.limiter.call(fn, self.stop)
+        except errors.AccountError:
+            # Stop the run before the slot is free: a thread waiting for it must not send
+            # another request with a rejected key (the runner records the reason right after).
+            if self.stop is not None:
+                self.stop.set()
+            raise
         finally:
             self._slots.release()
 

@@ -418,9 +418,10 @@ def add_run_arguments(parser, *, workers: int, batch_size: int) -> None:
 
 
 def thread_count(workers: int) -> int:
-    """Worker threads for ``workers`` parallel API calls: a quarter more (at least two), so that
-    writing one answer's outputs and preparing the next file never hold a request slot idle."""
-    return workers + max(2, workers // 4)
+    """Worker threads for ``workers`` parallel API calls: a quarter more, so that writing one
+    answer's outputs and preparing the next file do not hold a request slot idle when many
+    answers arrive at once. A kill loses the answers not yet committed: at most this many."""
+    return workers + workers // 4
 
 
 def _positive(text: str) -> int:

@@ -252,12 +252,13 @@ def test_broken_responses_are_retried_and_never_completed_empty(kind, stt, tmp_p
 def test_account_faults_stop_transcription(fault, stt, tmp_path):
     tones(tmp_path / "in", 6)
     stt.server.fault = lambda request: fault
-    result = run(TRANSCRIBE, tmp_path, env_for(stt), "--input", str(tmp_path / "in"), "--workers", "3")
+    # 4 workers run on 5 threads: the spare one, waiting for a request slot, must not send either
+    result = run(TRANSCRIBE, tmp_path, env_for(stt), "--input", str(tmp_path / "in"), "--workers", "4")
     assert result.returncode == 2
     assert result.stderr.count("error: ") == 1  # one clear message
     assert dict(db_rows(tmp_path, "SELECT status, COUNT(*) FROM jobs WHERE stage='transcription'"
                                   " GROUP BY status")) == {"not_started": 6}
-    assert stt.server.count() <= 3
+    assert stt.server.count() <= 4
 
 
 def test_deepl_456_stops_translation(tmp_path):

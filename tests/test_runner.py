@@ -247,7 +247,7 @@ def test_spare_threads_write_outputs_while_the_request_slots_stay_full(db):
 
     register(db, 30)
     stop = StopSignal()
-    call = RunRequests(ProviderLimiter("test"), 3, stop.stop)
+    call = RunRequests(ProviderLimiter("test"), 4, stop.stop)
     lock = threading.Lock()
     state = {"requests": 0, "posts": 0, "peak_requests": 0, "peak_busy": 0}
 
@@ -269,10 +269,10 @@ def test_spare_threads_write_outputs_while_the_request_slots_stay_full(db):
         bump("posts", -1)
         return Outcome({})
 
-    summary = Runner(db, options(workers=3, threads=thread_count(3), batch_size=4), work, stop=stop).run()
+    summary = Runner(db, options(workers=4, threads=thread_count(4), batch_size=4), work, stop=stop).run()
     assert summary.completed == 30
-    assert state["peak_requests"] == 3       # never more requests than --workers ...
-    assert state["peak_busy"] > 3            # ... while other threads finished earlier jobs
+    assert state["peak_requests"] == 4       # never more requests than --workers ...
+    assert state["peak_busy"] > 4            # ... while another thread finished an earlier job
 
 
 def test_waiting_for_a_request_slot_ends_when_the_run_stops():
