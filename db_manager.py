@@ -31,7 +31,7 @@ A job is one (file, stage, language): stage ``transcription`` (language ``''``) 
 ``complete()``/``fail()``/``release()`` are fenced by the claim token (owner + claim number), so a
 worker whose lease was taken over cannot overwrite the new holder's work. ``reclaim()`` returns
 jobs of owners that are provably dead (a process on this host that no longer exists) or whose
-lease expired.
+lease expired. A translation job waits *parked* (see ``PARKED``) until its transcript is completed.
 """
 
 from __future__ import annotations
@@ -66,6 +66,13 @@ BUSY_TIMEOUT_SECONDS = 60.0
 # A job whose lease was lost this many times (its runner killed each time) is failed: it is
 # probably what kills the runner. Generous, because a kill loop of a healthy run also loses leases.
 MAX_LOST_LEASES = 50
+# ``run_after`` of a translation whose transcript is not completed yet ("parked"): it sorts after
+# every runnable job in the queue index, so a claim never steps over thousands of jobs that cannot
+# run yet. Completing (or adopting) the transcript sets it to now; the claim still checks the
+# transcript itself, and a run releases any parked job whose transcript is done (``release_parked``).
+PARKED = 1e15
+_TRANSCRIBED = ("EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id AND t.stage = 'transcription'"
+                " AND t.language = '' AND t.status = 'completed')")
 _CHUNK = 500  # rows per statement batch when registering in bulk
 
 HOSTNAME = socket.gethostname()
@@ -208,7 +215,12 @@ def _m001_initial(conn: sqlite3.Connection) -> None:
     """)
 
 
-MIGRATIONS = [_m001_initial]
+def _m002_park_waiting_translations(conn: sqlite3.Connection) -> None:
+    conn.execute(f"UPDATE jobs SET run_after = {PARKED} WHERE stage = 'translation' AND status = 'not_started'"
+                 f" AND NOT {_TRANSCRIBED}")
+
+
+MIGRATIONS = [_m001_initial, _m002_park_waiting_translations]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -512,16 +524,18 @@ class DatabaseManager:
                         " mtime_ns = excluded.mtime_ns, last_seen = excluded.last_seen",
                         (raw, shown, file_id, rec.size, rec.mtime_ns, now, now))
                     counts["new_paths"] += 1
-                    self._ensure(conn, file_id, TRANSCRIPTION, "", max_attempts, now)
+                    new = self._ensure(conn, file_id, TRANSCRIPTION, "", max_attempts, now)
+                    transcribed = not new and self._transcribed(conn, file_id)
                     for language in languages:
-                        self._ensure(conn, file_id, TRANSLATION, language, max_attempts, now)
+                        self._ensure(conn, file_id, TRANSLATION, language, max_attempts, now,
+                                     run_after=0.0 if transcribed else PARKED)
         return counts
 
     @staticmethod
-    def _ensure(conn, file_id, stage, language, max_attempts, now) -> bool:
+    def _ensure(conn, file_id, stage, language, max_attempts, now, run_after: float = 0.0) -> bool:
         cur = conn.execute(
-            "INSERT OR IGNORE INTO jobs (file_id, stage, language, max_attempts, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)", (file_id, stage, language, max_attempts, now, now))
+            "INSERT OR IGNORE INTO jobs (file_id, stage, language, max_attempts, run_after, created_at,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (file_id, stage, language, max_attempts, run_after, now, now))
         if cur.rowcount:
             DatabaseManager._log(conn, cur.lastrowid, None, None, NOT_STARTED, 0, at=now)
         return bool(cur.rowcount)
@@ -535,7 +549,30 @@ class DatabaseManager:
             missing = conn.execute(
                 "SELECT file_id FROM media_files WHERE file_id NOT IN"
                 " (SELECT file_id FROM jobs WHERE stage = ? AND language = ?)", (stage, language)).fetchall()
-            return sum(self._ensure(conn, r[0], stage, language, max_attempts, now) for r in missing)
+            return sum(self._ensure(conn, r[0], stage, language, max_attempts, now,
+                                    run_after=PARKED if stage == TRANSLATION and not self._transcribed(conn, r[0])
+                                    else 0.0)
+                       for r in missing)
+
+    @staticmethod
+    def _transcribed(conn, file_id: str) -> bool:
+        return conn.execute("SELECT 1 FROM jobs WHERE file_id = ? AND stage = 'transcription' AND language = ''"
+                            " AND status = 'completed'", (file_id,)).fetchone() is not None
+
+    @staticmethod
+    def _release_translations(conn, file_id: str, now: float) -> None:
+        """The transcript of ``file_id`` is completed: its parked translations join the queue."""
+        conn.execute("UPDATE jobs SET run_after = ? WHERE file_id = ? AND stage = 'translation'"
+                     " AND run_after >= ?", (now, file_id, PARKED))
+
+    def release_parked(self, language: str) -> int:
+        """Release parked ``language`` translations whose transcript is completed (a safety net:
+        completing a transcript releases them already). Returns how many were released."""
+        with self.transaction() as conn:
+            return conn.execute(
+                "UPDATE jobs SET run_after = ? WHERE stage = 'translation' AND language = ?"
+                f" AND status = 'not_started' AND run_after >= ? AND {_TRANSCRIBED}",
+                (time.time(), language, PARKED)).rowcount
 
     def set_media_info(self, file_id: str, *, duration=None, source_language=None) -> None:
         with self.transaction() as conn:
@@ -555,8 +592,7 @@ class DatabaseManager:
         where = ("stage = ? AND language = ? AND status = 'not_started' AND run_after <= ?")
         params: list = [stage, language, now]
         if stage == TRANSLATION:
-            where += (" AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
-                      " AND t.stage = 'transcription' AND t.language = '' AND t.status = 'completed')")
+            where += f" AND {_TRANSCRIBED}"
         where, params = _scoped(where, params, file_ids)
         with self.transaction() as conn:
             rows = conn.execute(
@@ -614,6 +650,8 @@ class DatabaseManager:
         crash_point("in_commit")
         if not rows:
             return self._refuse(conn, job, "complete")
+        if job.stage == TRANSCRIPTION:
+            self._release_translations(conn, job.file_id, time.time())
         if outcome.duration is not None or outcome.source_language:
             conn.execute("UPDATE media_files SET duration = COALESCE(?, duration),"
                          " source_language = COALESCE(?, source_language) WHERE file_id = ?",
@@ -745,10 +783,14 @@ class DatabaseManager:
     def adopt(self, job_id: int, outputs: dict, note: str = "adopted existing valid output") -> bool:
         """Mark a failed/not_started job completed because its valid output already exists."""
         with self.transaction() as conn:
-            return bool(self._transition(
+            rows = self._transition(
                 conn, "id = ? AND status IN ('failed', 'not_started')", (job_id,), COMPLETED, owner="tool",
                 sets=dict(outputs=json.dumps(outputs), completed_at=time.time(), error_class=None,
-                          error_message=None, note=note)))
+                          error_message=None, note=note))
+            for row in rows:
+                if row["stage"] == TRANSCRIPTION:
+                    self._release_translations(conn, row["file_id"], time.time())
+            return bool(rows)
 
     # -- reports ----------------------------------------------------------------------------------
     def counts(self, *, file_ids: Iterable[str] | None = None) -> dict:
@@ -809,8 +851,7 @@ class DatabaseManager:
         """(not_started jobs that are or will become eligible, earliest run_after among them)."""
         where = "stage = ? AND language = ? AND status = 'not_started'"
         if stage == TRANSLATION:
-            where += (" AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
-                      " AND t.stage = 'transcription' AND t.language = '' AND t.status = 'completed')")
+            where += f" AND {_TRANSCRIBED}"
         where, params = _scoped(where, [stage, language], file_ids)
         row = self.query(f"SELECT COUNT(*), MIN(run_after) FROM jobs WHERE {where}", params)[0]
         return row[0], row[1]

@@ -9,7 +9,7 @@
 - claim latency, p50 / p99 over many claims of one job and of a batch (the scripts claim 20),
   each a ``BEGIN IMMEDIATE`` transaction with ``synchronous=FULL`` (targets <= 5 ms / 50 ms);
   also for translation jobs while the transcripts of the first 10% of files are not done (in
-  progress or failed), which the claim has to look past;
+  progress or failed): their translations are parked, so a claim must not have to look past them;
 - database bytes per file (after a checkpoint).
 
 Example:

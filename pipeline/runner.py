@@ -31,8 +31,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from db_manager import (DEFAULT_LEASE_SECONDS, FAILED, TRANSLATION, DatabaseManager, Job, LeaseLostError, Outcome,
-                        make_owner)
+from db_manager import (DEFAULT_LEASE_SECONDS, FAILED, PARKED, TRANSLATION, DatabaseManager, Job, LeaseLostError,
+                        Outcome, make_owner)
 from pipeline import errors
 from pipeline.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from pipeline.faults import crash_point
@@ -141,6 +141,7 @@ class Runner:
     def run(self) -> RunSummary:
         started = time.monotonic()
         self._reclaim(force=True)
+        self._release_parked()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.options.label}",
                                      daemon=True)
         heartbeat.start()
@@ -212,6 +213,11 @@ class Runner:
         self._reclaim()
         count, earliest = self.db.pending(self.options.stage, self.options.language,
                                           file_ids=self.options.file_ids)
+        if count and earliest is not None and earliest >= PARKED:
+            # A transcript was completed without releasing its translations (it should not
+            # happen; completing one releases them): release them rather than wait for ever.
+            self._release_parked()
+            return True
         if not count and self.options.stage == TRANSLATION and self.db.awaiting_transcripts(
                 self.options.language, file_ids=self.options.file_ids):
             # A transcription run is producing transcripts right now: follow it instead of leaving.
@@ -222,6 +228,18 @@ class Runner:
         delay = min(max(0.0, (earliest or 0) - time.time()), IDLE_POLL_SECONDS * 4)
         self.stop.stop.wait(delay)
         return True
+
+    def _release_parked(self) -> None:
+        if self.options.stage != TRANSLATION:
+            return
+        try:
+            released = self.db.release_parked(self.options.language)
+        except sqlite3.OperationalError as exc:
+            log.warning("releasing waiting translations failed, will retry: %s", exc)
+            return
+        if released:
+            log.info("%d %s translation(s) whose transcript is done were still parked", released,
+                     self.options.language)
 
     def _reclaim(self, force: bool = False) -> None:
         now = time.monotonic()

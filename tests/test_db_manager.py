@@ -392,3 +392,56 @@ def test_a_group_commit_that_fails_reaches_every_caller_and_keeps_nothing(db):
     assert db.counts()[(TRANSCRIPTION, "")][IN_PROGRESS] == 2  # nothing of the batch was committed
     db.complete(first, Outcome({}))  # and the store is usable afterwards
     assert db.counts()[(TRANSCRIPTION, "")][COMPLETED] == 1
+
+
+def _run_after(db, file_id, language):
+    return db.query("SELECT run_after FROM jobs WHERE file_id = ? AND stage = 'translation' AND language = ?",
+                    (file_id, language))[0][0]
+
+
+def test_translations_stay_parked_until_their_transcript_completes(db):
+    db.register_files(records(3), ["en"])
+    owner = dbm.make_owner()
+    files = [r["file_id"] for r in db.jobs(stage=TRANSCRIPTION)]
+    assert {_run_after(db, f, "en") for f in files} == {dbm.PARKED}  # out of the queue's way
+    assert db.claim(owner, TRANSLATION, "en", limit=5) == []
+    first = db.claim(owner, TRANSCRIPTION, limit=1)[0]
+    db.complete(first, Outcome({}))
+    assert _run_after(db, first.file_id, "en") <= time.time()
+    assert [j.file_id for j in db.claim(owner, TRANSLATION, "en", limit=5)] == [first.file_id]
+    # A language asked for later: ready where the transcript is done, parked elsewhere.
+    assert db.ensure_jobs(TRANSLATION, "de") == 3
+    assert _run_after(db, first.file_id, "de") < dbm.PARKED
+    assert {_run_after(db, f, "de") for f in files if f != first.file_id} == {dbm.PARKED}
+    # The same content found again: its new translation job is ready at once.
+    sha = db.query("SELECT sha256 FROM media_files WHERE file_id = ?", (first.file_id,))[0][0]
+    db.register_files([dbm.MediaRecord("/elsewhere/copy.wav", sha, 1, 1, "audio")], ["he"])
+    assert _run_after(db, first.file_id, "he") < dbm.PARKED
+
+
+def test_adopting_a_transcript_releases_its_translations(db):
+    db.register_files(records(1), ["en"])
+    job_id = db.jobs(stage=TRANSCRIPTION)[0]["id"]
+    assert db.adopt(job_id, {"txt": {"path": "/o/t.txt", "sha256": "0" * 64, "size": 1}})
+    assert len(db.claim(dbm.make_owner(), TRANSLATION, "en")) == 1
+
+
+def test_migration_parks_translations_that_wait_and_only_those(db_path, monkeypatch):
+    with monkeypatch.context() as m:  # a database made by the first schema version
+        m.setattr(dbm, "MIGRATIONS", dbm.MIGRATIONS[:1])
+        m.setattr(dbm, "SCHEMA_VERSION", 1)
+        old = DatabaseManager(db_path)
+        old.register_files(records(2), ["en"])
+        with old.transaction() as conn:
+            conn.execute("UPDATE jobs SET run_after = 0")  # what version 1 wrote
+        done = old.claim(dbm.make_owner(), TRANSCRIPTION)[0]
+        old.complete(done, Outcome({}))
+        with old.transaction() as conn:
+            conn.execute("UPDATE jobs SET run_after = 0")
+        assert old.schema_version() == 1
+        old.close_all()
+    new = DatabaseManager(db_path)
+    assert new.schema_version() == dbm.SCHEMA_VERSION
+    parked = {r["file_id"]: r["run_after"] for r in new.jobs(stage=TRANSLATION)}
+    assert parked.pop(done.file_id) == 0 and list(parked.values()) == [dbm.PARKED]
+    new.close_all()

@@ -299,3 +299,30 @@ def test_waiting_for_a_request_slot_ends_when_the_run_stops():
     release.set()
     holder.join(5)
     assert outcome == ["stopped"]
+
+
+def test_a_translation_left_parked_behind_a_done_transcript_still_runs(db):
+    """Completing a transcript releases its translations; if one was missed, the run releases it
+    instead of waiting for ever."""
+    from db_manager import PARKED, TRANSLATION
+
+    db.register_files([MediaRecord("/a/x.wav", hashlib.sha256(b"x").hexdigest(), 1, 1, "audio")], ["en"])
+    job = db.claim(dbm.make_owner(), TRANSCRIPTION)[0]
+    db.complete(job, Outcome({}))
+    with db.transaction() as conn:
+        conn.execute("UPDATE jobs SET run_after = ? WHERE stage = 'translation'", (PARKED,))
+    stop = StopSignal()
+    runner = Runner(db, RunOptions(TRANSLATION, "en", workers=1, quiet=True), lambda job: Outcome({}), stop=stop)
+    real, calls = runner._release_parked, []
+
+    def release_but_not_at_start():  # so the idle loop has to notice it too
+        calls.append(1)
+        if len(calls) > 1:
+            real()
+
+    runner._release_parked = release_but_not_at_start
+    timer = threading.Timer(10, stop.request)  # a spinning run would be stopped here, and fail below
+    timer.start()
+    summary = runner.run()
+    timer.cancel()
+    assert summary.completed == 1 and not summary.interrupted and len(calls) == 2
