@@ -262,6 +262,9 @@ class OpenAITranscriber(Transcriber):
         # One client for all threads (the SDK client is thread-safe).
         self._client = openai.OpenAI(api_key=api_key, base_url=self.base_url, max_retries=0,
                                      timeout=openai.Timeout(timeout, connect=CONNECT_TIMEOUT))
+        # The SDK imports its audio resources on first use; do it here, once, rather than in every
+        # worker thread at the same moment of the first wave.
+        self._client.audio.transcriptions.with_raw_response  # noqa: B018
 
     def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
         import openai

@@ -489,6 +489,9 @@ class OpenAIChatTranslator(Translator):
         # max_retries=0: the runner retries in one layer; SDK retries would multiply requests.
         self._client = openai.OpenAI(api_key=self._api_key, base_url=self.base_url,
                                      timeout=self.timeout, max_retries=0)
+        # The SDK imports its chat resources on first use; do it here, once, rather than in every
+        # worker thread at the same moment of the first wave.
+        self._client.chat.completions  # noqa: B018
 
     def cost(self, usage: dict) -> float:
         per_input, per_output = self.PRICES.get(self.model, self.price)

@@ -57,9 +57,10 @@ class Stats:
     peak_in_flight: int = 0
     uploads: list = field(default_factory=list)   # (body bytes, upload file name) of answered STT requests
     spans: list = field(default_factory=list)     # (arrival, answered) of answered requests, monotonic
+    refusals: list = field(default_factory=list)  # arrival times of the requests answered 429, monotonic
 
     def as_dict(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("uploads", "spans")}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("uploads", "spans", "refusals")}
         data["uploads"] = len(self.uploads)
         return data
 
@@ -192,6 +193,7 @@ class FakeAPI:
 
     def _refuse(self, handler, kind: str, wait: float) -> None:
         with self.lock:
+            self.stats.refusals.append(time.monotonic())
             if kind == "rate":
                 self.stats.rate_limited += 1
             else:

@@ -42,7 +42,8 @@ from benchmarks.fakeapi import FakeAPI  # noqa: E402
 
 COLUMNS = [("limit", "limit", ""), ("configured", "configured", ""), ("workers", "W", "d"), ("jobs", "jobs", "d"),
            ("bound_per_s", "bound/s", ".1f"), ("completed_per_s", "done/s", ".2f"), ("efficiency", "done/s ÷ bound", ".2f"),
-           ("responses_429_per_job", "429s/job", ".3f"), ("failed", "failed", "d"), ("peak_in_flight", "peak in flight", "d"),
+           ("responses_429_per_job", "429s/job", ".3f"), ("responses_429_first_second", "429s in 1st s", "d"),
+           ("failed", "failed", "d"), ("peak_in_flight", "peak in flight", "d"),
            ("wall_s", "wall s", ".1f")]
 
 
@@ -79,7 +80,10 @@ def run_one(api: FakeAPI, work: Path, media: list[Path], *, limit: str, configur
             "latency_s": latency, "bound_per_s": round(bound, 3), "span_s": round(span, 3),
             "completed": completed, "completed_per_s": round(completed / span, 3),
             "efficiency": round(completed / span / bound, 3), "responses_429": refused,
-            "responses_429_per_job": round(refused / max(1, completed), 4), "failed": summary["failed_total"],
+            "responses_429_per_job": round(refused / max(1, completed), 4),
+            "responses_429_first_second": sum(1 for t in stats.refusals
+                                              if t - (stats.first_request or run.started) < 1.0),
+            "failed": summary["failed_total"],
             "requeued": summary["requeued"], "requests": stats.requests, "peak_in_flight": stats.peak_in_flight,
             "wall_s": round(run.wall, 2), "exit_code": run.returncode}
 
