@@ -11,7 +11,10 @@ provider, write their files, and then record the outcome in a new short transact
 Writers of one process queue on a Python lock before ``BEGIN IMMEDIATE`` (SQLite's own busy
 handler sleeps in steps of up to 100 ms, which left the lock idle under contention), and
 completions and failures that arrive while another commit is running share the next commit
-(``_grouped``): one fsync for many jobs, each job still its own all-or-nothing unit.
+(``_grouped``): one fsync for many jobs, each job still its own all-or-nothing unit. The price:
+when one process keeps the database busy back to back (no API call between its writes), its own
+writers hand over within the process and other processes, polling in SQLite's busy handler, get
+fewer turns. Real runs write a few times per API call and leave the database idle most of the time.
 
 Connections
 -----------
