@@ -74,8 +74,15 @@ MAX_LOST_LEASES = 50
 # run yet. Completing (or adopting) the transcript sets it to now; the claim still checks the
 # transcript itself, and a run releases any parked job whose transcript is done (``release_parked``).
 PARKED = 1e15
-_TRANSCRIBED = ("EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id AND t.stage = 'transcription'"
-                " AND t.language = '' AND t.status = 'completed')")
+
+
+def _transcript_is(status: str) -> str:
+    """SQL: the transcription job of the ``jobs`` row at hand has ``status`` (one of STATUSES)."""
+    return ("EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id AND t.stage = 'transcription'"
+            f" AND t.language = '' AND t.status = '{status}')")
+
+
+_TRANSCRIBED = _transcript_is(COMPLETED)
 _CHUNK = 500  # rows per statement batch when registering in bulk
 
 HOSTNAME = socket.gethostname()
@@ -528,14 +535,21 @@ class DatabaseManager:
                         (raw, shown, file_id, rec.size, rec.mtime_ns, now, now))
                     counts["new_paths"] += 1
                     new = self._ensure(conn, file_id, TRANSCRIPTION, "", max_attempts, now)
-                    transcribed = not new and self._transcribed(conn, file_id)
+                    transcribed = not new and self._transcribed(conn, file_id)  # one lookup per file
                     for language in languages:
                         self._ensure(conn, file_id, TRANSLATION, language, max_attempts, now,
-                                     run_after=0.0 if transcribed else PARKED)
+                                     transcribed=transcribed)
         return counts
 
     @staticmethod
-    def _ensure(conn, file_id, stage, language, max_attempts, now, run_after: float = 0.0) -> bool:
+    def _ensure(conn, file_id, stage, language, max_attempts, now, *, transcribed: bool | None = None) -> bool:
+        """Create the job if it is missing; a translation is parked unless its transcript is done
+        (``transcribed``, looked up when not given)."""
+        run_after = 0.0
+        if stage == TRANSLATION:
+            if transcribed is None:
+                transcribed = DatabaseManager._transcribed(conn, file_id)
+            run_after = 0.0 if transcribed else PARKED
         cur = conn.execute(
             "INSERT OR IGNORE INTO jobs (file_id, stage, language, max_attempts, run_after, created_at,"
             " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (file_id, stage, language, max_attempts, run_after, now, now))
@@ -552,10 +566,7 @@ class DatabaseManager:
             missing = conn.execute(
                 "SELECT file_id FROM media_files WHERE file_id NOT IN"
                 " (SELECT file_id FROM jobs WHERE stage = ? AND language = ?)", (stage, language)).fetchall()
-            return sum(self._ensure(conn, r[0], stage, language, max_attempts, now,
-                                    run_after=PARKED if stage == TRANSLATION and not self._transcribed(conn, r[0])
-                                    else 0.0)
-                       for r in missing)
+            return sum(self._ensure(conn, r[0], stage, language, max_attempts, now) for r in missing)
 
     @staticmethod
     def _transcribed(conn, file_id: str) -> bool:
@@ -863,8 +874,7 @@ class DatabaseManager:
     def awaiting_transcripts(self, language: str, *, file_ids: Iterable[str] | None = None) -> int:
         """Translation jobs whose transcript a running transcription is producing right now."""
         where, params = _scoped("stage = 'translation' AND language = ? AND status = 'not_started'"
-                                " AND EXISTS (SELECT 1 FROM jobs t WHERE t.file_id = jobs.file_id"
-                                " AND t.stage = 'transcription' AND t.language = '' AND t.status = 'in_progress')", [language], file_ids)
+                                f" AND {_transcript_is(IN_PROGRESS)}", [language], file_ids)
         return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
 
 

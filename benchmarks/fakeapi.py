@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 if not __package__:  # run as a script: make the repository importable
     import sys
@@ -37,6 +36,7 @@ if not __package__:  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import FAKE_DEEPL_KEY, FAKE_OPENAI_KEY
+from tests.fakeserver import serve_local
 
 STT_PATH = "/v1/audio/transcriptions"
 DEEPL_PATH = "/v2/translate"
@@ -81,28 +81,7 @@ class FakeAPI:
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> "FakeAPI":
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                api._handle(self)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 1024
-
-            def get_request(self):
-                connection, address = super().get_request()
-                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return connection, address
-
-        self._httpd = Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="fake-api", daemon=True).start()
+        self._httpd = serve_local(self._handle, name="fake-api", queue_size=1024)
         return self
 
     def stop(self) -> None:

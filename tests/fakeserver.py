@@ -77,6 +77,37 @@ def json_response(payload, status: int = 200, headers: dict | None = None) -> Re
     return Response(status, payload, dict(headers or {}))
 
 
+def serve_local(dispatch, *, name: str, queue_size: int = 256) -> ThreadingHTTPServer:
+    """An HTTP/1.1 server on 127.0.0.1 (a free port), serving from a daemon thread, that hands every
+    request to ``dispatch(handler)``. Shared by the test fakes and the benchmarks' fake API."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # keep test output quiet
+            pass
+
+        def _handle(self):
+            dispatch(self)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = queue_size
+
+        def get_request(self):
+            # Headers and body may be written separately: without NODELAY, Nagle plus delayed
+            # ACK adds ~40 ms to every answer.
+            connection, address = super().get_request()
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return connection, address
+
+    httpd = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), name=name, daemon=True).start()
+    return httpd
+
+
 class FakeServer:
     def __init__(self, latency: float = 0.0):
         self.routes: dict[tuple[str, str], callable] = {}
@@ -96,7 +127,6 @@ class FakeServer:
         self.peak_after_first_rejection = 0
         self._stopping = threading.Event()
         self._httpd = None
-        self._thread = None
 
     # -- set-up ---------------------------------------------------------------------------
     def route(self, method: str, path: str):
@@ -106,33 +136,7 @@ class FakeServer:
         return register
 
     def start(self) -> "FakeServer":
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-            def _handle(self):
-                server._dispatch(self)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _handle
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 256
-
-            def get_request(self):
-                # Headers and body are written separately: without NODELAY, Nagle plus delayed
-                # ACK adds ~40 ms to every answer.
-                connection, address = super().get_request()
-                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return connection, address
-
-        self._httpd = Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="fake-server", daemon=True)
-        self._thread.start()
+        self._httpd = serve_local(self._dispatch, name="fake-server")
         return self
 
     def stop(self):
