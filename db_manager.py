@@ -732,7 +732,7 @@ class DatabaseManager:
             if not lost:
                 return []
             marks = ",".join("?" * len(lost))
-            give_back = dict(lease_owner=None, lease_expires_at=None, run_after=now,
+            give_back = dict(lease_owner=None, lease_expires_at=None, run_after=0,
                              attempts=_Sql("MAX(attempts - 1, 0)"), lost_leases=_Sql("lost_leases + 1"))
             self._transition(conn, f"id IN ({marks}) AND lost_leases + 1 < ?", (*lost, MAX_LOST_LEASES),
                              NOT_STARTED, sets=give_back, error_class="lease_lost",

@@ -10,7 +10,10 @@ provider says the 429 is about *concurrent* requests (ElevenLabs ``too_many_conc
 the level that triggered it is remembered as a ceiling, and the limiter probes above it only after
 ``PROBE_INTERVAL`` seconds without a 429, so 32 workers on a 5-request plan settle at 5. Such a
 429 is no request to slow down in time: the refused request waits for a free slot under the
-ceiling (and for its own ``Retry-After``, if one came), and nobody else is held up.
+ceiling (and for its own ``Retry-After``, if one came), and nobody else is held up. A provider
+frees a slot a moment after it answers (its handler still finishes), so once a ceiling is learned
+a slot freed by an answer is handed on only after ``SLOT_GRACE``; a refusal that still comes at
+the ceiling, not above it, doubles that grace and leaves the ceiling where it is.
 
 The request rate is learned too. After a 429 about the *rate*, once its cool-down is over (when
 the answers of the requests that raced it are in), the limiter counts the requests the provider
@@ -54,6 +57,8 @@ RATE_PROBE_SECONDS = 5.0
 # doubling per refusal of the same request) so that a provider freeing slots late is not hammered.
 CONCURRENCY_RETRY_BASE = 0.05
 CONCURRENCY_RETRY_CAP = 2.0
+# Seconds a provider may still count a request it has answered (see the module docstring).
+SLOT_GRACE = 0.1
 
 
 class Stopping(Exception):
@@ -89,6 +94,9 @@ class ProviderLimiter:
         self._first_start: float | None = None
         self._running: list[float] = []            # start times of the requests in flight
         self._accepted: deque[float] = deque()     # start times of recent successful requests
+        self._answered: deque[float] = deque()     # when recent successful requests ended
+        self._cap_learned = False                  # a concurrency 429 set the ceiling
+        self._grace = SLOT_GRACE
         self._episode: tuple[float, float, bool] | None = None  # (429 at, window start, fresh)
         self._learned_at = 0.0
         self._rate_probed = 0.0
@@ -108,7 +116,7 @@ class ProviderLimiter:
                 self._release(started)
                 if exc.concurrency:
                     refused += 1
-                    delay = self._on_concurrency_limited(exc, refused)
+                    delay = self._on_concurrency_limited(exc, refused, started)
                 else:
                     delay = self._on_rate_limited(exc, started)
                 if delay > errors.MAX_INLINE_WAIT_SECONDS or time.monotonic() + delay > deadline:
@@ -124,10 +132,6 @@ class ProviderLimiter:
                 raise
             self._release(started, success=True)
             return result
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
 
     # -- acquiring and releasing a slot ---------------------------------------------------
     def _acquire(self, stop, deadline) -> float:
@@ -145,12 +149,14 @@ class ProviderLimiter:
                         f"{self.name}: provider asked us to wait {wait:.0f} s", retry_after=wait)
                 if wait <= 0 and self._episode is not None:
                     self._learn_rate(now)
-                if wait <= 0 and self._in_flight < self.limit:
-                    wait = self._take_token(now)
-                    if wait <= 0:
-                        break
+                if wait <= 0:
+                    wait = self._slot_free_in(now)
+                    if wait == 0.0:
+                        wait = self._take_token(now)
+                        if wait <= 0:
+                            break
                 waited = True
-                self._cond.wait(timeout=min(max(wait, 0.01), 0.5) if wait > 0 else 0.5)
+                self._cond.wait(timeout=min(max(wait, 0.01), 0.5) if wait is not None and wait > 0 else 0.5)
             self._in_flight += 1
             self._running.append(now)
             if self._first_start is None:
@@ -169,8 +175,10 @@ class ProviderLimiter:
                 now = time.monotonic()
                 self._consecutive_429 = 0
                 self._accepted.append(started)
-                while self._accepted and self._accepted[0] < now - 2 * RATE_WINDOW:
-                    self._accepted.popleft()
+                self._answered.append(now)
+                for recent in (self._accepted, self._answered):
+                    while recent and recent[0] < now - 2 * RATE_WINDOW:
+                        recent.popleft()
                 if self.limit < self.ceiling:
                     self.limit += 1
                 elif self.limit < self.max_concurrency and now - self._last_429 > PROBE_INTERVAL:
@@ -182,6 +190,22 @@ class ProviderLimiter:
                     self._set_learned(self._learned_rps * RATE_PROBE_STEP)
                     self._rate_probed = now
             self._cond.notify_all()
+
+    def _slot_free_in(self, now: float) -> float | None:
+        """0 when a request may take a slot now; else the seconds until a slot the provider may
+        still count for an answered request is free, or None (wait for a request to end)."""
+        if self._in_flight >= self.limit:
+            return None
+        if not self._cap_learned:
+            return 0.0
+        lingering = [t for t in self._answered if t > now - self._grace]
+        excess = self._in_flight + len(lingering) - self.limit
+        return 0.0 if excess < 0 else lingering[excess] + self._grace - now
+
+    def _held_by_provider(self, since: float) -> int:
+        """Requests the provider may have been holding at a moment after ``since``: those still
+        out, and those answered from shortly before it on (their slot may not have been freed)."""
+        return self._in_flight + sum(1 for t in self._answered if t > since - self._grace)
 
     # -- pacing ---------------------------------------------------------------------------
     def _pace(self) -> float | None:
@@ -249,13 +273,19 @@ class ProviderLimiter:
             self._set_learned(RATE_MARGIN * (measured if current is None else min(current, measured)))
         self._learned_at = self._rate_probed = now
 
-    def _on_concurrency_limited(self, exc: errors.RateLimitError, refused: int) -> float:
+    def _on_concurrency_limited(self, exc: errors.RateLimitError, refused: int, started: float) -> float:
         """A 429 about concurrency: the level the provider accepted becomes the ceiling. Returns
         how long this request waits before it tries again (a free slot is waited for anyway)."""
         with self._cond:
             self.stats.rate_limited += 1
             self._last_429 = time.monotonic()
-            self.limit = self.ceiling = max(1, min(self.limit, self._in_flight))
+            held = self._held_by_provider(started)
+            if self._cap_learned and held >= self.ceiling:
+                # Refused at the learned ceiling, not above it: the provider frees slots later
+                # than we allowed for. The ceiling stands; slots are handed on later.
+                self._grace = min(CONCURRENCY_RETRY_CAP, self._grace * 2)
+            self.limit = self.ceiling = max(1, min(self.limit, held))
+            self._cap_learned = True
             self._cond.notify_all()
         if exc.retry_after is not None:
             return exc.retry_after

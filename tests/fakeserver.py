@@ -123,8 +123,9 @@ class FakeServer:
         self.concurrency_cap: int | None = None
         self.accepted_in_flight = 0
         self.rejected_for_concurrency = 0
-        self.rejection_times: list[float] = []
-        self.peak_after_first_rejection = 0
+        # In order: ("accept" | "reject" | "done", requests accepted in flight after it, time).
+        # Like a real server, a request's slot is freed after its answer has been written.
+        self.cap_log: list[tuple[str, int, float]] = []
         self._stopping = threading.Event()
         self._httpd = None
 
@@ -179,12 +180,10 @@ class FakeServer:
                     accepted = self.accepted_in_flight < self.concurrency_cap
                     if accepted:
                         self.accepted_in_flight += 1
-                        if self.rejected_for_concurrency:
-                            self.peak_after_first_rejection = max(self.peak_after_first_rejection,
-                                                                  self.accepted_in_flight)
+                        self.cap_log.append(("accept", self.accepted_in_flight, time.monotonic()))
                     else:
                         self.rejected_for_concurrency += 1
-                        self.rejection_times.append(time.monotonic())
+                        self.cap_log.append(("reject", self.accepted_in_flight, time.monotonic()))
                 if not accepted:
                     self._send(handler, Response(429, {"detail": {
                         "status": "too_many_concurrent_requests",
@@ -208,6 +207,7 @@ class FakeServer:
                 self.in_flight -= 1
                 if accepted:
                     self.accepted_in_flight -= 1
+                    self.cap_log.append(("done", self.accepted_in_flight, time.monotonic()))
 
     def _send(self, handler, response: Response):
         payload, ctype = response.encoded()

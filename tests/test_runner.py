@@ -123,19 +123,22 @@ def test_graceful_stop_releases_queued_jobs(db):
 
 def test_a_late_result_after_the_lease_moved_on_is_discarded(db):
     register(db, 1)
+    working, taken_over = threading.Event(), threading.Event()
 
     def slow(job):
-        time.sleep(0.6)  # the lease (0.1 s) expires, and the heartbeat is too slow to save it
+        working.set()
+        assert taken_over.wait(10)  # paused past its lease while another run finishes the job
         return Outcome({"txt": {"path": "/late", "sha256": "0" * 64, "size": 1}})
 
-    runner = Runner(db, options(lease_seconds=0.1), slow)
+    runner = Runner(db, options(lease_seconds=10, limit=1), slow)
     runner._heartbeat_loop = lambda: None  # a frozen heartbeat: the lease really expires
     thread = threading.Thread(target=runner.run)
     thread.start()
-    time.sleep(0.3)
-    assert db.reclaim()  # another run takes the job over ...
+    assert working.wait(10)
+    assert db.reclaim(now=time.time() + 11)  # another run takes the job over ...
     (job,) = db.claim(dbm.make_owner("other"), TRANSCRIPTION)
     db.complete(job, Outcome({"txt": {"path": "/winner", "sha256": "1" * 64, "size": 1}}))
+    taken_over.set()
     thread.join(10)
     assert runner.summary.lease_lost == 1 and runner.summary.completed == 0
     rows = db.jobs(stage=TRANSCRIPTION)
@@ -180,6 +183,43 @@ def test_limiter_settles_at_a_concurrency_cap():
         t.join()
     assert state["seen_429"] and state["peak_after_429"] <= cap
     assert limiter.limit <= cap
+
+
+def test_limiter_gives_a_provider_time_to_free_a_slot_and_keeps_the_cap():
+    """A provider frees a concurrency slot a moment after it answers (its handler finishes after
+    the answer is written). Once the cap is learned, a freed slot must not be handed on so fast
+    that the next request meets a full provider; and a refusal raced that way must not lower the
+    learned cap below what the provider takes."""
+    cap, lag, lock = 4, 0.02, threading.Lock()
+    state = {"busy": 0, "successes": 0, "late_refusals": 0, "peak_late": 0}
+
+    def free():
+        with lock:
+            state["busy"] -= 1
+
+    def request():
+        with lock:
+            if state["busy"] >= cap:
+                state["late_refusals"] += bool(state["successes"])
+                raise errors.RateLimitError("too_many_concurrent_requests", concurrency=True)
+            state["busy"] += 1
+            if state["successes"]:
+                state["peak_late"] = max(state["peak_late"], state["busy"])
+        time.sleep(0.03)
+        threading.Timer(lag, free).start()
+        with lock:
+            state["successes"] += 1
+        return True
+
+    limiter = ProviderLimiter("fake")
+    threads = [threading.Thread(target=lambda: [limiter.call(request) for _ in range(6)]) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert state["successes"] == 16 * 6
+    assert state["late_refusals"] == 0  # every refusal came in the first wave, before any answer
+    assert limiter.ceiling == cap and state["peak_late"] == cap
 
 
 def test_limiter_waits_out_a_storm_without_multiplying_requests():
