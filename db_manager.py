@@ -33,8 +33,10 @@ A job is one (file, stage, language): stage ``transcription`` (language ``''``) 
 ``_transition()``, which also appends to the ``events`` log. ``claim()`` leases jobs to an owner;
 ``complete()``/``fail()``/``release()`` are fenced by the claim token (owner + claim number), so a
 worker whose lease was taken over cannot overwrite the new holder's work. ``reclaim()`` returns
-jobs of owners that are provably dead (a process on this host that no longer exists) or whose
-lease expired. A translation job waits *parked* (see ``PARKED``) until its transcript is completed.
+jobs of owners that are provably dead (``pipeline.identity``: same host, boot and PID namespace,
+process gone) or whose lease expired, except that an owner provably alive on this host is never
+robbed, whatever the clocks say. Leases are compared with this machine's clock: SQLite shared by
+several machines (a network filesystem) is not supported, as SQLite's locking is not safe there. A translation job waits *parked* (see ``PARKED``) until its transcript is completed.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import sqlite3
 import threading
 import time
@@ -51,7 +52,7 @@ from typing import Iterable, Iterator
 
 from pipeline.errors import redact
 from pipeline.faults import crash_point
-from pipeline.outputs import process_gone
+from pipeline.identity import ALIVE, DEAD, HOSTNAME, make_owner, owner_state
 
 NOT_STARTED = "not_started"
 IN_PROGRESS = "in_progress"
@@ -84,9 +85,6 @@ def _transcript_is(status: str) -> str:
 
 _TRANSCRIBED = _transcript_is(COMPLETED)
 _CHUNK = 500  # rows per statement batch when registering in bulk
-
-HOSTNAME = socket.gethostname()
-
 
 class DatabaseError(Exception):
     """The database cannot be used (for example it was written by a newer verbatim)."""
@@ -234,36 +232,8 @@ MIGRATIONS = [_m001_initial, _m002_park_waiting_translations]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-# --------------------------------------------------------------------------------------------
-# Owners: "host:pid:start:token". The process start time makes a recycled pid look different.
-
-def _process_start(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-        return stat[stat.rindex(b")") + 2:].split()[19].decode()
-    except (OSError, IndexError, ValueError):
-        return "0"
-
-
-def make_owner(token: str | None = None) -> str:
-    """An owner id for this process (one per run; threads of one run share it)."""
-    pid = os.getpid()
-    return f"{HOSTNAME}:{pid}:{_process_start(pid)}:{token or os.urandom(4).hex()}"
-
-
 def owner_is_dead(owner: str | None) -> bool:
-    """True only when the owner is provably gone: a process on *this* host that no longer runs."""
-    try:
-        host, pid_text, start, _token = (owner or "").rsplit(":", 3)
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    if host != HOSTNAME:
-        return False  # another machine: only its lease expiry can tell
-    if process_gone(pid):
-        return True
-    return start != "0" and _process_start(pid) not in (start, "0")
+    return owner_state(owner) == DEAD
 
 
 def path_to_bytes(path: str | bytes) -> bytes:
@@ -720,15 +690,15 @@ class DatabaseManager:
 
         The lost attempt is given back (the file is not at fault for a killed runner); a job that
         keeps losing its lease fails after ``MAX_LOST_LEASES`` so a file that kills its runner
-        cannot loop forever. Live owners with valid leases are never touched.
+        cannot loop forever. Owners alive on this host are never touched, nor valid leases.
         """
         now = time.time() if now is None else now
         with self.transaction() as conn:
             held = conn.execute("SELECT id, lease_owner, lease_expires_at FROM jobs"
                                 " WHERE status = 'in_progress'").fetchall()
-            dead_owners = {r["lease_owner"] for r in held if owner_is_dead(r["lease_owner"])}
-            lost = [r["id"] for r in held
-                    if r["lease_owner"] in dead_owners or (r["lease_expires_at"] or 0) < now]
+            states = {owner: owner_state(owner) for owner in {r["lease_owner"] for r in held}}
+            lost = [r["id"] for r in held if states[r["lease_owner"]] == DEAD
+                    or (states[r["lease_owner"]] != ALIVE and (r["lease_expires_at"] or 0) < now)]
             if not lost:
                 return []
             marks = ",".join("?" * len(lost))

@@ -140,7 +140,7 @@ def test_backoff_delays_the_next_claim(db):
 
 def test_fenced_completion_refuses_a_late_worker(db):
     db.register_files(records(1), [])
-    slow = dbm.make_owner("slow")
+    slow = dbm.make_owner("slow", host="paused-laptop")  # not provably alive: its lease decides
     (stale,) = db.claim(slow, TRANSCRIPTION, lease_seconds=10)
     assert db.reclaim(now=time.time() + 11) == [stale.id]  # the lease expired
     fresh_owner = dbm.make_owner("fresh")
@@ -159,7 +159,7 @@ def test_fenced_completion_refuses_a_late_worker(db):
 
 def test_same_owner_reclaimed_lease_is_fenced_by_claim_number(db):
     db.register_files(records(1), [])
-    owner = dbm.make_owner()
+    owner = dbm.make_owner(host="paused-laptop")
     (first,) = db.claim(owner, TRANSCRIPTION, lease_seconds=10)
     assert db.reclaim(now=time.time() + 11) == [first.id]
     (second,) = db.claim(owner, TRANSCRIPTION)
@@ -307,10 +307,51 @@ def test_jobs_of_a_killed_process_are_reclaimed_at_once(db_path, tmp_path):
 
 
 def test_owner_liveness_checks():
-    assert dbm.owner_is_dead(dbm.make_owner()) is False
-    assert dbm.owner_is_dead(f"{dbm.HOSTNAME}:999999999:0:abcd") is True
-    assert dbm.owner_is_dead("another-host:1:0:abcd") is False  # only its lease can tell
-    assert dbm.owner_is_dead("garbage") is False
+    from pipeline import identity
+
+    me = dbm.make_owner()
+    assert identity.owner_state(me) == identity.ALIVE and not dbm.owner_is_dead(me)
+    host, boot, namespace, pid, start, token = me.split(":")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert dbm.owner_is_dead(":".join((host, boot, namespace, str(gone.pid), "1", "x")))
+    assert dbm.owner_is_dead(":".join((host, boot, namespace, pid, "1", "x")))  # our pid, another start: reused
+    # only the lease can tell: another host, another boot, another PID namespace, an old owner format
+    for other in ((f"{host}-b", boot, namespace), (host, "other-boot", namespace), (host, boot, "4026531999")):
+        assert identity.owner_state(":".join((*other, str(gone.pid), "1", "x"))) == identity.UNKNOWN
+    assert identity.owner_state(f"{dbm.HOSTNAME}:999999999:0:abcd") == identity.UNKNOWN
+    assert identity.owner_state("garbage") == identity.UNKNOWN
+
+
+def test_a_stopped_owner_is_left_to_its_lease_and_a_live_one_to_nobody(db, db_path):
+    """SIGSTOP (a paused VM, a laptop lid): the process exists but holds its work still, so its
+    lease decides. A running owner on this host is never robbed, whatever the clock says."""
+    from pipeline import identity
+
+    db.register_files(records(2), [])
+    script = textwrap.dedent("""
+        import sys, time
+        sys.path.insert(0, sys.argv[2])
+        import db_manager as dbm
+        db = dbm.DatabaseManager(sys.argv[1])
+        print(len(db.claim(dbm.make_owner(), "transcription", limit=1, lease_seconds=60)), flush=True)
+        time.sleep(600)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, db_path, str(ROOT)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["1", "1"]
+        procs[0].send_signal(signal.SIGSTOP)
+        while identity.process_stat(procs[0].pid)[0] != "T":  # the signal is delivered
+            time.sleep(0.01)
+        owners = {r["id"]: r["lease_owner"] for r in db.jobs(stage=TRANSCRIPTION)}
+        assert db.reclaim() == []  # both leases valid
+        (stopped,) = [i for i, o in owners.items() if o.split(":")[3] == str(procs[0].pid)]
+        assert db.reclaim(now=time.time() + 3600) == [stopped]  # a clock an hour ahead: only the stopped one
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def test_broken_connection_is_replaced(db):

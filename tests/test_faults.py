@@ -428,6 +428,55 @@ def test_transcription_and_translation_at_once(stt, tmp_path):
 
 # -- lease lost ---------------------------------------------------------------------------------
 
+def _wait_for_requests(server, n, timeout=60):
+    deadline = time.monotonic() + timeout
+    while server.count() < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.count() >= n
+
+
+def _can(*cmd) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can("unshare", "--pid", "--fork", "--mount-proc", "true"),
+                    reason="unshare of a PID namespace is not permitted here")
+def test_a_run_in_its_own_pid_namespace_and_one_outside_pay_once(stt, tmp_path):
+    """Two containers sharing the host's name: pids of one mean nothing (or another process) in
+    the other, so neither may take the other's live jobs for dead."""
+    files = 8
+    tones(tmp_path / "in", files)
+    assert run(TRANSCRIBE, tmp_path, env_for(stt), "--input", str(tmp_path / "in"), "--dry-run").returncode == 0
+    stt.server.latency = 1.0
+    inside = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc",
+                               *command(TRANSCRIBE, tmp_path, "--workers", "4")],
+                              env=script_env(**env_for(stt)), stderr=subprocess.PIPE, text=True)
+    _wait_for_requests(stt.server, 4)
+    outside = run(TRANSCRIBE, tmp_path, env_for(stt), "--workers", "4")
+    assert inside.wait(120) == 0 and outside.returncode == 0, (inside.stderr.read(), outside.stderr)
+    assert_exactly_once_and_verified(tmp_path, "transcription", expected=files)
+    assert stt.server.count() == files  # nothing sent twice
+
+
+@pytest.mark.skipif(not _can("faketime", "-f", "+10m", "true"), reason="faketime is not installed")
+def test_a_run_with_its_clock_ahead_steals_nothing_from_a_live_owner(stt, tmp_path):
+    files = 8
+    tones(tmp_path / "in", files)
+    assert run(TRANSCRIBE, tmp_path, env_for(stt), "--input", str(tmp_path / "in"), "--dry-run").returncode == 0
+    stt.server.latency = 1.0
+    first = subprocess.Popen(command(TRANSCRIBE, tmp_path, "--workers", "4"), env=script_env(**env_for(stt)),
+                             stderr=subprocess.PIPE, text=True)
+    _wait_for_requests(stt.server, 4)
+    ahead = subprocess.run(["faketime", "-f", "+10m", *command(TRANSCRIBE, tmp_path, "--workers", "4")],
+                           env=script_env(**env_for(stt)), capture_output=True, text=True, timeout=120)
+    assert first.wait(120) == 0 and ahead.returncode == 0, (first.stderr.read(), ahead.stderr)
+    assert_exactly_once_and_verified(tmp_path, "transcription", expected=files)
+    assert stt.server.count() == files  # the live owner's leases "expired" by the other clock, and stood
+
+
 def test_a_lease_that_expires_while_the_worker_runs(stt, tmp_path):
     import db_manager as dbm
     from parallel_transcription import TranscriptionWork
@@ -445,7 +494,7 @@ def test_a_lease_that_expires_while_the_worker_runs(stt, tmp_path):
     call = RunRequests(ProviderLimiter("openai"), 1, stop.stop)
     work = TranscriptionWork(db, transcriber, call, str(tmp_path / "out"))
     runner = Runner(db, RunOptions("transcription", workers=1, lease_seconds=10, limit=1, quiet=True), work,
-                    stop=stop)
+                    stop=stop, owner=dbm.make_owner(host="paused-laptop"))
     runner._heartbeat_loop = lambda: None  # the worker is alive but its heartbeat stalls
     thread = threading.Thread(target=runner.run)
     thread.start()

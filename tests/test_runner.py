@@ -130,7 +130,7 @@ def test_a_late_result_after_the_lease_moved_on_is_discarded(db):
         assert taken_over.wait(10)  # paused past its lease while another run finishes the job
         return Outcome({"txt": {"path": "/late", "sha256": "0" * 64, "size": 1}})
 
-    runner = Runner(db, options(lease_seconds=10, limit=1), slow)
+    runner = Runner(db, options(lease_seconds=10, limit=1), slow, owner=dbm.make_owner(host="paused-laptop"))
     runner._heartbeat_loop = lambda: None  # a frozen heartbeat: the lease really expires
     thread = threading.Thread(target=runner.run)
     thread.start()

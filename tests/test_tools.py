@@ -52,7 +52,7 @@ class Archive:
         self.root = str(tmp_path / "out")
         self.media = tmp_path / "media"
         self.media.mkdir()
-        self.owner = make_owner()
+        self.owner = make_owner(host="another-machine")  # its lease alone decides
 
     def add(self, name: str) -> str:
         path = self.media / f"{name}.wav"
@@ -252,7 +252,8 @@ def broken_archive(archive: Archive, tmp_path) -> dict:
     # dead: held by a process that no longer exists; expired: lease ran out
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    archive.claim(ids["dead"], owner=f"{dbm.HOSTNAME}:{gone.pid}:1:gone")
+    host, boot, namespace, *_ = dbm.make_owner().split(":")
+    archive.claim(ids["dead"], owner=":".join((host, boot, namespace, str(gone.pid), "1", "gone")))
     archive.claim(ids["expired"], lease_seconds=-1)
     folder = archive.folder(ids["sound"])
     ids["old_temp"] = write_temp(folder, 7200)
