@@ -52,7 +52,7 @@ from typing import Iterable, Iterator
 
 from pipeline.errors import redact
 from pipeline.faults import crash_point
-from pipeline.identity import ALIVE, DEAD, HOSTNAME, make_owner, owner_state
+from pipeline.identity import ALIVE, DEAD, HOSTNAME, make_owner, owner_state  # noqa: F401 (HOSTNAME, make_owner: part of the job store API)
 
 NOT_STARTED = "not_started"
 IN_PROGRESS = "in_progress"
@@ -122,7 +122,10 @@ class Job:
     media_type: str
     folder: str | None
     source_language: str | None
-    outputs: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)   # a translation's: its transcript's recorded outputs
+    transcript_job: int | None = None              # a translation's: the id of its transcription job
+    # Set when this attempt lost its lease (the runner's heartbeat): it sends and records nothing more.
+    cancel: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ class Outcome:
     note: str | None = None
     duration: float | None = None          # of the media, learned while transcribing
     source_language: str | None = None     # detected while transcribing
+    staged: str | None = None              # the attempt's staging folder, published once committed
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,14 +598,32 @@ class DatabaseManager:
     def _job(self, conn, row, owner) -> Job:
         media = conn.execute("SELECT path_bytes, media_type, folder, source_language FROM media_files"
                              " WHERE file_id = ?", (row["file_id"],)).fetchone()
-        outputs = {}
+        outputs, transcript_job = {}, None
         if row["stage"] == TRANSLATION:
-            transcript = conn.execute("SELECT outputs FROM jobs WHERE file_id = ? AND stage = 'transcription'",
+            transcript = conn.execute("SELECT id, outputs FROM jobs WHERE file_id = ? AND stage = 'transcription'",
                                       (row["file_id"],)).fetchone()
-            outputs = json.loads(transcript[0]) if transcript else {}
+            if transcript:
+                outputs, transcript_job = json.loads(transcript["outputs"]), transcript["id"]
         return Job(row["id"], row["file_id"], row["stage"], row["language"], row["attempts"],
                    row["max_attempts"], row["claims"], owner, os.fsdecode(bytes(media["path_bytes"])),
-                   media["media_type"], media["folder"], media["source_language"], outputs)
+                   media["media_type"], media["folder"], media["source_language"], outputs, transcript_job)
+
+    def attempts(self, job_ids: Iterable[int]) -> dict[int, sqlite3.Row]:
+        """job id -> its row's (id, file_id, stage, language, status, claims, outputs): which
+        attempt of a job is current, and what it recorded."""
+        ids = list(job_ids)
+        found = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start:start + _CHUNK]
+            for row in self.query("SELECT id, file_id, stage, language, status, claims, outputs FROM jobs"
+                                  f" WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+                found[row["id"]] = row
+        return found
+
+    def job_status(self, file_id: str, stage: str, language: str = "") -> str | None:
+        row = self.query("SELECT status FROM jobs WHERE file_id = ? AND stage = ? AND language = ?",
+                         (file_id, stage, language))
+        return row[0][0] if row else None
 
     def heartbeat(self, owner: str, job_ids: Iterable[int], lease_seconds: float = DEFAULT_LEASE_SECONDS) -> set[int]:
         """Extend the leases ``owner`` still holds; returns the ids it still holds."""

@@ -19,15 +19,18 @@ from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
 from pipeline.media import describe, register_inputs
-from pipeline.outputs import as_recorded, safe_join
-from pipeline.runner import Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
-from transcription import add_local_arguments, choose_transcriber, transcribe_media, write_transcript_outputs
+from pipeline.outputs import as_recorded, safe_join, staging_folder
+from pipeline.runner import JobCalls, Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
+from pipeline.spool import Spool
+from transcription import (Transcript, add_local_arguments, choose_transcriber, transcribe_media,
+                           write_transcript_outputs)
 
 log = logging.getLogger("verbatim.transcription")
 
 
 class TranscriptionWork:
-    """One job: find the media, transcribe it (through the shared limiter), write the outputs."""
+    """One job: find the media, transcribe it (through the shared limiter, every answer spooled),
+    write the outputs into the attempt's staging folder; the runner publishes them once committed."""
 
     def __init__(self, db, transcriber, call: RunRequests, output_root: str, *,
                  language: str | None = None, prompt: str | None = None):
@@ -37,19 +40,22 @@ class TranscriptionWork:
         self.output_root = output_root
         self.language = language
         self.prompt = prompt
+        self.spool = Spool(output_root)
 
     def __call__(self, job: Job) -> Outcome:
         media = self._media_path(job)
+        calls = JobCalls(self.call, self.spool, job, encode=lambda t: t.to_dict(raw=True), decode=Transcript.from_dict)
         transcript = transcribe_media(media, self.transcriber, language=self.language, prompt=self.prompt,
-                                      call=self.call)
+                                      call=calls, content_id=job.file_id)
         crash_point("after_api")
-        folder = safe_join(self.output_root, job.folder)
-        written = write_transcript_outputs(transcript, folder, root=self.output_root)
+        staged = staging_folder(self.output_root, job.id, job.claim)
+        written = write_transcript_outputs(transcript, safe_join(self.output_root, job.folder), root=self.output_root,
+                                           staging=staged)
         seconds = transcript.usage.get("audio_seconds") or transcript.duration or 0.0
         return Outcome(outputs=as_recorded(written), provider=transcript.provider, model=transcript.model,
                        audio_seconds=seconds, tokens=transcript.usage.get("tokens"),
                        cost=self.transcriber.estimate_cost(seconds), note=transcript.note,
-                       duration=transcript.duration, source_language=transcript.language)
+                       duration=transcript.duration, source_language=transcript.language, staged=str(staged))
 
     def _media_path(self, job: Job) -> str:
         """The registered path, or another path where the same content was seen."""
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
         options = RunOptions(TRANSCRIPTION, "", workers=workers, threads=thread_count(workers),
                              batch_size=args.batch_size,
                              limit=args.limit, lease_seconds=args.lease_seconds, label="transcription",
-                             quiet=args.quiet)
+                             quiet=args.quiet, output_root=config.output_dir(args))
         summaries = run_plans(db, [Plan(options, work, limiter)], stop)
         return report(summaries, stop, as_json=args.json)
     finally:

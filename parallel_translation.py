@@ -19,42 +19,58 @@ from pipeline import config
 from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
-from pipeline.outputs import as_recorded, safe_join, sha256_file
-from pipeline.runner import Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
-from translation import choose_fallback, choose_translator, load_source, translate_document, write_translation_outputs
+from pipeline import publish
+from pipeline.outputs import as_recorded, safe_join, sha256_file, staging_folder
+from pipeline.runner import JobCalls, Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
+from pipeline.spool import Spool
+from translation import (UnitBatch, choose_fallback, choose_translator, load_source, translate_document,
+                         write_translation_outputs)
 
 log = logging.getLogger("verbatim.translation")
 
 
-class TranslationWork:
-    """One job: load the recorded transcript, translate and validate it, write the outputs."""
+def _spooled_batch(answer):
+    """A batch's answer as spooled; a unit mismatch is split and asked again, never kept."""
+    return {"texts": answer.texts, "usage": answer.usage} if isinstance(answer, UnitBatch) else None
 
-    def __init__(self, translator, fallback, call: RunRequests, output_root: str, language: str):
+
+class TranslationWork:
+    """One job: load the recorded transcript, translate and validate it (every answer spooled),
+    write the outputs into the attempt's staging folder; the runner publishes them once committed."""
+
+    def __init__(self, db, translator, fallback, call: RunRequests, output_root: str, language: str):
+        self.db = db
         self.translator = translator
         self.fallback = fallback
         self.call = call
         self.output_root = output_root
         self.language = language
+        self.spool = Spool(output_root)
 
     def __call__(self, job: Job) -> Outcome:
         source = load_source(self._transcript_path(job))
+        calls = JobCalls(self.call, self.spool, job, encode=_spooled_batch, decode=lambda d: UnitBatch(**d))
         translation = translate_document(source, self.language, self.translator, fallback=self.fallback,
-                                         call=self.call)
+                                         call=calls)
         crash_point("after_api")
-        folder = safe_join(self.output_root, job.folder)
-        written = write_translation_outputs(translation, folder, root=self.output_root)
+        staged = staging_folder(self.output_root, job.id, job.claim)
+        written = write_translation_outputs(translation, safe_join(self.output_root, job.folder),
+                                            root=self.output_root, staging=staged)
         return Outcome(outputs=as_recorded(written), provider=translation.provider, model=translation.model,
                        characters=translation.usage.get("characters"), tokens=translation.usage.get("tokens"),
-                       cost=translation.cost)
+                       cost=translation.cost, staged=str(staged))
 
-    @staticmethod
-    def _transcript_path(job: Job) -> str:
-        """The transcript this job's transcription recorded, verified against its recorded hash."""
+    def _transcript_path(self, job: Job) -> str:
+        """The transcript this job's transcription recorded, verified against its recorded hash.
+        A transcript committed a moment ago by another process may still be staged: finish its
+        publication before calling it missing or changed."""
         recorded = job.outputs.get("json") or job.outputs.get("txt")
         if not recorded:
             raise PermanentError("the transcription job recorded no transcript output",
                                  error_class="transcript_missing")
         path = recorded["path"]
+        if not _holds(path, recorded["sha256"]) and job.transcript_job is not None:
+            publish.settle(self.db, self.output_root, job.transcript_job)
         try:
             actual = sha256_file(path)
         except FileNotFoundError:
@@ -63,6 +79,13 @@ class TranslationWork:
             raise PermanentError(f"transcript changed since it was recorded: {path}",
                                  error_class="transcript_changed")
         return path
+
+
+def _holds(path: str, sha256: str) -> bool:
+    try:
+        return sha256_file(path) == sha256
+    except FileNotFoundError:
+        return False
 
 
 def build_parser():
@@ -125,12 +148,13 @@ def main(argv=None) -> int:
             if args.retry_failed:
                 log.info("reset %d failed %s job(s) for retry", len(db.reset_failed(TRANSLATION, language)), language)
             limiter = limiter_for(translator.name)
-            work = TranslationWork(translator, choose_fallback(language, os.environ, translator.name),
+            work = TranslationWork(db, translator, choose_fallback(language, os.environ, translator.name),
                                    RunRequests(limiter, args.workers, stop.stop), config.output_dir(args), language)
             options = RunOptions(TRANSLATION, language, workers=args.workers, threads=thread_count(args.workers),
                                  batch_size=args.batch_size,
                                  limit=args.limit, lease_seconds=args.lease_seconds,
-                                 label=f"translation {language}", quiet=args.quiet)
+                                 label=f"translation {language}", quiet=args.quiet,
+                                 output_root=config.output_dir(args))
             plans.append(Plan(options, work, limiter))
         return report(run_plans(db, plans, stop), stop, as_json=args.json)
     finally:

@@ -34,7 +34,6 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import requests
@@ -568,32 +567,44 @@ def choose_transcriber(name: str | None = None, env: Mapping | None = None, mode
 
 
 # -- the per-file job -----------------------------------------------------------------------
-def _call_now(fn: Callable[[], Transcript]) -> Transcript:
+def _call_now(fn: Callable[[], Transcript], key: dict | None = None) -> Transcript:
     return fn()
 
 
 def transcribe_media(path, transcriber: Transcriber, *, language: str | None = None,
-                     prompt: str | None = None, call: Callable | None = None) -> Transcript:
+                     prompt: str | None = None, call: Callable | None = None,
+                     content_id: str | None = None) -> Transcript:
     """Transcribe one recording: prepare its audio, send each chunk through ``call``, merge.
 
-    ``call(fn)`` runs one provider request (the runner passes its rate limiter; errors propagate,
-    nothing is retried here). The working folder with the chunks is removed whatever happens.
+    ``call(fn, key=...)`` runs one provider request (the runner passes its rate limiter and spool;
+    errors propagate, nothing is retried here). With ``content_id`` (the recording's content
+    hash) each request gets a key naming what its answer depends on, so a spooled answer is found
+    again. The working folder with the chunks is removed whatever happens.
     """
     call = call or _call_now
+
+    def key(chunk: audio.Chunk) -> dict | None:
+        if content_id is None:
+            return None
+        return {"stage": "transcription", "content": content_id, "offset": round(chunk.offset, 3),
+                "duration": round(chunk.duration or 0.0, 3), "provider": transcriber.name,
+                "model": transcriber.model, "language": language, "prompt": prompt}
+
     info = audio.probe(path)
     if transcriber.decodes_media:  # the local engine reads the original itself, as one request
         if not info.has_audio:
             raise PermanentError("video without an audio track", error_class="no_audio")
         whole = audio.Chunk(os.fsdecode(path), 0.0, info.duration)
-        part = call(functools.partial(transcriber.transcribe_chunk, whole.path, language=language, prompt=prompt))
+        part = call(functools.partial(transcriber.transcribe_chunk, whole.path, language=language, prompt=prompt),
+                    key=key(whole))
         return merge_chunks([(whole, part)], duration=info.duration, language=language)
     with tempfile.TemporaryDirectory(prefix="verbatim-") as workdir:
         chunks = audio.prepare(path, workdir, max_upload_bytes=transcriber.max_upload_bytes,
                                max_chunk_seconds=transcriber.max_chunk_seconds.get(transcriber.model),
                                info=info)
         log.debug("%d chunk(s) for %s/%s", len(chunks), transcriber.name, transcriber.model)
-        parts = [call(functools.partial(transcriber.transcribe_chunk, chunk.path,
-                                        language=language, prompt=prompt)) for chunk in chunks]
+        parts = [call(functools.partial(transcriber.transcribe_chunk, chunk.path, language=language, prompt=prompt),
+                      key=key(chunk)) for chunk in chunks]
     return merge_chunks(list(zip(chunks, parts)), duration=info.duration, language=language)
 
 
@@ -633,19 +644,20 @@ def _sum_usage(pieces) -> dict:
 
 
 # -- output files ---------------------------------------------------------------------------
-def write_transcript_outputs(transcript: Transcript, folder, *, root) -> dict[str, WrittenFile]:
-    """Write every format atomically under ``root``; subtitles only when there are timestamps (a
-    stale subtitle from an earlier run with another model is removed)."""
-    folder = Path(folder)
+def write_transcript_outputs(transcript: Transcript, folder, *, root, staging=None) -> dict[str, WrittenFile]:
+    """Write every format atomically under ``root`` (into ``staging`` first, if given); subtitles
+    only when there are timestamps (a stale subtitle from an earlier run with another model is
+    removed)."""
     contents: dict[str, str | bytes] = {"txt": transcript.to_txt(), "json": transcript.to_json()}
+    stale: tuple[str, ...] = ()
     if transcript.has_timestamps:
         contents["srt"], contents["vtt"] = transcript.to_srt(), transcript.to_vtt()
     else:
-        for key in ("srt", "vtt"):
-            (folder / OUTPUT_NAMES[key]).unlink(missing_ok=True)
+        stale = (OUTPUT_NAMES["srt"], OUTPUT_NAMES["vtt"])
     raw = json.dumps(transcript.raw_responses, ensure_ascii=False, sort_keys=True).encode("utf-8")
     contents["raw"] = gzip.compress(raw, mtime=0)  # mtime 0: same answers, same bytes, same hash
-    written = write_files(folder, {OUTPUT_NAMES[key]: data for key, data in contents.items()}, root=root)
+    written = write_files(folder, {OUTPUT_NAMES[key]: data for key, data in contents.items()}, root=root,
+                          staging=staging, remove=stale)
     return {key: written[OUTPUT_NAMES[key]] for key in contents}
 
 

@@ -687,7 +687,9 @@ class _DocumentRun:
             except UnitMismatchError as exc:
                 return exc  # handled by splitting below, never by the call wrapper's retry policy
 
-        result = self.call(request)
+        key = {"stage": "translation", "provider": self.translator.name, "model": self.translator.model,
+               "source": self.plan.source, "target": self.target, "texts": batch, "context": context}
+        result = self.call(request, key=key)
         self.spend.add(self.translator, result.usage)
         if isinstance(result, UnitMismatchError):
             if len(indices) == 1:
@@ -702,7 +704,7 @@ class _DocumentRun:
             out[index] = _clean(text)
 
 
-def _direct_call(fn):
+def _direct_call(fn, key=None):
     return fn()
 
 
@@ -786,11 +788,13 @@ def render_output(translation: Translation, fmt: str) -> str:
 
 
 def write_translation_outputs(translation: Translation, folder: str | os.PathLike, *,
-                              root: str | os.PathLike) -> dict[str, WrittenFile]:
-    """Write txt and json (and srt, vtt when timed) atomically under ``root``."""
+                              root: str | os.PathLike, staging=None) -> dict[str, WrittenFile]:
+    """Write txt and json (and srt, vtt when timed) atomically under ``root`` (into ``staging``
+    first, if given)."""
     formats = FORMATS if translation.has_timestamps else ("txt", "json")
     names = {fmt: output_name(translation.language, fmt) for fmt in formats}
-    written = write_files(folder, {names[fmt]: render_output(translation, fmt) for fmt in formats}, root=root)
+    written = write_files(folder, {names[fmt]: render_output(translation, fmt) for fmt in formats}, root=root,
+                          staging=staging)
     return {fmt: written[names[fmt]] for fmt in formats}
 
 
@@ -798,7 +802,7 @@ def write_translation_outputs(translation: Translation, folder: str | os.PathLik
 CLI_ATTEMPTS = 4
 
 
-def _retrying_call(fn):
+def _retrying_call(fn, key=None):
     """The standalone CLI has no runner: retry transient errors a few times, honouring Retry-After."""
     for attempt in range(1, CLI_ATTEMPTS + 1):
         try:

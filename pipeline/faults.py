@@ -6,16 +6,17 @@ is read once at start (the tests set it for a subprocess), so unset it costs one
 in the order a job passes them:
 
 - ``after_claim``       jobs leased, nothing sent yet
-- ``after_api``         the provider answered, nothing written yet
-- ``after_temp_write``  an output's temporary file is written and fsynced, not yet renamed
-- ``after_rename``      all outputs are in place, the completion not yet committed
+- ``after_api``         the provider answered (every answer spooled), nothing staged yet
+- ``after_temp_write``  an output is written into the attempt's staging folder
+- ``before_commit``     all outputs are staged, the completion not yet committed
 - ``in_commit``         inside the completing transaction, before COMMIT
+- ``after_commit``      committed, the staged outputs not yet moved to their final names
 """
 
 import os
 import signal
 
-POINTS = ("after_claim", "after_api", "after_temp_write", "after_rename", "in_commit")
+POINTS = ("after_claim", "after_api", "after_temp_write", "before_commit", "in_commit", "after_commit")
 _ARMED = os.environ.get("VERBATIM_CRASH_AT")
 
 

@@ -303,7 +303,8 @@ class RunRequests:
         self.stop = stop
         self._slots = threading.BoundedSemaphore(workers)
 
-    def __call__(self, fn):
+    def __call__(self, fn, key: dict | None = None):
+        """Run one request ``fn``; ``key`` (the request's identity) is for callers that spool."""
         while not self._slots.acquire(timeout=0.5):
             if self.stop is not None and self.stop.is_set():
                 raise Stopping(f"{self.limiter.name}: run is stopping")

@@ -9,13 +9,21 @@ here. A SIGKILL can leave a temporary file behind (``.<name>.<host>-<pid>.<rando
 file is harmless, and it does not stay: the next write of the same output removes temporary files
 whose writer process on this host is gone, and ``sweep_temp_files`` (used by the fix tool) removes
 old ones anywhere.
+
+A job's outputs are fenced like its row: a worker writes them into the staging folder of its own
+attempt (``staging_folder``: job id and claim number, under ``STATE_DIR``), where no final name can
+be touched; only after its fenced commit won are they moved to their final names (``publish``). A
+refused attempt's staging folder is discarded, and a crash between commit and publish is rolled
+forward from the staging folder the database names (``pipeline.publish``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -29,6 +37,10 @@ _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 _TEMP_WRITER_RE = re.compile(r"\.([A-Za-z0-9_]+)-(\d+)\.[0-9a-f]{32}\.tmp$")
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
 _SLUG_RE = re.compile(r"[^A-Za-z0-9]+")
+# Under the output root: staging folders of attempts and the spool of paid answers. Interview
+# folders are named by file id (hex), so this name never meets one.
+STATE_DIR = ".verbatim"
+_REMOVE_MANIFEST = ".remove.json"   # in a staging folder: final files the publication deletes
 
 
 class UnsafePathError(ValueError):
@@ -91,7 +103,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, root: str | os.P
 
 
 def write_files(folder: str | os.PathLike, contents: dict[str, bytes | str], *,
-                root: str | os.PathLike) -> dict[str, WrittenFile]:
+                root: str | os.PathLike, staging: Path | None = None,
+                remove: tuple[str, ...] = ()) -> dict[str, WrittenFile]:
     """Write each ``name: data`` into ``folder`` (under ``root``) atomically and durably.
 
     Each file goes to a temporary name, is fsynced and renamed over its final name; the folder is
@@ -99,11 +112,17 @@ def write_files(folder: str | os.PathLike, contents: dict[str, bytes | str], *,
     file). When this returns, every file is on disk, so the job may be committed ``completed``.
     On any OSError (ENOSPC, EIO from fsync, ...) the temporary files are removed and the error is
     raised: each final name holds either its complete previous or its complete new content.
+    ``remove`` names files of ``folder`` that the new set replaces by nothing.
+
+    With ``staging`` (an attempt's staging folder) nothing in ``folder`` is touched: the files are
+    written durably into ``staging`` and the returned paths are the final names, for ``publish``.
     """
     folder = safe_join(root, os.fspath(folder))
-    for name in contents:
+    for name in (*contents, *remove):
         if not name or name in (".", "..") or "/" in name or os.sep in name:
             raise UnsafePathError(f"not a plain file name: {name!r}")
+    if staging is not None:
+        return _stage(folder, contents, staging, [str(folder / name) for name in remove])
     if not _make_folder(folder):  # a fresh folder cannot hold a killed writer's leftovers
         _remove_dead_writers_temps(folder, contents)
     temps: dict[str, Path] = {}
@@ -117,7 +136,6 @@ def write_files(folder: str | os.PathLike, contents: dict[str, bytes | str], *,
                 temps[name] = tmp
                 _write_durably(handle, data)
             written[name] = WrittenFile(str(folder / name), hashlib.sha256(data).hexdigest(), len(data))
-            crash_point("after_temp_write")
         for name in list(temps):
             os.replace(temps.pop(name), folder / name)
     except BaseException:
@@ -127,8 +145,83 @@ def write_files(folder: str | os.PathLike, contents: dict[str, bytes | str], *,
             except FileNotFoundError:
                 pass
         raise
+    for name in remove:
+        (folder / name).unlink(missing_ok=True)
     _fsync_dir(folder)
     return written
+
+
+def _stage(folder: Path, contents: dict[str, bytes | str], staging: Path,
+           remove: list[str]) -> dict[str, WrittenFile]:
+    """Write an attempt's files into its own staging folder, durably; final names untouched."""
+    staging.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, data in contents.items():
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        with open(staging / name, "wb") as handle:
+            _write_durably(handle, data)
+        written[name] = WrittenFile(str(folder / name), hashlib.sha256(data).hexdigest(), len(data))
+        crash_point("after_temp_write")
+    if remove:
+        with open(staging / _REMOVE_MANIFEST, "w", encoding="utf-8") as handle:
+            _write_durably(handle, json.dumps(remove))
+    _fsync_dir(staging)
+    return written
+
+
+def staging_folder(root: str | os.PathLike, job_id: int, claim: int) -> Path:
+    """Where attempt ``claim`` of job ``job_id`` writes its outputs until its commit wins."""
+    return safe_join(root, STATE_DIR, "staging", f"{int(job_id)}-{int(claim)}")
+
+
+def staged_attempts(root: str | os.PathLike) -> list[tuple[int, int, Path]]:
+    """(job id, claim, folder) of every staging folder under ``root``."""
+    base = Path(root) / STATE_DIR / "staging"
+    found = []
+    try:
+        entries = list(os.scandir(base))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        job_id, _, claim = entry.name.partition("-")
+        if job_id.isdigit() and claim.isdigit():
+            found.append((int(job_id), int(claim), Path(entry.path)))
+    return found
+
+
+def publish(staging: str | os.PathLike, outputs: dict) -> None:
+    """Move a committed attempt's files from ``staging`` to their final names (``outputs``: format
+    -> {"path", ...}), delete the files it replaces by nothing, and remove the staging folder.
+    Idempotent, so a crash part-way is finished by running it again: a file no longer staged was
+    moved already."""
+    staging = Path(staging)
+    folders = set()
+    for info in outputs.values():
+        final = Path(info["path"])
+        if final.parent not in folders:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            folders.add(final.parent)
+        try:
+            os.replace(staging / final.name, final)
+        except FileNotFoundError:
+            continue  # moved already by an earlier, interrupted publication
+    try:
+        with open(staging / _REMOVE_MANIFEST, encoding="utf-8") as handle:
+            obsolete = json.load(handle)
+    except FileNotFoundError:
+        obsolete = []
+    for path in obsolete:
+        Path(path).unlink(missing_ok=True)
+        folders.add(Path(path).parent)
+    for folder in folders:
+        _fsync_dir(folder)
+    discard(staging)
+
+
+def discard(staging: str | os.PathLike) -> None:
+    """Remove an attempt's staging folder (a refused, failed or superseded attempt)."""
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _make_folder(folder: Path) -> bool:

@@ -9,7 +9,15 @@ Errors are acted on by kind (see ``pipeline.errors``): retryable ones go back to
 full-jitter backoff until the job's attempts are spent, rate limits are waited out by the shared
 limiter and never spend attempts, permanent ones fail the job with the reason, account-level ones
 stop the run and give every held job back. A heartbeat thread keeps the leases of held jobs
-alive; a completion after the lease moved on is refused by the database and only counted.
+alive; when it finds one lost, that attempt is cancelled (``Job.cancel``): it sends no further
+request, writes nothing and commits nothing. A completion after the lease moved on is refused by
+the database and only counted.
+
+What a job paid for is never thrown away: every provider answer is spooled before it is used
+(``JobCalls``, ``pipeline.spool``), outputs are staged per attempt and published only after the
+fenced commit won (``pipeline.publish``), and a commit that fails (a lock held by another
+program, a full disk) is retried for ``commit_patience`` seconds; if it still cannot be recorded,
+the run stops and exits 2, and the next run finds the answer in the spool.
 
 Shutdown: the first Ctrl-C (or SIGTERM) stops claiming, gives back jobs not yet started, and lets
 running ones finish; a second one gives back everything at once and exits 130.
@@ -33,15 +41,20 @@ from dataclasses import dataclass, field
 
 from db_manager import (DEFAULT_LEASE_SECONDS, FAILED, PARKED, TRANSLATION, DatabaseManager, Job, LeaseLostError,
                         Outcome, make_owner)
-from pipeline import errors
+from pipeline import errors, outputs, publish
 from pipeline.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from pipeline.faults import crash_point
 from pipeline.limiter import Stopping
+from pipeline.spool import Spool
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_SECONDS = 0.5
 RECLAIM_EVERY_SECONDS = 30.0
+# A completion that cannot be committed is retried this long (jittered backoff up to the cap)
+# before the run gives up on recording it; its answer stays in the spool meanwhile.
+COMMIT_PATIENCE_SECONDS = 600.0
+COMMIT_RETRY_CAP_SECONDS = 15.0
 
 
 @dataclass
@@ -57,6 +70,8 @@ class RunOptions:
     quiet: bool = False
     position: int = 0            # progress bar line, when several runners share a terminal
     file_ids: list[str] | None = None   # only these files' jobs (a retry of failed ones), else all
+    output_root: str | None = None      # where attempts stage and the spool lives; None: no files
+    commit_patience: float = COMMIT_PATIENCE_SECONDS
 
 
 @dataclass
@@ -82,6 +97,40 @@ class RunSummary:
         return data
 
 
+class JobCalls:
+    """How one job makes its provider requests through the run's ``call`` (its limiter and request
+    slots): a request whose answer is in the spool is not sent again, every new answer is spooled
+    before it is used, and once the job's lease is lost nothing more is sent.
+
+    ``call(fn, key=...)``: ``key`` is the request's identity (a dict of everything the answer
+    depends on); ``encode(answer)`` gives what to spool (None: do not spool this answer) and
+    ``decode`` turns it back. Without a key the request is simply made.
+    """
+
+    def __init__(self, call, spool: Spool | None, job: Job, *, encode, decode):
+        self.call, self.spool, self.job = call, spool, job
+        self.encode, self.decode = encode, decode
+        self.folder = spool.folder(job.file_id, job.stage, job.language) if spool else None
+
+    def __call__(self, fn, key: dict | None = None):
+        self._check()
+        if key is None or self.spool is None:
+            return self.call(fn)
+        spooled = self.spool.get(self.folder, key)
+        if spooled is not None:
+            return self.decode(spooled)
+        answer = self.call(fn)
+        encoded = self.encode(answer)
+        if encoded is not None:
+            self.spool.put(self.folder, key, encoded)
+        self._check()
+        return answer
+
+    def _check(self) -> None:
+        if self.job.cancel.is_set():
+            raise LeaseLostError(f"job {self.job.id}: the lease was lost; nothing more is sent")
+
+
 class StopSignal:
     """Shared by the runners of one process: graceful stop, hard abort, account error."""
 
@@ -89,6 +138,7 @@ class StopSignal:
         self.stop = threading.Event()       # stop claiming; waits on the limiter end at once
         self.abort = threading.Event()      # give everything back now
         self.account_error: str | None = None
+        self.unrecorded: str | None = None  # answers the job database could not take
         self.interrupted = False
         self._lock = threading.Lock()
 
@@ -103,6 +153,12 @@ class StopSignal:
         with self._lock:
             if self.account_error is None:
                 self.account_error = message
+            self.stop.set()
+
+    def not_recorded(self, message: str) -> None:
+        with self._lock:
+            if self.unrecorded is None:
+                self.unrecorded = message
             self.stop.set()
 
     def install(self) -> None:
@@ -141,6 +197,7 @@ class Runner:
     def run(self) -> RunSummary:
         started = time.monotonic()
         self._reclaim(force=True)
+        self._roll_forward()
         self._release_parked()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.options.label}",
                                      daemon=True)
@@ -241,6 +298,14 @@ class Runner:
             log.info("%d %s translation(s) whose transcript is done were still parked", released,
                      self.options.language)
 
+    def _roll_forward(self) -> None:
+        if self.options.output_root is None:
+            return
+        try:
+            publish.roll_forward(self.db, self.options.output_root)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not settle the staged outputs of earlier runs: %s", exc)
+
     def _reclaim(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_reclaim < RECLAIM_EVERY_SECONDS:
@@ -260,6 +325,10 @@ class Runner:
             if self.stop.stop.is_set():
                 raise Stopping("run is stopping")
             outcome = self.work(job)
+            if job.cancel.is_set():
+                raise LeaseLostError(f"job {job.id}: the lease was lost while it ran")
+        except LeaseLostError as exc:
+            self._lost(job, exc)
         except Stopping:
             self._release(job, "run stopped before this job finished")
         except errors.AccountError as exc:
@@ -281,7 +350,7 @@ class Runner:
                                             error_class="internal_error")
             self._record_failure(job, wrapped, retryable=True)
         else:
-            crash_point("after_rename")
+            crash_point("before_commit")
             self._record_success(job, outcome)
         finally:
             with self._held_lock:
@@ -289,21 +358,69 @@ class Runner:
 
     def _record_success(self, job: Job, outcome: Outcome) -> None:
         try:
-            self.db.complete(job, outcome)
+            self._commit(job, outcome)
         except LeaseLostError as exc:
-            self._count("lease_lost")
-            log.warning("%s; the result was discarded", exc)
+            self._lost(job, exc)
             return
         except sqlite3.Error as exc:
-            log.error("could not record completion of job %s (its lease will expire and it will be"
-                      " redone): %s", job.id, exc)
+            where = f" under {os.path.join(self.options.output_root, outputs.STATE_DIR)}" if self.options.output_root else ""
+            self.stop.not_recorded(
+                f"the job database did not take a completion for {self.options.commit_patience:.0f} s ({exc});"
+                f" the paid answers are kept in the spool{where} and the next run uses them without paying again")
+            log.error("could not record completion of job %s: %s", job.id, exc)
             return
+        crash_point("after_commit")
+        self._publish(job, outcome)
         self._count("completed")
         self._tick(1)
+
+    def _commit(self, job: Job, outcome: Outcome) -> None:
+        """Record the completion; a database error (a lock another program holds, a full disk) is
+        retried with backoff for ``commit_patience`` seconds, never dropped."""
+        deadline = time.monotonic() + self.options.commit_patience
+        tries = 0
+        while True:
+            try:
+                self.db.complete(job, outcome)
+                return
+            except sqlite3.Error as exc:
+                tries += 1
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stop.abort.is_set():
+                    raise
+                delay = min(left, errors.retry_delay(tries, None, base=0.2, cap=COMMIT_RETRY_CAP_SECONDS))
+                log.warning("recording job %s failed (%s); retrying in %.1f s, the answer is kept", job.id, exc, delay)
+                self.stop.abort.wait(delay)
+
+    def _publish(self, job: Job, outcome: Outcome) -> None:
+        """Move the winner's staged files to their final names; drop the job's spooled answers."""
+        try:
+            if outcome.staged:
+                outputs.publish(outcome.staged, outcome.outputs)
+            self._clear_spool(job)
+        except OSError as exc:  # committed: the next run, status or check tool finishes the move
+            log.error("job %s is recorded but publishing its outputs failed (it will be finished later): %s",
+                      job.id, exc)
+
+    def _lost(self, job: Job, exc: Exception) -> None:
+        """This attempt lost its lease: its files go, nothing is recorded, the spool stays for the winner."""
+        self._discard(job)
+        self._count("lease_lost")
+        log.warning("%s; this attempt was cancelled", exc)
+
+    def _discard(self, job: Job) -> None:
+        if self.options.output_root is not None:
+            outputs.discard(outputs.staging_folder(self.options.output_root, job.id, job.claim))
+
+    def _clear_spool(self, job: Job) -> None:
+        if self.options.output_root is not None:
+            spool = Spool(self.options.output_root)
+            spool.clear(spool.folder(job.file_id, job.stage, job.language))
 
     def _record_failure(self, job: Job, exc: errors.ProviderError, *, retryable: bool,
                         spend_attempt: bool = True) -> None:
         delay = errors.retry_delay(job.attempts, exc.retry_after, base=_retry_base(), cap=_retry_cap())
+        self._discard(job)
         try:
             status = self.db.fail(job, exc.error_class, str(exc), retryable=retryable, delay=delay,
                                   spend_attempt=spend_attempt)
@@ -317,6 +434,7 @@ class Runner:
         with self._count_lock:
             self.summary.errors[exc.error_class] += 1
         if status == FAILED:
+            self._clear_spool(job)
             self._count("failed")
             log.warning("job %s (%s) failed: %s", job.id, job.file_id, exc)
             self._tick(1)
@@ -328,6 +446,7 @@ class Runner:
         self._postfix()
 
     def _release(self, job: Job, reason: str) -> None:
+        self._discard(job)
         try:
             self._count("released", self.db.release([job], reason))
         except sqlite3.Error as exc:
@@ -348,9 +467,11 @@ class Runner:
                 continue
             lost = set(ids) - kept
             with self._held_lock:
-                lost &= set(self._held)  # jobs finished meanwhile are not lost
-            if lost:
-                log.warning("lost the lease of %d job(s); their results will be discarded", len(lost))
+                lost_jobs = [self._held[i] for i in lost if i in self._held]  # finished ones are not lost
+            for job in lost_jobs:
+                job.cancel.set()
+            if lost_jobs:
+                log.warning("lost the lease of %d job(s); their attempts are cancelled", len(lost_jobs))
 
     def _cancel_queued(self, pending: dict) -> None:
         cancelled = [pending[f] for f in list(pending) if f.cancel()]
@@ -375,6 +496,7 @@ class Runner:
         pool.shutdown(wait=True)
 
     def _finish(self, started: float) -> None:
+        self._roll_forward()  # a late attempt of this run may have spooled an answer its winner no longer needs
         counts = self.db.counts(file_ids=self.options.file_ids).get(
             (self.options.stage, self.options.language), {})
         self.summary.failed_total = counts.get(FAILED, 0)
@@ -410,7 +532,7 @@ def _retry_cap() -> float:
 
 
 def exit_code(summaries: list[RunSummary], stop: StopSignal) -> int:
-    if stop.account_error:
+    if stop.account_error or stop.unrecorded:
         return EXIT_USAGE
     if stop.interrupted:
         return EXIT_INTERRUPTED
@@ -495,7 +617,7 @@ def report(summaries: list[RunSummary], stop: StopSignal, *, as_json: bool) -> i
     """Print the end-of-run summary (JSON on stdout, or lines on stderr); return the exit code."""
     code = exit_code(summaries, stop)
     if as_json:
-        print(json.dumps({"exit_code": code, "account_error": stop.account_error,
+        print(json.dumps({"exit_code": code, "account_error": stop.account_error, "unrecorded": stop.unrecorded,
                           "interrupted": stop.interrupted, "runs": [s.as_dict() for s in summaries]},
                          ensure_ascii=True))
     else:
@@ -507,6 +629,8 @@ def report(summaries: list[RunSummary], stop: StopSignal, *, as_json: bool) -> i
     if stop.account_error:
         print(f"error: {stop.account_error}. The run stopped; no job was marked failed. Fix the account"
               " or key and run again.", file=sys.stderr)
+    if stop.unrecorded:
+        print(f"error: {stop.unrecorded}. The run stopped; fix the database and run again.", file=sys.stderr)
     if stop.abort.is_set():
         # Worker threads may still sit in an HTTP call: their jobs were given back, so leave now
         # rather than wait for them (the interpreter would join them at exit).

@@ -223,7 +223,7 @@ def test_every_chunk_goes_through_call_and_the_workdir_is_removed(stt, media, tm
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     seen = []
 
-    def call(fn):
+    def call(fn, key=None):
         seen.append(fn)
         return fn()
 

@@ -219,7 +219,7 @@ def test_mismatch_never_reaches_the_call_wrapper(fakes, tmp_path):
     _, translator = fakes("microsoft", drop_units=1)
     seen = []
 
-    def call(fn):
+    def call(fn, key=None):
         result = fn()
         seen.append(type(result).__name__)
         return result

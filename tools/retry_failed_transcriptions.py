@@ -59,14 +59,14 @@ def transcription_plan(args, db, stop: StopSignal) -> Plan:
     return Plan(options, work, limiter)
 
 
-def translation_plan(args, language: str, stop: StopSignal) -> Plan:
+def translation_plan(args, db, language: str, stop: StopSignal) -> Plan:
     from parallel_translation import TranslationWork
     from translation import choose_fallback, choose_translator
 
     translator = choose_translator(language, args.provider, os.environ, model=args.model)
     limiter = limiter_for(translator.name)
     options = _options(args, TRANSLATION, language)
-    work = TranslationWork(translator, choose_fallback(language, os.environ, translator.name),
+    work = TranslationWork(db, translator, choose_fallback(language, os.environ, translator.name),
                            RunRequests(limiter, options.workers, stop.stop), config.output_dir(args), language)
     return Plan(options, work, limiter)
 
@@ -75,7 +75,8 @@ def _options(args, stage: str, language: str) -> RunOptions:
     workers = args.workers or DEFAULT_WORKERS[stage]
     return RunOptions(stage, language, workers=workers, threads=thread_count(workers),
                       batch_size=args.batch_size or DEFAULT_BATCH_SIZE[stage],
-                      label=f"retry {stage}" + (f" {language}" if language else ""), quiet=args.quiet)
+                      label=f"retry {stage}" + (f" {language}" if language else ""), quiet=args.quiet,
+                      output_root=config.output_dir(args))
 
 
 def selection(args) -> tuple[str, str]:
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
             return config.EXIT_OK
         stop = StopSignal()
         # The provider is set up before anything is reset, so a missing key changes nothing.
-        plan = transcription_plan(args, db, stop) if stage == TRANSCRIPTION else translation_plan(args, language, stop)
+        plan = transcription_plan(args, db, stop) if stage == TRANSCRIPTION else translation_plan(args, db, language, stop)
         # Only the reset jobs run: a retry never starts unrelated queued work, and its summary and
         # exit code speak of the retried jobs alone.
         plan.options.file_ids = db.reset_failed(stage, language, error_class=args.error_class, limit=args.limit)
