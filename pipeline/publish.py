@@ -53,6 +53,15 @@ def roll_forward(db: DatabaseManager, root: str | os.PathLike) -> dict:
     return counts
 
 
+def settle_quietly(db: DatabaseManager, root: str | os.PathLike) -> None:
+    """``roll_forward`` for the tools: a read-only archive (a copy, a read-only mount) is read as
+    it is, with a warning instead of an error."""
+    try:
+        roll_forward(db, root)
+    except OSError as exc:
+        log.warning("staged outputs under %s could not be settled (%s); reading the archive as it is", root, exc)
+
+
 def settle(db: DatabaseManager, root: str | os.PathLike, job_id: int) -> bool:
     """Finish publishing one completed job whose outputs are still staged (another process
     committed it a moment ago and has not moved them yet, or crashed). True if it did."""

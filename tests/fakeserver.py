@@ -116,6 +116,7 @@ class FakeServer:
         self.lock = threading.Lock()
         self.requests: list[Request] = []
         self.answered = 0
+        self.answered_at: list[float] = []   # when each answer was written out
         self.in_flight = 0
         self.max_in_flight = 0
         self.concurrency_log: list[tuple[float, int]] = []
@@ -200,6 +201,7 @@ class FakeServer:
             self._send(handler, response)
             with self.lock:
                 self.answered += 1
+                self.answered_at.append(time.monotonic())
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:

@@ -6,16 +6,19 @@ world does: another container, a paused process, a clock ahead, a database locke
 program, a kill at every step.
 """
 
+import json
 import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from tests.conftest import script_env
+from pipeline.outputs import sha256_file
+from tests.conftest import ROOT, script_env
 from tests.fake_stt import FakeSTT, env_for
 from tests.fakeserver import FakeServer
 from tests.test_faults import (TRANSCRIBE, TRANSLATE, assert_exactly_once_and_verified, assert_nothing_left_over,
@@ -282,3 +285,20 @@ def test_an_answer_that_cannot_be_recorded_is_kept_and_the_next_run_pays_nothing
     assert_exactly_once_and_verified(tmp_path, "transcription", expected=2)
     assert_nothing_left_over(tmp_path)
     assert stt.server.count() - sent == 2 - sent  # the answer bought before is not bought again
+
+
+@pytest.mark.parametrize("tool", ["status.py", "check_missing_transcripts.py"])
+def test_the_tools_finish_a_publication_a_crash_left_between_commit_and_rename(tool, stt, tmp_path):
+    tones(tmp_path / "in", 2)
+    crashed = run(TRANSCRIBE, tmp_path, {**env_for(stt), "VERBATIM_CRASH_AT": "after_commit"},
+                  "--input", str(tmp_path / "in"), "--workers", "1")
+    assert crashed.returncode == -signal.SIGKILL
+    (row,) = db_rows(tmp_path, "SELECT outputs FROM jobs WHERE status = 'completed'")
+    assert not any(os.path.exists(info["path"]) for info in json.loads(row["outputs"]).values())
+    checked = subprocess.run([sys.executable, str(ROOT / "tools" / tool), "--db", str(tmp_path / "jobs.db"),
+                              "--output-dir", str(tmp_path / "out")], capture_output=True, text=True,
+                             env=script_env(), timeout=60)
+    assert checked.returncode in (0, 1), checked.stderr  # the check tool: 1 for the file never transcribed
+    for info in json.loads(row["outputs"]).values():
+        assert sha256_file(info["path"]) == info["sha256"]
+    assert not list((tmp_path / "out" / ".verbatim" / "staging").iterdir())

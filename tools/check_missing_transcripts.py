@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import COMPLETED, STAGES, TRANSCRIPTION, TRANSLATION, display_path  # noqa: E402
-from pipeline import config  # noqa: E402
+from pipeline import config, publish  # noqa: E402
 from pipeline.outputs import safe_join  # noqa: E402
 from pipeline.subtitles import parse_srt, parse_vtt  # noqa: E402
 from transcription import OUTPUT_NAMES as TRANSCRIPT_NAMES  # noqa: E402
@@ -206,6 +206,7 @@ def main(argv=None) -> int:
     stage, language = selection(args)
     db = config.open_db(config.db_path(args), must_exist=True)
     try:
+        publish.settle_quietly(db, config.output_dir(args))  # finish what a crash left staged, then check
         problems, checked = check(db, config.output_dir(args), stage, language)
     finally:
         db.close_all()

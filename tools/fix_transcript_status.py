@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import (COMPLETED, FAILED, IN_PROGRESS, MAX_LOST_LEASES, NOT_STARTED, TRANSCRIPTION,  # noqa: E402
                         TRANSLATION, owner_is_dead)
-from pipeline import config  # noqa: E402
+from pipeline import config, publish  # noqa: E402
 from pipeline.outputs import safe_join, sweep_temp_files  # noqa: E402
 from tools.check_missing_transcripts import Unparsable, output_name, output_problems, parse_output  # noqa: E402
 
@@ -407,6 +407,8 @@ def main(argv=None) -> int:
     config.setup_logging(args.verbose)
     db = config.open_db(config.db_path(args), must_exist=True)
     try:
+        if args.apply:
+            publish.roll_forward(db, config.output_dir(args))  # staged outputs of a crash, before judging files
         planner = Planner(db, config.output_dir(args))
         changes = planner.plan(args.temp_age)
         if args.apply:

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import COMPLETED, FAILED, IN_PROGRESS, NOT_STARTED, STATUSES, TRANSCRIPTION, TRANSLATION  # noqa: E402
-from pipeline import config  # noqa: E402
+from pipeline import config, publish  # noqa: E402
 
 LANGUAGE_NAMES = {"en": "English", "de": "German", "he": "Hebrew", "fr": "French", "es": "Spanish",
                   "it": "Italian", "nl": "Dutch", "pl": "Polish", "ru": "Russian", "uk": "Ukrainian",
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     config.setup_logging(args.verbose)
     db = config.open_db(config.db_path(args), must_exist=True)
     try:
+        publish.settle_quietly(db, config.output_dir(args))  # a crash's staged outputs count as what they are
         report = summary(db, config.target_languages())
         if args.files:
             report["items"] = file_items(db)
