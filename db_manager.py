@@ -236,8 +236,16 @@ MIGRATIONS = [_m001_initial, _m002_park_waiting_translations]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def owner_is_dead(owner: str | None) -> bool:
-    return owner_state(owner) == DEAD
+def lease_lost_reason(owner: str | None, expires_at: float | None, now: float, state: str | None = None) -> str | None:
+    """Why the holder of a lease has lost it, or None while it holds it: its process is provably
+    gone, or its lease expired and it is not provably alive on this host (a live owner here is
+    never robbed, whatever the clocks say). ``state``: the owner's, if already looked up."""
+    state = owner_state(owner) if state is None else state
+    if state == DEAD:
+        return f"its owner process is gone ({owner})"
+    if state != ALIVE and (expires_at or 0) < now:
+        return f"its lease expired {now - (expires_at or 0):.0f} s ago"
+    return None
 
 
 def path_to_bytes(path: str | bytes) -> bytes:
@@ -719,8 +727,8 @@ class DatabaseManager:
             held = conn.execute("SELECT id, lease_owner, lease_expires_at FROM jobs"
                                 " WHERE status = 'in_progress'").fetchall()
             states = {owner: owner_state(owner) for owner in {r["lease_owner"] for r in held}}
-            lost = [r["id"] for r in held if states[r["lease_owner"]] == DEAD
-                    or (states[r["lease_owner"]] != ALIVE and (r["lease_expires_at"] or 0) < now)]
+            lost = [r["id"] for r in held
+                    if lease_lost_reason(r["lease_owner"], r["lease_expires_at"], now, states[r["lease_owner"]])]
             if not lost:
                 return []
             marks = ",".join("?" * len(lost))

@@ -41,7 +41,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import (COMPLETED, FAILED, IN_PROGRESS, MAX_LOST_LEASES, NOT_STARTED, TRANSCRIPTION,  # noqa: E402
-                        TRANSLATION, owner_is_dead)
+                        TRANSLATION, lease_lost_reason)
 from pipeline import config, publish  # noqa: E402
 from pipeline.outputs import safe_join, sweep_temp_files  # noqa: E402
 from tools.check_missing_transcripts import Unparsable, output_name, output_problems, parse_output  # noqa: E402
@@ -231,11 +231,7 @@ class Planner:
 
     def _lost_lease(self, job: JobState) -> str | None:
         """Why the job's holder lost it (DatabaseManager.reclaim's rule), or None while it holds it."""
-        if owner_is_dead(job.lease_owner):
-            return f"its owner process is gone ({job.lease_owner})"
-        if (job.lease_expires_at or 0) < self.now:
-            return f"its lease expired {self.now - (job.lease_expires_at or 0):.0f} s ago"
-        return None
+        return lease_lost_reason(job.lease_owner, job.lease_expires_at, self.now)
 
     def _reclaim(self, job_id: int) -> bool:
         # reclaim() re-checks every lease in one transaction and takes all lost ones at once: run it
