@@ -6,20 +6,20 @@ Layout of ``out_dir``::
     interviews/<file_id>.html  one page per media file: player, cues, translations, history
     assets/report.css, report.js
     media/<file_id>.<ext>      only with copy_media: the media beside the report
-    .report-cache.json         the build cache (see below); not needed to view the report
 
 Incremental: a page is rendered only when its inputs changed, and written only when its bytes
 changed, so a rebuild of an unchanged archive writes nothing and a web server or rsync sees no
 change. A page's inputs are everything it shows (its media row, jobs, events, output files' size
-and mtime) plus a fingerprint of the templates and of this package's code; their hash is kept in
-``.report-cache.json`` with the speaker count, so unchanged pages cost no transcript read. The
-index is rendered every build (one page) and written only if its bytes differ. Files are written
+and mtime) plus a fingerprint of the templates and of this package's code; their hash is written
+into the page itself (a ``<meta>`` in its first bytes, with the speaker count the dashboard needs),
+so a rebuild reads the head of each page and no transcript of an unchanged one, and no cache file
+can disagree with the pages. The index is rendered every build (one page) and written only if its
+bytes differ. Files are written
 with ``pipeline.outputs.atomic_write``: a web server never serves half a page.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -40,7 +40,8 @@ log = logging.getLogger("verbatim.report")
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
 ASSETS = HERE / "assets"
-CACHE_NAME = ".report-cache.json"
+HEAD_BYTES = 4096            # the <meta> keys are within the first few hundred bytes of a page
+_META_RE = re.compile(rb'<meta name="verbatim-(inputs|speakers)" content="([0-9a-f]*)">')
 PAGES_DIR = "interviews"
 MEDIA_DIR = "media"
 _PAGE_RE = re.compile(r"^[0-9a-f]{8,64}(\.html|\.[A-Za-z0-9]{1,8})?$")
@@ -171,8 +172,6 @@ def build(db, summary: dict, options: ReportOptions, language_names: dict[str, s
     writer = _Writer(root)
     env = environment()
     interviews = data.load_interviews(db, options.output_dir, str(pages_dir))
-    cache = _load_cache(root)
-    new_cache: dict[str, dict] = {}
 
     def name_of(code: str) -> str:
         return language_names.get(code, code)
@@ -184,18 +183,17 @@ def build(db, summary: dict, options: ReportOptions, language_names: dict[str, s
         key = data.fingerprint(code_fingerprint(), asdict(interview), media_href, _json_stats(interview),
                                language_names)
         page = f"{PAGES_DIR}/{interview.file_id}.html"
-        cached = cache.get(interview.file_id)
-        if cached and cached.get("key") == key and (root / page).is_file():
-            interview.speakers = cached.get("speakers")
+        written = _page_keys(root / page)
+        if written.get("inputs") == key:
+            interview.speakers = int(written["speakers"]) if written.get("speakers") else None
         else:
             cues, languages, interview.speakers = data.load_cues(interview)
             html = page_template.render(
                 root="../", title=interview.name, interview=interview, cues=cues, media_href=media_href,
                 columns=[{"code": code, "name": name_of(code), "rtl": data.is_rtl(code)} for code in languages],
-                jobs=_ordered_jobs(interview), name_of=name_of)
+                jobs=_ordered_jobs(interview), name_of=name_of, inputs_key=key)
             writer.write(page, html)
             rendered += 1
-        new_cache[interview.file_id] = {"key": key, "speakers": interview.speakers}
 
     languages = list(summary["translation"])
     languages += sorted({k for i in interviews for k in i.jobs if k != TRANSCRIPTION} - set(languages))
@@ -216,8 +214,6 @@ def build(db, summary: dict, options: ReportOptions, language_names: dict[str, s
     removed = _remove_stale(pages_dir, keep, PAGES_DIR)
     if options.copy_media:
         removed += _remove_stale(root / MEDIA_DIR, {i.file_id for i in interviews}, MEDIA_DIR, by_stem=True)
-    cache_text = json.dumps({"pages": new_cache}, sort_keys=True, indent=0) + "\n"
-    writer.write(CACHE_NAME, cache_text)
     return BuildResult(str(root), len(interviews), rendered, writer.written, removed,
                        round(time.monotonic() - started, 3))
 
@@ -250,12 +246,14 @@ def _media_href(interview: data.Interview, options: ReportOptions, writer: _Writ
     return data.href(interview.media_path, str(pages_dir))
 
 
-def _load_cache(root: Path) -> dict:
+def _page_keys(path: Path) -> dict[str, str]:
+    """The keys a previous build wrote into a page's head; empty when there is no such page."""
     try:
-        pages = json.loads((root / CACHE_NAME).read_text(encoding="utf-8")).get("pages", {})
-    except (OSError, ValueError, AttributeError):
-        return {}  # no cache (first build) or a damaged one: every page is rendered
-    return pages if isinstance(pages, dict) else {}
+        with open(path, "rb") as handle:
+            head = handle.read(HEAD_BYTES)
+    except OSError:
+        return {}
+    return {name.decode(): value.decode() for name, value in _META_RE.findall(head)}
 
 
 def _remove_stale(folder: Path, keep: set[str], label: str, *, by_stem: bool = False) -> list[str]:
