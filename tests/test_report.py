@@ -73,15 +73,23 @@ def archive(tmp_path_factory):
     arc.close()
 
 
+def unavailable(reason: str):
+    """Skip on a developer's machine without a browser; fail under CI (CI=true), which installs one,
+    so a broken install step cannot pass as a green run of skipped tests."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and CI must run the browser tests")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("playwright is not installed (pip install -r requirements-dev.txt)")
+        unavailable("playwright is not installed (pip install -r requirements-dev.txt)")
     executable = chromium_path()
     if not executable:
-        pytest.skip("no chromium on PATH (apt-get install chromium)")
+        unavailable("no chromium on PATH (apt-get install chromium)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable)
         yield browser

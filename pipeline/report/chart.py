@@ -45,7 +45,7 @@ class Chart:
     plot_height: int
     bucket: str          # "hour" or "day"
     series: list[Series]
-    x_ticks: list[tuple[float, str]]
+    x_ticks: list[tuple[float, str, str]]      # x, label, text-anchor (the ends stay inside the chart)
     y_ticks: list[tuple[float, str]]
 
     @property
@@ -90,7 +90,9 @@ def build_chart(events, label_of) -> Chart:
         series.append(line("jobs failed", FAILURE_COLOUR, True, failures))
     fmt = "%Y-%m-%d %H:00" if size == 3600 else "%Y-%m-%d"
     tick_indexes = sorted({0, buckets // 2, buckets - 1})
-    x_ticks = [(x(i), time.strftime(fmt, time.gmtime((first + i) * size))) for i in tick_indexes]
+    anchors = {0: "start", buckets - 1: "end"} if buckets > 2 else {}
+    x_ticks = [(x(i), time.strftime(fmt, time.gmtime((first + i) * size)), anchors.get(i, "middle"))
+               for i in tick_indexes]
     y_ticks = [(y(v), str(v)) for v in sorted({0, top // 2, top})]
     return Chart(WIDTH, HEIGHT, LEFT, TOP, plot_width, plot_height, "hour" if size == 3600 else "day",
                  series, x_ticks, y_ticks)

@@ -206,14 +206,15 @@ def load_cues(interview: Interview) -> tuple[list[Cue], list[str], int | None]:
 
     A translation's json has one segment per source segment with the same timing
     (``translation.write_translation_outputs``), so segments pair up by position; if the counts
-    differ (an older run), by start time, and a cue without a partner stays empty."""
+    differ (an older run), by start time, and a cue without a partner stays empty. A "translation"
+    into the interview's own language is a copy of the transcript: it gets no column of its own."""
     transcript = interview.jobs.get(TRANSCRIPTION)
     doc = _read_json(transcript.json_path if transcript else None)
     cues = [Cue(_time(s.get("start")), _time(s.get("end")), s.get("speaker") or None, str(s.get("text") or ""))
             for s in _segments(doc)]
     languages = []
     for key, job in sorted(interview.jobs.items()):
-        if job.stage != TRANSLATION:
+        if job.stage != TRANSLATION or key == interview.language:
             continue
         segments = _segments(_read_json(job.json_path))
         if not segments:
