@@ -5,7 +5,7 @@ A demo archive is generated without any network: N media files registered with t
 languages (en, de, he); transcripts of ``--segments`` cues written for most of them, translations
 (the offline dictionary of ``tests/fake_translate.py``, Hebrew in Hebrew letters) for most of
 those; a few jobs failed with realistic error classes, some in progress, the rest not started.
-The event log is then spread over two working days so the progress chart looks like a real run
+The event log is then given the times of a run over 40 hours so the progress chart looks real
 (the one place this script writes the database directly: events are history, no API moves them).
 
 Measured, each as ``tools/report.py`` from process start to exit:
@@ -130,20 +130,28 @@ def make_archive(base: Path, count: int, segments: int, seed: int = 7) -> dict:
 
 
 def spread_events(db_path: Path, rng: random.Random, hours: float = 40.0) -> None:
-    """Spread the event log over ``hours`` ending now, busier in the day, in the order it happened."""
+    """Give the event log the times of a real run over ``hours`` ending now: each transcription
+    finishes at a random time (more by day), each translation some time after its transcript, and
+    a job's own events keep their order (registered, claimed a minute before it ends, ended)."""
     conn = sqlite3.connect(db_path)
     try:
-        ids = [row[0] for row in conn.execute("SELECT id FROM events ORDER BY id")]
+        rows = conn.execute("SELECT e.id, e.job_id, e.from_status, j.file_id, j.stage FROM events e"
+                            " JOIN jobs j ON j.id = e.job_id ORDER BY e.id").fetchall()
         end = time.time()
-        clock = end - hours * 3600
-        step = hours * 3600 / max(len(ids), 1)
-        stamps = []
-        for _ in ids:
-            daytime = 8 <= time.gmtime(clock).tm_hour < 20
-            clock += rng.expovariate(1 / (step * (0.6 if daytime else 1.8)))
-            stamps.append(min(clock, end))
+        start = end - hours * 3600
+        finished: dict[int, float] = {}
+        transcribed: dict[str, float] = {}
+        for _id, job_id, _from, file_id, stage in rows:
+            if stage == "transcription" and job_id not in finished:
+                at = start + 60 + rng.betavariate(1.3, 2.2) * (hours * 3600 * 0.7)
+                finished[job_id] = transcribed[file_id] = at
+        for _id, job_id, _from, file_id, stage in rows:
+            if stage == "translation" and job_id not in finished:
+                finished[job_id] = min(end, transcribed.get(file_id, start) + rng.expovariate(1 / 7200))
+        stamps = [(start if from_status is None else finished[job_id] - (60 if from_status == "not_started" else 0),
+                   event_id) for event_id, job_id, from_status, _file_id, _stage in rows]
         with conn:
-            conn.executemany("UPDATE events SET at = ? WHERE id = ?", list(zip(stamps, ids)))
+            conn.executemany("UPDATE events SET at = ? WHERE id = ?", stamps)
     finally:
         conn.close()
 
