@@ -35,6 +35,7 @@
       history.replaceState(null, "", p.toString() ? "#" + p : location.pathname);
       apply();
     };
+    document.getElementById("filters").addEventListener("submit", function (event) { event.preventDefault(); });
     status.addEventListener("change", remember);
     language.addEventListener("change", remember);
     text.addEventListener("input", remember);
