@@ -5,6 +5,7 @@ the pipeline's writers) and one browser is started per module. Browser tests ski
 when Playwright or a Chromium is missing; CI installs both (.ci/run, requirements-dev.txt).
 """
 
+import hashlib
 import json
 import os
 import re
@@ -19,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from db_manager import ReadOnlyDatabaseManager
+from db_manager import MediaRecord, ReadOnlyDatabaseManager
 from pipeline import config
 from pipeline.report import ReportOptions
 from tests.conftest import ROOT, script_env
+from tests.mediagen import make_video
 from tests.report_archive import ReportArchive, newest_mtimes, sample_segments
 from tools import report as report_tool
 from transcription import Segment
@@ -117,6 +119,15 @@ def interview_url(archive, name: str) -> str:
     return url(archive, f"interviews/{archive.ids[name]}.html")
 
 
+def visible_rows(page) -> list[str]:
+    return page.eval_on_selector_all("#interview-table tbody tr:not([hidden])",
+                                     "rows => rows.map(r => r.dataset.fileId)")
+
+
+def name_column(page) -> list[str]:
+    return page.eval_on_selector_all("#interview-table tbody td:first-child", "cells => cells.map(c => c.textContent)")
+
+
 # -- the dashboard -------------------------------------------------------------------------------------
 def test_dashboard_counts_equal_status_json(archive, page):
     status = subprocess.run([sys.executable, str(ROOT / "tools" / "status.py"), "--db", archive.db_path, "--json"],
@@ -161,13 +172,11 @@ def test_failures_grouped_with_a_retry_command_that_works(archive, page):
 def test_filtering_by_failed_shows_exactly_the_failed_files(archive, page):
     page.goto(url(archive, "index.html"))
     page.select_option("#filter-status", "failed")
-    visible = page.eval_on_selector_all("#interview-table tbody tr:not([hidden])", "rows => rows.map(r => r.dataset.fileId)")
-    assert set(visible) == {archive.ids["three.wav"], archive.ids["six.wav"]}
+    assert set(visible_rows(page)) == {archive.ids["three.wav"], archive.ids["six.wav"]}
     assert page.inner_text("#filter-count") == "2"
     page.fill("#filter-text", "six")
     page.press("#filter-text", "Enter")  # submits nothing: the page stays
-    visible = page.eval_on_selector_all("#interview-table tbody tr:not([hidden])", "rows => rows.map(r => r.dataset.fileId)")
-    assert visible == [archive.ids["six.wav"]]
+    assert visible_rows(page) == [archive.ids["six.wav"]]
     # the filter is in the URL: a reload (or a shared link) shows the same rows
     page.reload()
     assert page.input_value("#filter-status") == "failed"
@@ -177,11 +186,10 @@ def test_filtering_by_failed_shows_exactly_the_failed_files(archive, page):
 def test_sorting_by_duration_and_name(archive, page):
     page.goto(url(archive, "index.html"))
     page.click("#interview-table th:has-text('name')")
-    names = page.eval_on_selector_all("#interview-table tbody tr td:first-child", "cells => cells.map(c => c.textContent)")
-    assert names == sorted(names, key=str.lower)
+    names = name_column(page)
+    assert names == sorted(names, key=str.lower) and len(names) == 6
     page.click("#interview-table th:has-text('name')")
-    again = page.eval_on_selector_all("#interview-table tbody tr td:first-child", "cells => cells.map(c => c.textContent)")
-    assert again == names[::-1]
+    assert name_column(page) == names[::-1]
 
 
 # -- the interview page ---------------------------------------------------------------------------------
@@ -278,6 +286,13 @@ def test_rebuild_writes_only_what_changed(tmp_path):
     rewritten = {path for path in after if after[path] != before.get(path)}
     assert rewritten == {f"interviews/{second}.html", "index.html"} == set(changed.written)
     assert changed.rendered == 1  # the pages of the first and third file were not even rendered
+
+    # a page of a file no longer in the database goes; what someone else put there stays
+    stale, notes = Path(options.out_dir, "interviews", "0123456789abcdef.html"), Path(options.out_dir, "notes.html")
+    stale.write_text("old")
+    notes.write_text("mine")
+    assert report_tool.build_once(options).removed == ["interviews/0123456789abcdef.html"]
+    assert not stale.exists() and notes.exists()
     arc.close()
 
 
@@ -302,6 +317,20 @@ def test_without_copy_media_the_link_is_relative_and_encoded(tmp_path):
     report_tool.build_once(options)
     page = Path(options.out_dir, "interviews", f"{file_id}.html").read_text()
     assert 'src="../../media/x%20y%231.wav"' in page
+    arc.close()
+
+
+def test_video_media_get_a_video_player(tmp_path):
+    arc = ReportArchive(tmp_path)
+    clip = make_video(arc.media / "clip.mp4")
+    data = clip.read_bytes()
+    arc.db.register_files([MediaRecord(str(clip), hashlib.sha256(data).hexdigest(), len(data), 1, "video")], ["en"])
+    file_id = hashlib.sha256(data).hexdigest()[:16]
+    options = ReportOptions(arc.db_path, arc.out, str(tmp_path / "report"))
+    report_tool.build_once(options)
+    page = Path(options.out_dir, "interviews", f"{file_id}.html").read_text()
+    assert '<video id="player" controls preload="metadata" src="../../media/clip.mp4">' in page
+    assert "<audio" not in page
     arc.close()
 
 
