@@ -16,7 +16,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from threading import Thread
 
 import pytest
 
@@ -109,6 +112,11 @@ def page(browser):
     yield page
     assert page.errors == [], page.errors  # no script error on any page
     context.close()
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # no request lines in the test output
+        pass
 
 
 def url(archive, relative: str) -> str:
@@ -255,6 +263,27 @@ def test_job_history_and_output_links(archive, page):
     assert any(h.endswith("/transcript.json") for h in hrefs)
     for href in hrefs:  # every output link resolves to the file on disk
         assert Path(href.removeprefix("file://")).is_file(), href
+
+
+def test_served_over_http_with_copied_media(archive, page, tmp_path):
+    """The same report from a web server: scripts and styles load under the page's CSP, and with
+    --copy-media the player's source is served beside the pages."""
+    report = tmp_path / "served"
+    report_tool.build_once(ReportOptions(archive.db_path, archive.out, str(report), copy_media=True))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(report)))
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        page.goto(f"{base}/interviews/{archive.ids['one.wav']}.html")
+        page.wait_for_function("document.getElementById('player').readyState >= 1")
+        assert page.locator("#lang-switch").count() == 1
+        page.goto(f"{base}/index.html")
+        page.select_option("#filter-status", "in_progress")
+        assert visible_rows(page) == [archive.ids["four.wav"]]
+        assert page.locator("table.counts th").first.evaluate("th => getComputedStyle(th).position") == "sticky"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_screenshots_of_each_page_type(archive, page):
