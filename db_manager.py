@@ -47,6 +47,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -876,6 +877,36 @@ class DatabaseManager:
         where, params = _scoped("stage = 'translation' AND language = ? AND status = 'not_started'"
                                 f" AND {_transcript_is(IN_PROGRESS)}", [language], file_ids)
         return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
+
+
+class ReadOnlyDatabaseManager(DatabaseManager):
+    """The job store opened for reading only (SQLite ``mode=ro``), for reports.
+
+    A reader can never change the database by mistake, and it also works on a copy of the file
+    someone may only read. It does not migrate: it refuses a database of a newer verbatim (its
+    meaning may have changed) and one without any verbatim schema, and reads older ones as they are
+    (every migration so far keeps the columns reports read). Write methods fail with
+    ``sqlite3.OperationalError`` ("attempt to write a readonly database").
+    """
+
+    def _connect(self) -> sqlite3.Connection:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        with self._registry_lock:
+            self._registry.add(conn)
+        return conn
+
+    def _migrate(self) -> None:
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(
+                f"{self.path} has schema version {version}, but this verbatim knows only up to "
+                f"{SCHEMA_VERSION}: it was written by a newer verbatim. Upgrade verbatim.")
+        if version == 0:
+            raise DatabaseError(f"{self.path} is not a verbatim job database (it has no verbatim schema)")
 
 
 class _Sql(str):

@@ -139,15 +139,17 @@ def make_parser(prog_doc: str, example: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def open_db(path: str, *, must_exist: bool = False):
-    """Open the job store; a read-only tool refuses to create an empty database by mistake."""
-    from db_manager import DatabaseError, DatabaseManager
+def open_db(path: str, *, must_exist: bool = False, read_only: bool = False):
+    """Open the job store; a read-only tool refuses to create an empty database by mistake.
 
-    if must_exist and not os.path.exists(path):
+    ``read_only`` opens it with SQLite ``mode=ro`` (see ``ReadOnlyDatabaseManager``): it must exist."""
+    from db_manager import DatabaseError, DatabaseManager, ReadOnlyDatabaseManager
+
+    if (must_exist or read_only) and not os.path.exists(path):
         raise ConfigError(f"no database at {path}: register media first "
                           "(tools/add_media.py PATH or parallel_transcription.py --input PATH), or pass --db")
     try:
-        return DatabaseManager(path)
+        return (ReadOnlyDatabaseManager if read_only else DatabaseManager)(path)
     except DatabaseError as exc:
         raise ConfigError(str(exc)) from exc
     except Exception as exc:  # sqlite3 errors: not a database, unreadable, locked folder ...

@@ -74,3 +74,10 @@ def test_run_all_summarizes_against_the_targets(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {r["benchmark"] for r in summary["rows"]} == {"overhead", "scale"}
     assert all({"what", "target", "measured", "met"} <= set(r) for r in summary["rows"])
+
+
+def test_report(tmp_path):
+    data = run_benchmark("report", tmp_path, "--interviews", "6", "--segments", "4")
+    first, unchanged, one_more = data["rows"]
+    assert first["written"] == 6 + 3  # six pages, the index, two assets
+    assert unchanged["written"] == 0 and one_more["written"] == 2
