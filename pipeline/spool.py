@@ -7,13 +7,13 @@ question gets the spooled answer instead of paying again, so a crash costs only 
 were still unanswered. A job's answers are removed once the job is completed (its outputs
 published) or has failed for good, so the spool holds only the answers of unfinished jobs.
 
-Layout: ``<output root>/.verbatim/spool/<file id>/<stage>[-<language>]/<sha256 of the key>.json.gz``.
-Each entry is written atomically and fsynced (``pipeline.outputs.write_files``).
+Layout: ``<output root>/.verbatim/spool/<file id>/<stage>[-<language>]/<sha256 of the key>.json``.
+Each entry is written atomically and fsynced (``pipeline.outputs.write_files``); it is not
+compressed, as it lives only until its job is done and compressing costs CPU on every answer.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -37,17 +37,17 @@ class Spool:
     def get(self, folder: Path, key: dict):
         """The answer spooled for ``key``, or None."""
         try:
-            with gzip.open(folder / f"{_digest(key)}.json.gz", "rt", encoding="utf-8") as handle:
+            with open(folder / f"{_digest(key)}.json", encoding="utf-8") as handle:
                 entry = json.load(handle)
         except FileNotFoundError:
             return None
-        except (OSError, EOFError, ValueError):
+        except (OSError, ValueError):
             return None  # a torn entry (a crash while it was written elsewhere): ask again
         return entry["answer"] if entry.get("key") == key else None
 
     def put(self, folder: Path, key: dict, answer) -> None:
-        data = json.dumps({"key": key, "answer": answer}, ensure_ascii=False).encode("utf-8")
-        write_files(folder, {f"{_digest(key)}.json.gz": gzip.compress(data, mtime=0)}, root=self.root)
+        data = json.dumps({"key": key, "answer": answer}, ensure_ascii=False)
+        write_files(folder, {f"{_digest(key)}.json": data}, root=self.root)
 
     def clear(self, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
