@@ -144,6 +144,7 @@ class Outcome:
     duration: float | None = None          # of the media, learned while transcribing
     source_language: str | None = None     # detected while transcribing
     staged: str | None = None              # the attempt's staging folder, published once committed
+    source_sha256: str | None = None       # a translation's: the transcript json it was made from
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +234,13 @@ def _m002_park_waiting_translations(conn: sqlite3.Connection) -> None:
                  f" AND NOT {_TRANSCRIBED}")
 
 
-MIGRATIONS = [_m001_initial, _m002_park_waiting_translations]
+def _m003_translation_source(conn: sqlite3.Connection) -> None:
+    # A translation records the sha256 of the transcript json it was made from: when the
+    # transcript changes (redone, or a hand correction adopted) the translation is stale.
+    conn.execute("ALTER TABLE jobs ADD COLUMN source_sha256 TEXT")
+
+
+MIGRATIONS = [_m001_initial, _m002_park_waiting_translations, _m003_translation_source]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -655,13 +662,15 @@ class DatabaseManager:
             raise refused
 
     def _complete(self, conn, job: Job, outcome: Outcome) -> LeaseLostError | None:
-        rows = self._transition(
-            conn, self._FENCE, (job.id, job.owner, job.claim), COMPLETED, owner=job.owner,
-            sets=dict(lease_owner=None, lease_expires_at=None, completed_at=time.time(),
-                      error_class=None, error_message=None, outputs=json.dumps(outcome.outputs),
-                      provider=outcome.provider, model=outcome.model, note=outcome.note,
-                      audio_seconds=outcome.audio_seconds, characters=outcome.characters,
-                      tokens=outcome.tokens, cost=outcome.cost))
+        sets = dict(lease_owner=None, lease_expires_at=None, completed_at=time.time(),
+                    error_class=None, error_message=None, outputs=json.dumps(outcome.outputs),
+                    provider=outcome.provider, model=outcome.model, note=outcome.note,
+                    audio_seconds=outcome.audio_seconds, characters=outcome.characters,
+                    tokens=outcome.tokens, cost=outcome.cost)
+        if job.stage == TRANSLATION:
+            sets["source_sha256"] = outcome.source_sha256
+        rows = self._transition(conn, self._FENCE, (job.id, job.owner, job.claim), COMPLETED, owner=job.owner,
+                                sets=sets)
         crash_point("in_commit")
         if not rows:
             return self._refuse(conn, job, "complete")
@@ -795,17 +804,54 @@ class DatabaseManager:
             params.append(limit)
         return sql, params
 
-    def adopt(self, job_id: int, outputs: dict, note: str = "adopted existing valid output") -> bool:
+    def adopt(self, job_id: int, outputs: dict, note: str = "adopted existing valid output", *,
+              source_sha256: str | None = None) -> bool:
         """Mark a failed/not_started job completed because its valid output already exists."""
         with self.transaction() as conn:
             rows = self._transition(
                 conn, "id = ? AND status IN ('failed', 'not_started')", (job_id,), COMPLETED, owner="tool",
                 sets=dict(outputs=json.dumps(outputs), completed_at=time.time(), error_class=None,
-                          error_message=None, note=note))
+                          error_message=None, note=note, source_sha256=source_sha256))
             for row in rows:
                 if row["stage"] == TRANSCRIPTION:
                     self._release_translations(conn, row["file_id"], time.time())
             return bool(rows)
+
+    def record_edit(self, job_id: int, outputs: dict, previous: dict, note: str) -> bool:
+        """A hand correction becomes the record of a completed job: its new outputs, as long as the
+        job still records ``previous`` (nothing else changed it meanwhile). A transcript's
+        translations become stale by their recorded source."""
+        with self.transaction() as conn:
+            return bool(self._transition(
+                conn, "id = ? AND status = 'completed' AND outputs = ?", (job_id, json.dumps(previous)),
+                COMPLETED, owner="tool", sets=dict(outputs=json.dumps(outputs), note=note),
+                error_message=note))
+
+    _STALE = ("SELECT j.id, j.file_id, j.language, j.outputs, j.source_sha256 FROM jobs j JOIN jobs t"
+              " ON t.file_id = j.file_id AND t.stage = 'transcription' AND t.language = ''"
+              " WHERE j.stage = 'translation' AND j.status = 'completed' AND j.source_sha256 IS NOT NULL"
+              " AND j.source_sha256 IS NOT json_extract(t.outputs, '$.json.sha256')")
+
+    def stale_translations(self, language: str | None = None) -> list[sqlite3.Row]:
+        """Completed translations made from a transcript that has changed since (redone, or a hand
+        correction adopted). Translations from before sources were recorded are never stale."""
+        if language is None:
+            return self.query(self._STALE + " ORDER BY j.id")
+        return self.query(self._STALE + " AND j.language = ? ORDER BY j.id", (language,))
+
+    def reset_stale(self, job_ids: Iterable[int]) -> int:
+        """Stale translations back to not_started (re-checked under the write lock), fresh attempts."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        with self.transaction() as conn:
+            still = [r["id"] for r in conn.execute(self._STALE + f" AND j.id IN ({','.join('?' * len(ids))})", ids)]
+            if not still:
+                return 0
+            return len(self._transition(
+                conn, f"id IN ({','.join('?' * len(still))})", tuple(still), NOT_STARTED, owner="translation",
+                sets=dict(run_after=0, outputs="{}", completed_at=None, attempts=0, lost_leases=0),
+                error_class="stale", error_message="its transcript changed since it was translated"))
 
     # -- reports ----------------------------------------------------------------------------------
     def counts(self, *, file_ids: Iterable[str] | None = None) -> dict:

@@ -20,7 +20,7 @@ from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
 from pipeline import publish
-from pipeline.outputs import as_recorded, safe_join, sha256_file, staging_folder
+from pipeline.outputs import as_recorded, keep_edits, safe_join, sha256_file, staging_folder
 from pipeline.runner import JobCalls, Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
 from pipeline.spool import Spool
 from translation import (UnitBatch, choose_fallback, choose_translator, load_source, translate_document,
@@ -52,13 +52,14 @@ class TranslationWork:
         calls = JobCalls(self.call, self.spool, job, encode=_spooled_batch, decode=lambda d: UnitBatch(**d))
         translation = translate_document(source, self.language, self.translator, fallback=self.fallback,
                                          call=calls)
+        translation.source_sha256 = (job.outputs.get("json") or job.outputs.get("txt"))["sha256"]
         crash_point("after_api")
         staged = staging_folder(self.output_root, job.id, job.claim)
         written = write_translation_outputs(translation, safe_join(self.output_root, job.folder),
                                             root=self.output_root, staging=staged)
         return Outcome(outputs=as_recorded(written), provider=translation.provider, model=translation.model,
                        characters=translation.usage.get("characters"), tokens=translation.usage.get("tokens"),
-                       cost=translation.cost, staged=str(staged))
+                       cost=translation.cost, staged=str(staged), source_sha256=translation.source_sha256)
 
     def _transcript_path(self, job: Job) -> str:
         """The transcript this job's transcription recorded, verified against its recorded hash.
@@ -129,6 +130,20 @@ def _transcript_chars(db, file_id) -> int:
         return 0
 
 
+def redo_stale(db, language: str) -> int:
+    """Translations whose transcript changed since (redone, or a hand correction adopted) go back
+    to the queue, once per change: the new translation records the new transcript. A translation
+    edited by hand is kept beside it (``.edited-<time>``) before it is redone."""
+    stale = db.stale_translations(language)
+    for row in stale:
+        for copy in keep_edits(json.loads(row["outputs"])):
+            log.warning("kept the hand-edited %s before redoing its stale translation", copy)
+    redone = db.reset_stale([row["id"] for row in stale])
+    if redone:
+        log.info("%d %s translation(s) are redone: their transcript changed since", redone, language)
+    return redone
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config.load_env(args.env_file)
@@ -145,6 +160,7 @@ def main(argv=None) -> int:
         plans = []
         for language, translator in translators.items():
             db.ensure_jobs(TRANSLATION, language)
+            redo_stale(db, language)
             if args.retry_failed:
                 log.info("reset %d failed %s job(s) for retry", len(db.reset_failed(TRANSLATION, language)), language)
             limiter = limiter_for(translator.name)

@@ -618,6 +618,7 @@ class Translation:
     cost: float                    # USD estimate
     has_timestamps: bool
     kept_units: int                # units already in the target language, kept as they are
+    source_sha256: str | None = None   # the transcript json it was made from (a pipeline run's)
 
 
 @dataclass
@@ -768,7 +769,7 @@ def _render_json(translation: Translation) -> str:
                "source_language": translation.source_language, "provider": translation.provider,
                "model": translation.model, "has_timestamps": translation.has_timestamps,
                "kept_units": translation.kept_units, "usage": translation.usage, "cost": translation.cost,
-               "segments": segments}
+               "source_sha256": translation.source_sha256, "segments": segments}
     return json.dumps(payload, ensure_ascii=False, indent=2) + "\n"
 
 

@@ -269,6 +269,25 @@ def _remove_dead_writers_temps(folder: Path, names) -> None:
                 pass
 
 
+def keep_edits(outputs: dict, *, now: float | None = None) -> list[str]:
+    """Before a job's recorded outputs are replaced: keep a copy of each one that no longer holds
+    what was recorded (a hand edit) as ``<name>.edited-<UTC time>`` beside it. Returns the copies.
+    Nothing ever overwrites an edit without this."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    kept = []
+    for info in outputs.values():
+        path = Path(info["path"])
+        try:
+            if sha256_file(path) == info.get("sha256"):
+                continue
+        except FileNotFoundError:
+            continue
+        copy = path.with_name(f"{path.name}.edited-{stamp}")
+        shutil.copy2(path, copy)
+        kept.append(str(copy))
+    return kept
+
+
 def is_temp_file(name: str) -> bool:
     return bool(_TEMP_RE.match(name))
 

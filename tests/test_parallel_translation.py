@@ -210,3 +210,55 @@ def test_dry_run_counts_characters_and_sends_nothing(tmp_path):
     plan = json.loads(result.stdout)["he"]
     assert plan["jobs"] == 3 and plan["estimated_cost_usd"] > 0
     assert plan["characters"] >= sum(len(s["text"]) for d in docs.values() for s in d["segments"])
+
+
+def test_a_hand_correction_is_adopted_and_its_translations_are_redone_once(tmp_path):
+    """The archivist's correction workflow, end to end: edit transcript.srt, the check tool calls
+    it edited, adopt_edits makes it the record (keeping the edit), the translations made from the
+    old transcript are stale and redone once, and a translation edited by hand is kept first."""
+    make_archive(tmp_path, n_german=2, n_english=0)
+    tool = lambda name, *args: subprocess.run(  # noqa: E731
+        [sys.executable, str(ROOT / "tools" / name), "--db", str(tmp_path / "jobs.db"), "--output-dir",
+         str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=60, env=script_env())
+    with FakeDeepL() as fake:
+        assert run(tmp_path, fake.env(), "--language", "en").returncode == 0
+        first = fake.server.count()
+        (job, other) = translation_jobs(tmp_path, "en")
+        transcript = json.loads(translation_jobs_transcript(tmp_path, job["file_id"]))
+        assert job["source_sha256"] == transcript["json"]["sha256"]  # each translation names its source
+        srt = Path(transcript["srt"]["path"])
+        edited = srt.read_text().replace(parse_srt(srt.read_text())[0].text, "Korrigiert von Hand.", 1)
+        srt.write_text(edited)
+        en_txt = Path(json.loads(job["outputs"])["txt"]["path"])
+        checked = tool("check_missing_transcripts.py", "--json", "--stage", "transcription")
+        kinds = {(p["kind"], p["format"]) for p in json.loads(checked.stdout)["problems"]}
+        assert checked.returncode == 1 and kinds == {("edited", "srt")}
+
+        adopted = tool("adopt_edits.py", "--apply")
+        assert adopted.returncode == 0 and "adopted 1" in adopted.stdout, adopted.stdout + adopted.stderr
+        transcript = json.loads(translation_jobs_transcript(tmp_path, job["file_id"]))
+        assert "Korrigiert von Hand." in Path(transcript["json"]["path"]).read_text()
+        assert "Korrigiert von Hand." in Path(transcript["txt"]["path"]).read_text()
+        assert [p.read_text() for p in srt.parent.glob("transcript.srt.edited-*")] == [edited]
+        stale = tool("check_missing_transcripts.py", "--json", "--stage", "translation")
+        assert {(p["kind"], p["file_id"]) for p in json.loads(stale.stdout)["problems"]} == {("stale", job["file_id"])}
+
+        en_txt.write_text("My own better translation.\n" * 5)  # the archivist also edited the old translation
+        assert run(tmp_path, fake.env(), "--language", "en").returncode == 0
+        assert fake.server.count() > first  # the stale one was translated again ...
+        redone = fake.server.count()
+        assert run(tmp_path, fake.env(), "--language", "en").returncode == 0
+        assert fake.server.count() == redone  # ... once
+    assert [p.read_text() for p in en_txt.parent.glob("translation.en.txt.edited-*")] == [
+        "My own better translation.\n" * 5]
+    assert tool("check_missing_transcripts.py", "--stage", "translation").returncode == 0
+    (job, _other) = translation_jobs(tmp_path, "en")
+    assert job["source_sha256"] == transcript["json"]["sha256"] and job["status"] == "completed"
+
+
+def translation_jobs_transcript(tmp_path, file_id) -> str:
+    db = dbm.DatabaseManager(str(tmp_path / "jobs.db"))
+    try:
+        return db.jobs(stage="transcription", file_id=file_id)[0]["outputs"]
+    finally:
+        db.close_all()

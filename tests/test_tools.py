@@ -19,9 +19,11 @@ from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NOT_STARTED, TRANSCRIPTI
 from pipeline import config
 from pipeline.outputs import as_recorded, atomic_write, safe_join
 from tests.conftest import ROOT, script_env
+from tools import adopt_edits as adopt_tool
 from tools import check_missing_transcripts as check_tool
 from tools import fix_transcript_status as fix_tool
 from tools import retry_failed_transcriptions as retry_tool
+from tools import status as status_tool
 from transcription import Segment, Transcript, write_transcript_outputs
 from translation import Translation, Unit, write_translation_outputs
 
@@ -87,8 +89,17 @@ class Archive:
         return as_recorded(write_transcript_outputs(self.transcript(file_id), self.folder(file_id), root=self.root))
 
     def write_translation(self, file_id: str, translation: Translation | None = None) -> dict:
-        written = write_translation_outputs(translation or self.translation(), self.folder(file_id), root=self.root)
+        """As a pipeline run writes it: from the transcript json now in the folder."""
+        translation = translation or self.translation()
+        translation.source_sha256 = self.transcript_sha(file_id)
+        written = write_translation_outputs(translation, self.folder(file_id), root=self.root)
         return as_recorded(written)
+
+    def transcript_sha(self, file_id: str) -> str | None:
+        try:
+            return hashlib.sha256(self.path(file_id, "transcript.json").read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
 
     def claim(self, file_id: str, stage: str = TRANSCRIPTION, owner: str | None = None, **kwargs):
         language = "he" if stage == TRANSLATION else ""
@@ -100,7 +111,7 @@ class Archive:
 
     def translate(self, file_id: str) -> None:
         job = self.claim(file_id, TRANSLATION)
-        self.db.complete(job, Outcome(self.write_translation(file_id)))
+        self.db.complete(job, Outcome(self.write_translation(file_id), source_sha256=self.transcript_sha(file_id)))
 
     def fail(self, file_id: str, stage: str = TRANSCRIPTION, error_class: str = "bad_request") -> None:
         self.db.fail(self.claim(file_id, stage), error_class, f"{error_class}: rejected", retryable=False)
@@ -193,7 +204,7 @@ def test_check_finds_exactly_the_damaged_outputs(archive, capsys):
     assert found == {
         ("missing", ids["a"], TRANSCRIPTION, "txt"),
         ("truncated", ids["b"], TRANSCRIPTION, "json"),
-        ("changed", ids["c"], TRANSCRIPTION, "srt"),
+        ("edited", ids["c"], TRANSCRIPTION, "srt"),  # a hand correction, still well formed
         ("changed", ids["d"], TRANSCRIPTION, "raw"),
         ("unparsable", ids["e"], TRANSCRIPTION, "vtt"),
         ("missing", ids["g"], TRANSLATION, "srt"),
@@ -203,7 +214,7 @@ def test_check_finds_exactly_the_damaged_outputs(archive, capsys):
     by_file = {p["file_id"]: p for p in report["problems"]}
     assert by_file[ids["a"]]["media_path"].endswith("a.wav")
     assert by_file[ids["a"]]["output"] == str(archive.path(ids["a"], "transcript.txt"))
-    assert by_file[ids["c"]]["detail"].endswith("it still parses")
+    assert "tools/adopt_edits.py --apply" in by_file[ids["c"]]["detail"]
     assert "unparsable: BadGzipFile" in by_file[ids["d"]]["detail"]
     assert by_file[None]["output"].endswith("0123456789abcdef-gone")
 
@@ -267,16 +278,17 @@ def test_fix_dry_run_lists_every_repair_and_changes_nothing(archive, tmp_path, c
     code, out = run_tool(fix_tool, archive, capsys=capsys)
     assert code == 0 and archive.snapshot() == before
     lines = out.splitlines()
-    assert lines[-1] == "would change 12"
+    assert lines[-1] == "would change 10"
     expected = [("reclaim", ids["dead"], "owner process is gone"), ("reclaim", ids["expired"], "lease expired"),
                 ("reset", ids["lost_txt"], "txt missing"), ("reset", ids["bad_json"], "json truncated"),
-                ("reset", ids["edited"], "srt changed"), ("adopt", ids["orphan"], "transcription"),
+                ("adopt", ids["orphan"], "transcription"),
                 ("adopt", ids["failed"], "failed -> completed"), ("adopt", ids["orphan"], "translation he")]
     for action, file_id, text in expected:
         assert any(line.startswith(action) and file_id in line and text in line for line in lines), (action, text)
-    # translations of the three broken transcripts: their source is gone once those are reset
+    assert not [line for line in lines if ids["edited"] in line]  # a hand correction is no damage
+    # translations of the two broken transcripts: their source is gone once those are reset
     stale = [line for line in lines if "its transcript is not_started" in line]
-    assert {ids[n] for n in ("lost_txt", "bad_json", "edited")} == {line.split()[3] for line in stale}
+    assert {ids[n] for n in ("lost_txt", "bad_json")} == {line.split()[3] for line in stale}
     assert [line for line in lines if line.startswith("sweep")] == [
         f"sweep    {ids['old_temp']}  delete: orphan temporary file older than 3600 s"]
 
@@ -284,9 +296,10 @@ def test_fix_dry_run_lists_every_repair_and_changes_nothing(archive, tmp_path, c
 def test_fix_apply_repairs_each_state_then_check_passes(archive, tmp_path, capsys):
     ids = broken_archive(archive, tmp_path)
     code, out = run_tool(fix_tool, archive, "--apply", capsys=capsys)
-    assert code == 0 and out.splitlines()[-1] == "changed 12" and "skipped" not in out
+    assert code == 0 and out.splitlines()[-1] == "changed 10" and "skipped" not in out
 
-    for name in ("lost_txt", "bad_json", "edited"):
+    assert archive.status(ids["edited"]) == COMPLETED and archive.status(ids["edited"], TRANSLATION) == COMPLETED
+    for name in ("lost_txt", "bad_json"):
         assert archive.status(ids[name]) == NOT_STARTED and archive.job(ids[name])["outputs"] == "{}"
         assert archive.status(ids[name], TRANSLATION) == NOT_STARTED
     for name in ("dead", "expired"):
@@ -305,7 +318,16 @@ def test_fix_apply_repairs_each_state_then_check_passes(archive, tmp_path, capsy
     events = [(e["from_status"], e["to_status"], e["owner"]) for e in archive.db.events(file_id=ids["failed"])]
     assert events[-1] == (FAILED, COMPLETED, "tool")
 
-    assert run_tool(check_tool, archive, capsys=capsys)[0] == 0
+    code, out = run_tool(check_tool, archive, "--json", capsys=capsys)
+    assert code == 1 and {(p["kind"], p["file_id"]) for p in json.loads(out)["problems"]} == {("edited", ids["edited"])}
+    code, out = run_tool(adopt_tool, archive, "--apply", capsys=capsys)  # the correction becomes the record
+    assert code == 0 and "adopted 1" in out and "1 translation(s) are now stale" in out
+    code, out = run_tool(check_tool, archive, "--json", capsys=capsys)
+    assert code == 1 and {(p["kind"], p["file_id"]) for p in json.loads(out)["problems"]} == {("stale", ids["edited"])}
+    code, out = run_tool(status_tool, archive, "--json", capsys=capsys)
+    assert json.loads(out)["stale"] == {"he": 1}
+    code, out = run_tool(status_tool, archive, capsys=capsys)
+    assert "Hebrew translations:" in out and "(stale 1: transcript changed since)" in out
     code, out = run_tool(fix_tool, archive, capsys=capsys)
     assert code == 0 and out.strip() == "would change 0"
 
@@ -484,3 +506,45 @@ def test_retry_runs_failed_files_again_once_the_api_heals(tmp_path):
     check = subprocess.run([sys.executable, str(ROOT / "tools/check_missing_transcripts.py"), "--db", db_path,
                             "--output-dir", out], capture_output=True, text=True, env=script_env(), timeout=60)
     assert check.returncode == 0, check.stdout
+
+
+# -- hand corrections ------------------------------------------------------------------------------------
+def test_an_edit_that_cannot_be_read_back_changes_nothing(archive, capsys):
+    file_id = archive.add("a")
+    archive.transcribe(file_id)
+    txt = archive.path(file_id, "transcript.txt")
+    txt.write_text(txt.read_text() + "\n\nspeaker_0: a third turn the audio does not have\n")
+    before = archive.snapshot()
+    code, out = run_tool(adopt_tool, archive, "--apply", capsys=capsys)
+    assert code == 1 and "speaker turns" in out and "edit the .srt" in out
+    assert archive.snapshot() == before
+
+
+def test_a_txt_edit_renames_a_speaker_and_keeps_the_timings(archive, capsys):
+    file_id = archive.add("a")
+    archive.transcribe(file_id)
+    txt = archive.path(file_id, "transcript.txt")
+    txt.write_text(txt.read_text().replace("speaker_1: We were born in Vienna.", "Interviewee: We were born in Wien."))
+    code, out = run_tool(adopt_tool, archive, "--apply", capsys=capsys)
+    assert code == 0 and "adopted 1" in out
+    doc = json.loads(archive.path(file_id, "transcript.json").read_text())
+    assert [(s["start"], s["end"], s["speaker"], s["text"]) for s in doc["segments"]][1] == (
+        1.5, 3.25, "Interviewee", "We were born in Wien.")
+    assert "We were born in Wien." in archive.path(file_id, "transcript.srt").read_text()
+    assert run_tool(check_tool, archive, capsys=capsys)[0] == 0  # the record and the files agree again
+    events = archive.db.events(file_id=file_id)
+    assert "hand correction adopted from transcript.txt" in events[-1]["error_message"]
+
+
+def test_fix_never_adopts_a_translation_of_another_version_of_the_transcript(archive, capsys):
+    file_id = archive.add("a")
+    archive.transcribe(file_id)
+    archive.write_translation(file_id)             # made from this transcript ...
+    transcript = Archive.transcript(file_id)
+    transcript.segments[1].text = "We were born in Graz."
+    outputs = as_recorded(write_transcript_outputs(transcript, archive.folder(file_id), root=archive.root))
+    archive.db.record_edit(archive.job(file_id)["id"], outputs, json.loads(archive.job(file_id)["outputs"]),
+                           "transcript redone")   # ... which then changed: same cues, other words
+    code, out = run_tool(fix_tool, archive, capsys=capsys)
+    assert code == 0 and out.strip() == "would change 0"
+    assert archive.status(file_id, TRANSLATION) == NOT_STARTED

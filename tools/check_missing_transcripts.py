@@ -9,7 +9,10 @@ from disk (none of their recorded paths exists) and folders under --output-dir t
 claims.
 
 Problems: missing, truncated (smaller than recorded), changed (sha256 differs), unparsable,
-media_missing, orphan_folder. Repair with tools/fix_transcript_status.py.
+media_missing, orphan_folder. Repair with tools/fix_transcript_status.py. Two are no damage:
+edited (a .txt, .srt or .vtt changed by hand and still well formed: a correction, to be made the
+record with tools/adopt_edits.py --apply) and stale (a translation made from a transcript that has
+changed since: parallel_translation.py redoes it).
 
 Exit codes: 0 all is well, 1 problems found, 2 usage or configuration error.
 """
@@ -35,6 +38,7 @@ from transcription import OUTPUT_NAMES as TRANSCRIPT_NAMES  # noqa: E402
 from translation import output_name as translation_name  # noqa: E402
 
 REQUIRED_FORMATS = ("txt", "json")   # what readers and the translation stage need from every job
+EDITABLE_FORMATS = ("txt", "srt", "vtt")   # what an archivist corrects by hand; json and raw are the machine's
 
 
 class Unparsable(ValueError):
@@ -43,7 +47,7 @@ class Unparsable(ValueError):
 
 @dataclass
 class Problem:
-    kind: str                    # missing | truncated | changed | unparsable | media_missing | orphan_folder
+    kind: str                    # missing | truncated | changed | edited | unparsable | stale | media_missing | orphan_folder
     output: str                  # the expected output path (a folder for the last two kinds)
     detail: str
     file_id: str | None = None
@@ -109,14 +113,20 @@ def verify_recorded(fmt: str, info: dict) -> tuple[str, str] | None:
     except OSError as exc:
         return "missing", f"cannot be read: {exc.strerror or exc}"
     size = info.get("size")
-    if isinstance(size, int) and len(data) < size:
-        return "truncated", f"{len(data)} of {size} bytes"
     try:
         parse_output(fmt, data, allow_empty=size == 0)
         parse_error = None
     except Unparsable as exc:
         parse_error = str(exc)
-    if hashlib.sha256(data).hexdigest() != info.get("sha256"):
+    changed = hashlib.sha256(data).hexdigest() != info.get("sha256")
+    if changed and fmt in EDITABLE_FORMATS and not parse_error and data.strip():
+        # Outputs are only ever replaced whole (staged, then renamed): a text that differs and is
+        # still well formed was changed by someone, shorter or longer. It is a correction.
+        return "edited", (f"changed by hand since it was recorded ({len(data)} bytes, {size} recorded); make it"
+                          " the record: tools/adopt_edits.py --apply")
+    if isinstance(size, int) and len(data) < size:
+        return "truncated", f"{len(data)} of {size} bytes"
+    if changed:
         return "changed", "sha256 differs from the recorded one; " + (
             f"unparsable: {parse_error}" if parse_error else "it still parses")
     if parse_error:
@@ -142,6 +152,14 @@ def job_problems(row, root: str) -> list[Problem]:
     return [Problem(kind, path, detail, row["file_id"], row["path_display"], row["stage"],
                     row["language"] or None, fmt)
             for fmt, kind, detail, path in output_problems(row["stage"], row["language"], outputs, folder)]
+
+
+def stale_translations(db, root: str, language: str | None) -> list[Problem]:
+    folders = {media["file_id"]: media for media in db.files()}
+    return [Problem("stale", str(safe_join(root, folders[row["file_id"]]["folder"])),
+                    "its transcript changed since it was translated; parallel_translation.py redoes it",
+                    row["file_id"], folders[row["file_id"]]["path_display"], TRANSLATION, row["language"])
+            for row in db.stale_translations(language)]
 
 
 # -- the archive as a whole --------------------------------------------------------------------------
@@ -170,6 +188,8 @@ def check(db, root: str, stage: str | None = None, language: str | None = None) 
     """All problems found, and what was checked."""
     rows = db.jobs(stage=stage, language=language, status=COMPLETED)
     problems = [p for row in rows for p in job_problems(row, root)]
+    if stage in (None, TRANSLATION):
+        problems += stale_translations(db, root, language)
     checked = {"completed_jobs": len(rows),
                "outputs": sum(len(json.loads(r["outputs"] or "{}")) for r in rows)}
     if stage is None:

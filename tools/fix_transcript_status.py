@@ -7,12 +7,15 @@ and ends with "changed N". The repairs, in this order (later ones see the earlie
   reclaim  in-progress jobs whose lease expired or whose owner process is gone -> not_started
            (a job that a live run holds under a valid lease is never touched)
   reset    completed jobs whose recorded outputs are missing, truncated, changed or unparsable
-           -> not_started
+           -> not_started (a .txt/.srt/.vtt edited by hand is no damage: it is left alone, to be
+           made the record with tools/adopt_edits.py; reset for other damage, it is kept first
+           as <name>.edited-<time>)
   adopt    failed or not-started jobs whose complete output set is already in their folder ->
            completed, recording each file's sha256 and size. Adopted only when every expected
            file exists, parses and agrees with the json (txt, json and raw; srt and vtt when
-           timed); a translation also needs its json in the job's language with the segments
-           and timings of the file's completed transcript
+           timed); a translation also needs its json in the job's language, made from the
+           file's completed transcript as it is now (its recorded source sha256), with its
+           segments and timings
   reset    translations whose transcript is no longer completed -> not_started (completed ones
            too: their source is gone)
   sweep    orphan temporary files (.<name>.<hex>.tmp) older than --temp-age seconds
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from db_manager import (COMPLETED, FAILED, IN_PROGRESS, MAX_LOST_LEASES, NOT_STARTED, TRANSCRIPTION,  # noqa: E402
                         TRANSLATION, lease_lost_reason)
 from pipeline import config, publish  # noqa: E402
-from pipeline.outputs import safe_join, sweep_temp_files  # noqa: E402
+from pipeline.outputs import keep_edits, safe_join, sweep_temp_files  # noqa: E402
 from tools.check_missing_transcripts import Unparsable, output_name, output_problems, parse_output  # noqa: E402
 
 log = logging.getLogger("verbatim.fix")
@@ -127,10 +130,14 @@ def _same_times(start, end, segment: dict) -> bool:
         return False
 
 
-def translation_mismatch(doc: dict, source: dict, language: str) -> str | None:
-    """Why a translation json was not made from ``source`` into ``language`` (None: it was)."""
+def translation_mismatch(doc: dict, source: dict, language: str, source_sha: str | None = None) -> str | None:
+    """Why a translation json was not made from ``source`` (whose sha256 is ``source_sha``) into
+    ``language`` (None: it was)."""
     if doc.get("language") != language:
         return f"its language is {doc.get('language')!r}, not {language!r}"
+    if source_sha is not None and doc.get("source_sha256") != source_sha:
+        return ("it was made from another version of the transcript" if doc.get("source_sha256")
+                else "it does not record which transcript it was made from")
     if not source["segments"] or len(doc["segments"]) != len(source["segments"]):
         return (f"{len(doc['segments'])} segments, the transcript has {len(source['segments'])}")
     if bool(doc.get("has_timestamps")) != bool(source.get("has_timestamps")):
@@ -148,7 +155,8 @@ def _read_valid(path: Path, fmt: str):
     return data, parse_output(fmt, data)
 
 
-def valid_output_set(job: JobState, folder: Path, source: dict | None) -> tuple[dict | None, str]:
+def valid_output_set(job: JobState, folder: Path, source: dict | None,
+                     source_sha: str | None = None) -> tuple[dict | None, str]:
     """(outputs to record, "") when the folder holds this job's complete, valid output set; (None,
     why not) when it holds a set that is not valid; (None, "") when it holds none. ``source`` is the
     completed transcript's json (translations only)."""
@@ -161,7 +169,7 @@ def valid_output_set(job: JobState, folder: Path, source: dict | None) -> tuple[
         return None, ""
     except (OSError, Unparsable) as exc:
         return None, f"{name}: {exc}"
-    if source is not None and (why := translation_mismatch(doc, source, job.language)):
+    if source is not None and (why := translation_mismatch(doc, source, job.language, source_sha)):
         return None, f"{name} does not belong to this transcript: {why}"
     formats = ["txt", "json"] + (["srt", "vtt"] if doc.get("has_timestamps") else [])
     formats += ["raw"] if job.stage == TRANSCRIPTION else []
@@ -247,16 +255,23 @@ class Planner:
     # reset broken outputs -----------------------------------------------------------------------------
     def broken_outputs(self) -> list[Change]:
         changes = []
+        edited = 0
         for job in self.jobs:
             if job.status != COMPLETED:
                 continue
             problems = output_problems(job.stage, job.language, job.outputs, self.folder(job))
+            if problems and all(kind == "edited" for _fmt, kind, _detail, _path in problems):
+                edited += 1  # a correction, not damage
+                continue
             if not problems:
                 continue
             reason = "; ".join(f"{fmt} {kind} ({detail})" for fmt, kind, detail, _path in problems)
             changes.append(Change("reset", job.subject, f"{COMPLETED} -> {NOT_STARTED}", reason,
                                   functools.partial(self._reset_broken, job, job.outputs, reason), job.id))
             job.status, job.outputs = NOT_STARTED, {}
+        if edited:
+            log.warning("left alone: %d completed job(s) with outputs edited by hand; make them the record with"
+                        " tools/adopt_edits.py --apply", edited)
         return changes
 
     def _reset_broken(self, job: JobState, outputs: dict, reason: str) -> bool:
@@ -268,6 +283,7 @@ class Planner:
             # them between this check and the reset.
             if not output_problems(job.stage, job.language, outputs, self.folder(job)):
                 return False
+            keep_edits(outputs)  # a hand edit beside the damage is kept before the job is redone
             return self.db.reset([job.id], f"outputs broken: {reason}"[:2000], from_statuses=(COMPLETED,)) == 1
 
     # adopt valid outputs -----------------------------------------------------------------------------
@@ -286,7 +302,7 @@ class Planner:
                 if source is None:
                     continue  # nothing to translate from: the job must wait for its transcript
                 source_doc, source_sha = source
-            outputs, why = valid_output_set(job, self.folder(job), source_doc)
+            outputs, why = valid_output_set(job, self.folder(job), source_doc, source_sha)
             if outputs is None:
                 if why:
                     log.info("not adopting %s: %s", job.subject, why)
@@ -309,10 +325,10 @@ class Planner:
                 if source is None or source[1] != source_sha:
                     return False
                 source_doc = source[0]
-            again, _why = valid_output_set(job, self.folder(job), source_doc)
+            again, _why = valid_output_set(job, self.folder(job), source_doc, source_sha)
             if again != outputs:
                 return False
-            return self.db.adopt(job.id, outputs, note=ADOPTED_NOTE)
+            return self.db.adopt(job.id, outputs, note=ADOPTED_NOTE, source_sha256=source_sha)
 
     # translations without a transcript -----------------------------------------------------------------
     def stale_translations(self) -> list[Change]:

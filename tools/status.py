@@ -9,6 +9,7 @@ not started, in progress and failed; audio hours; cost so far; the most common e
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,10 +27,13 @@ def summary(db, languages) -> dict:
     totals = db.totals()
     empty = dict.fromkeys(STATUSES, 0)
     languages = list(languages) + sorted({lang for stage, lang in counts if stage == TRANSLATION} - set(languages))
+    stale = Counter(row["language"] for row in db.stale_translations())
     return {
         "files": totals["files"],
         "transcription": counts.get((TRANSCRIPTION, ""), dict(empty)),
         "translation": {lang: counts.get((TRANSLATION, lang), dict(empty)) for lang in languages},
+        # completed translations whose transcript changed since (parallel_translation.py redoes them)
+        "stale": {lang: stale[lang] for lang in languages if stale[lang]},
         "audio_hours": round(totals["audio_seconds"] / 3600, 3),
         "cost_usd": round(totals["cost"], 4),
         "errors": {
@@ -50,7 +54,9 @@ def render(report: dict) -> str:
         labels[f"{LANGUAGE_NAMES.get(lang, lang)} translations"] = counts
     width = max(len(label) for label in labels) + 1
     lines = [f"Files: {report['files']:,} · audio {report['audio_hours']:,.1f} h · cost so far ${report['cost_usd']:,.2f}"]
-    lines += [_line(label, counts, width) for label, counts in labels.items()]
+    stale = {f"{LANGUAGE_NAMES.get(lang, lang)} translations": n for lang, n in report.get("stale", {}).items()}
+    lines += [_line(label, counts, width) + (f" (stale {stale[label]:,}: transcript changed since)" if label in stale
+                                             else "") for label, counts in labels.items()]
     errors = [("transcription", report["errors"]["transcription"])]
     errors += [(f"{lang} translation", e) for lang, e in report["errors"]["translation"].items()]
     shown = [f"  {where}: " + ", ".join(f"{cls} {n}" for cls, n in classes.items())
