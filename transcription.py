@@ -581,6 +581,7 @@ def transcribe_media(path, transcriber: Transcriber, *, language: str | None = N
     """
     call = call or _call_now
     info = audio.probe(path)
+    audio.check_complete(info, path)
     if transcriber.decodes_media:  # the local engine reads the original itself, as one request
         if not info.has_audio:
             raise PermanentError("video without an audio track", error_class="no_audio")
