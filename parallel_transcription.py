@@ -13,12 +13,12 @@ import logging
 import os
 import sys
 
-from db_manager import TRANSCRIPTION, Job, Outcome
+from db_manager import TRANSCRIPTION, Job, Outcome, display_path
 from pipeline import config
 from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
-from pipeline.media import describe, register_inputs
+from pipeline.media import describe, register_inputs, still_registered_content
 from pipeline.outputs import as_recorded, safe_join
 from pipeline.runner import Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
 from transcription import add_local_arguments, choose_transcriber, transcribe_media, write_transcript_outputs
@@ -52,10 +52,19 @@ class TranscriptionWork:
                        duration=transcript.duration, source_language=transcript.language)
 
     def _media_path(self, job: Job) -> str:
-        """The registered path, or another path where the same content was seen."""
-        for path in [job.media_path, *self.db.paths_of(job.file_id)]:
-            if os.path.isfile(path):
+        """The registered path, or another path where the same content was seen, that still holds
+        this job's content: a recording replaced since registration is never sent as the old one."""
+        replaced = []
+        for path in dict.fromkeys([job.media_path, *self.db.paths_of(job.file_id)]):
+            if not os.path.isfile(path):
+                continue
+            if still_registered_content(self.db, job.file_id, path):
                 return path
+            replaced.append(display_path(path))
+        if replaced:
+            raise PermanentError(f"media changed after registration: {', '.join(replaced)} now holds other content"
+                                 " (registered as a new file); nothing was sent for this one",
+                                 error_class="media_changed")
         raise PermanentError(f"media file no longer exists: {os.fsencode(job.media_path)!r}",
                              error_class="missing_media")
 

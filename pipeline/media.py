@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from db_manager import DatabaseManager, MediaRecord, display_path, path_to_bytes
+from pipeline.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,29 @@ def register_inputs(db: DatabaseManager, inputs, languages) -> ScanReport:
     counts = db.register_files(records, languages)
     report.new_files, report.duplicates = counts["new_files"], counts["duplicates"]
     return report
+
+
+def still_registered_content(db: DatabaseManager, file_id: str, path: str) -> bool:
+    """Whether ``path`` still holds the content of ``file_id``, checked before paying for it.
+
+    Size and mtime as recorded for this path: yes, without reading. Otherwise the file is hashed:
+    the same content (only touched) updates the path's record; other content (the recording was
+    replaced) is registered as the new file it now is, with its own jobs, and False is returned.
+    """
+    stat = os.stat(path)
+    rows = db.query("SELECT size, mtime_ns, file_id FROM media_paths WHERE path_bytes = ?", (path_to_bytes(path),))
+    if rows and tuple(rows[0]) == (stat.st_size, stat.st_mtime_ns, file_id):
+        return True
+    record = _record(path)
+    if not isinstance(record, MediaRecord):  # changed, and now unreadable: the file's fault
+        raise PermanentError(f"cannot read {display_path(path)}: {record[1]}", error_class="unreadable_media")
+    languages = [r["language"] for r in db.jobs(stage="translation", file_id=file_id)]
+    db.register_files([record], languages)
+    if record.sha256[:16] == file_id:
+        return True
+    log.warning("%s was replaced after registration: registered its new content as %s", display_path(path),
+                record.sha256[:16])
+    return False
 
 
 def describe(report: ScanReport) -> str:
