@@ -40,8 +40,8 @@ from typing import ClassVar
 import requests
 
 from pipeline import audio
-from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, load_env,
-                             make_parser, parse_languages, setup_logging)
+from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, check_header_value,
+                             load_env, make_parser, parse_languages, setup_logging)
 from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, classify_http,
                              from_openai_exception, from_requests_exception, register_secret)
 from pipeline.outputs import WrittenFile, write_files
@@ -189,6 +189,7 @@ class Transcriber(ABC):
         if not api_key:
             raise ConfigError(f"{self.name}: no API key; set {self.key_env_var}")
         register_secret(api_key)
+        check_header_value(self.key_env_var, api_key)
         self._api_key = api_key
         self.base_url = (base_url or self.default_base_url).rstrip("/")
         self.model = model

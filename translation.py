@@ -39,8 +39,8 @@ from pathlib import Path
 import requests
 from lingua import Language, LanguageDetectorBuilder
 
-from pipeline.config import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, SUPPORTED_LANGUAGES, ConfigError, load_env,
-                             make_parser, parse_languages, run_main, setup_logging)
+from pipeline.config import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, SUPPORTED_LANGUAGES, ConfigError, check_header_value,
+                             load_env, make_parser, parse_languages, run_main, setup_logging)
 from pipeline.errors import (MAX_INLINE_WAIT_SECONDS, AccountError, PermanentError, ProviderError,
                              RetryableError, classify_http, from_openai_exception, from_requests_exception,
                              register_secret, retry_delay)
@@ -315,6 +315,7 @@ class Translator(ABC):
         if not api_key:
             raise ConfigError(f"{self.name}: no API key: set {self.key_env_var}")
         register_secret(api_key)
+        check_header_value(self.key_env_var, api_key)
         self._api_key = api_key
         self.base_url = (base_url or self._default_base(api_key)).rstrip("/")
         self.model = model or self.default_model

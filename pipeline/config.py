@@ -52,6 +52,22 @@ def load_env(env_file: str | None = None) -> os._Environ:
     return os.environ
 
 
+_CHARACTER_NAMES = {" ": "a space", "\t": "a tab", "\n": "a line break", "\r": "a carriage return",
+                    "\u201c": "a typographic quote", "\u201d": "a typographic quote", "\u2018": "a typographic quote",
+                    "\u2019": "a typographic quote", "\u00a0": "a non-breaking space", "\ufeff": "a byte-order mark"}
+
+
+def check_header_value(name: str, value: str) -> None:
+    """Refuse a key that cannot travel in an HTTP header (printable ASCII, no spaces), naming the
+    variable and never the key: pasted with quotes, a space or a line break, it would fail every
+    request of the run instead of the run's start."""
+    for position, char in enumerate(value, 1):
+        if not "!" <= char <= "~":
+            what = _CHARACTER_NAMES.get(char, f"the character U+{ord(char):04X}")
+            raise ConfigError(f"{name} contains {what} at position {position} of {len(value)}: an API key is"
+                              " printable ASCII without spaces or quotes; set it again without them")
+
+
 def target_languages(env=None) -> list[str]:
     env = os.environ if env is None else env
     raw = env.get("VERBATIM_TARGET_LANGUAGES") or ",".join(DEFAULT_TARGET_LANGUAGES)
