@@ -43,7 +43,7 @@ from pipeline import audio
 from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, check_header_value,
                              load_env, make_parser, parse_languages, setup_logging)
 from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, classify_http,
-                             from_openai_exception, from_requests_exception, register_secret)
+                             from_openai_exception, from_requests_exception, redact, register_secret)
 from pipeline.outputs import WrittenFile, write_files
 from pipeline.subtitles import RTL_LANGUAGES, Cue, format_srt, format_vtt
 
@@ -645,7 +645,8 @@ def write_transcript_outputs(transcript: Transcript, folder, *, root) -> dict[st
     else:
         for key in ("srt", "vtt"):
             (folder / OUTPUT_NAMES[key]).unlink(missing_ok=True)
-    raw = json.dumps(transcript.raw_responses, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    # A provider may echo what it was sent (a key among it): the raw answers are redacted too.
+    raw = redact(json.dumps(transcript.raw_responses, ensure_ascii=False, sort_keys=True)).encode("utf-8")
     contents["raw"] = gzip.compress(raw, mtime=0)  # mtime 0: same answers, same bytes, same hash
     written = write_files(folder, {OUTPUT_NAMES[key]: data for key, data in contents.items()}, root=root)
     return {key: written[OUTPUT_NAMES[key]] for key in contents}

@@ -17,7 +17,7 @@ import sys
 
 from dotenv import dotenv_values
 
-from pipeline.errors import redact, register_secret
+from pipeline.errors import redact, register_secret, register_url_credentials
 
 EXIT_OK = 0
 EXIT_FAILED = 1            # the run finished but some jobs failed
@@ -49,6 +49,7 @@ def load_env(env_file: str | None = None) -> os._Environ:
     for key, value in os.environ.items():
         if any(marker in key.upper() for marker in _SECRET_MARKERS):
             register_secret(value)
+        register_url_credentials(value)  # a proxy password in a base URL
     return os.environ
 
 

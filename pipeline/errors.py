@@ -20,6 +20,7 @@ import email.utils
 import json
 import random
 import time
+import urllib.parse
 
 # Backoff numbers in one place (full jitter, AWS style). Tests shrink them via the environment.
 RETRY_BASE_SECONDS = 2.0
@@ -31,14 +32,40 @@ MAX_INLINE_WAIT_SECONDS = 60.0
 _SECRETS: set[str] = set()
 
 
+def _secret_forms(secret: str) -> set[str]:
+    """Every form a secret takes in what we write: raw, JSON-escaped (``"`` and ``\\`` escaped,
+    non-ASCII escaped or not), URL-encoded (in a path or query, or as form data)."""
+    forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+             urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}
+    return {form for form in forms if form}
+
+
 def register_secret(value: str | None) -> None:
-    """Remember a configured key so that ``redact`` removes it from every message we store or log."""
-    if value and len(value) >= 6:
-        _SECRETS.add(value)
+    """Remember a configured key so that ``redact`` removes it, in every form, from every message
+    we store or log, whatever its length (a short key is still a key)."""
+    if value:
+        _SECRETS.update(_secret_forms(value))
+
+
+def register_url_credentials(url: str | None) -> None:
+    """Register the password of a URL's userinfo (``http://user:password@proxy/``), as written
+    there and decoded: clients log the URLs they call."""
+    if not url or "@" not in url:
+        return
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+    except ValueError:
+        return
+    userinfo = parts.netloc.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    if password:
+        register_secret(password)
+        register_secret(urllib.parse.unquote(password))
 
 
 def redact(text: str) -> str:
-    for secret in _SECRETS:
+    # Longest first: a form that contains another (raw inside URL-encoded) goes whole.
+    for secret in sorted(_SECRETS, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, "[REDACTED]")
     return text

@@ -495,9 +495,9 @@ def report(summaries: list[RunSummary], stop: StopSignal, *, as_json: bool) -> i
     """Print the end-of-run summary (JSON on stdout, or lines on stderr); return the exit code."""
     code = exit_code(summaries, stop)
     if as_json:
-        print(json.dumps({"exit_code": code, "account_error": stop.account_error,
-                          "interrupted": stop.interrupted, "runs": [s.as_dict() for s in summaries]},
-                         ensure_ascii=True))
+        print(errors.redact(json.dumps({"exit_code": code, "account_error": stop.account_error,
+                                        "interrupted": stop.interrupted, "runs": [s.as_dict() for s in summaries]},
+                                       ensure_ascii=True)))
     else:
         for s in summaries:
             what = s.stage + (f" {s.language}" if s.language else "")
