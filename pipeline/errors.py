@@ -27,6 +27,9 @@ RETRY_BASE_SECONDS = 2.0
 RETRY_CAP_SECONDS = 300.0
 # A Retry-After longer than this is not waited for in a thread: the job is requeued for later.
 MAX_INLINE_WAIT_SECONDS = 60.0
+# The most a server may ask us to wait at once: ``inf``, ``1e16`` or a date in the year 9999 would
+# otherwise spin (a float overflow) or wait for ever.
+MAX_RETRY_AFTER_SECONDS = 3600.0
 
 
 _SECRETS: set[str] = set()
@@ -122,21 +125,29 @@ def parse_retry_after(headers) -> float | None:
     ms = getter("retry-after-ms") or getter("Retry-After-Ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000.0)
+            return _server_wait(float(ms) / 1000.0)
         except ValueError:
             pass
     value = getter("retry-after") or getter("Retry-After")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        return _server_wait(float(value))
     except ValueError:
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return _server_wait(when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+
+
+def _server_wait(seconds: float) -> float | None:
+    """A server's wait, capped at ``MAX_RETRY_AFTER_SECONDS``; None (our own backoff) for 0, a
+    negative or NaN wait: honouring 0 would resend at once, hundreds of times a second."""
+    if not seconds > 0:  # also NaN
+        return None
+    return min(seconds, MAX_RETRY_AFTER_SECONDS)
 
 
 def retry_delay(attempt: int, retry_after: float | None = None, *,
