@@ -230,7 +230,14 @@ def _m002_park_waiting_translations(conn: sqlite3.Connection) -> None:
                  f" AND NOT {_TRANSCRIBED}")
 
 
-MIGRATIONS = [_m001_initial, _m002_park_waiting_translations]
+def _m003_archive_id(conn: sqlite3.Connection) -> None:
+    """A random id for this database, recorded in the output folder it writes (pipeline.archive),
+    so a second database pointed at the same folder is refused instead of overwriting it."""
+    conn.execute("CREATE TABLE archive_identity (id TEXT NOT NULL)")
+    conn.execute("INSERT INTO archive_identity (id) VALUES (?)", (os.urandom(16).hex(),))
+
+
+MIGRATIONS = [_m001_initial, _m002_park_waiting_translations, _m003_archive_id]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

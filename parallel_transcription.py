@@ -15,6 +15,7 @@ import sys
 
 from db_manager import TRANSCRIPTION, Job, Outcome, display_path
 from pipeline import config
+from pipeline.archive import prepare_output_root
 from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
                                          device=args.device, compute_type=args.compute_type)
         if args.dry_run:
             return dry_run(db, transcriber, args.limit, args.json)
+        prepare_output_root(db, config.output_dir(args), adopt=args.adopt_output_dir)
         transcriber.load()
         if args.retry_failed:
             log.info("reset %d failed transcription job(s) for retry", len(db.reset_failed(TRANSCRIPTION)))

@@ -16,6 +16,7 @@ import os
 
 from db_manager import COMPLETED, TRANSLATION, Job, Outcome
 from pipeline import config
+from pipeline.archive import prepare_output_root
 from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
                        for lang in languages}
         if args.dry_run:
             return dry_run(db, translators, args.limit, args.json)
+        prepare_output_root(db, config.output_dir(args), adopt=args.adopt_output_dir)
         stop = StopSignal()
         stop.install()
         plans = []

@@ -17,6 +17,7 @@ Every provider turns whatever went wrong into exactly one of three kinds, and wo
 from __future__ import annotations
 
 import email.utils
+import errno
 import json
 import random
 import time
@@ -115,6 +116,17 @@ class PermanentError(ProviderError):
 
 class AccountError(ProviderError):
     error_class = "account"
+
+
+class MachineError(OSError):
+    """The machine, not the file: the output disk is full, over quota, read-only or refuses us.
+    Like an account error it stops the run before it pays for more answers it cannot keep, and
+    gives every held job back; no file is failed for it. (An OSError still, for callers that
+    handle any failed write.)"""
+
+
+# OSError numbers that say the output disk itself cannot take our writes.
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def parse_retry_after(headers) -> float | None:

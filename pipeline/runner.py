@@ -262,9 +262,9 @@ class Runner:
             outcome = self.work(job)
         except Stopping:
             self._release(job, "run stopped before this job finished")
-        except errors.AccountError as exc:
+        except (errors.AccountError, errors.MachineError) as exc:  # not the file's fault: stop, give back
             self.stop.account(str(exc))
-            self._release(job, f"account error: {exc}")
+            self._release(job, f"run stopped: {exc}")
         except errors.RateLimitError as exc:
             self._record_failure(job, exc, retryable=True, spend_attempt=False)
         except errors.RetryableError as exc:
@@ -431,6 +431,8 @@ def add_run_arguments(parser, *, workers: int, batch_size: int) -> None:
     parser.add_argument("--model", help="provider model (default: the provider's default)")
     parser.add_argument("--retry-failed", action="store_true", help="also retry jobs that failed before")
     parser.add_argument("--dry-run", action="store_true", help="show what would run and its cost; no API call")
+    parser.add_argument("--adopt-output-dir", action="store_true",
+                        help="take over an output folder another job database wrote (it is refused otherwise)")
     parser.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS, help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
 
@@ -505,8 +507,8 @@ def report(summaries: list[RunSummary], stop: StopSignal, *, as_json: bool) -> i
                   f"{s.released} · still failed {s.failed_total} · left {s.remaining} · {s.seconds:.1f} s",
                   file=sys.stderr)
     if stop.account_error:
-        print(f"error: {stop.account_error}. The run stopped; no job was marked failed. Fix the account"
-              " or key and run again.", file=sys.stderr)
+        print(f"error: {stop.account_error}. The run stopped; no job was marked failed. Fix the account,"
+              " key or disk and run again.", file=sys.stderr)
     if stop.abort.is_set():
         # Worker threads may still sit in an HTTP call: their jobs were given back, so leave now
         # rather than wait for them (the interpreter would join them at exit).

@@ -355,13 +355,14 @@ def test_a_read_only_output_folder_stops_the_run_before_any_request(stt, tmp_pat
 def test_a_full_output_disk_stops_the_run_before_any_request(stt, tmp_path, mount_tmpfs):
     tones(tmp_path / "in", 3)
     out = mount_tmpfs(tmp_path / "out", "size=256k")
-    with open(out / "filler", "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 4096)
-                handle.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+    fd = os.open(out / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
     result = run(TRANSCRIBE, tmp_path, env_for(stt), "--input", str(tmp_path / "in"))
     assert result.returncode == 2, result.stderr
     assert "No space left on device" in result.stderr
