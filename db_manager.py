@@ -46,6 +46,7 @@ import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -301,9 +302,11 @@ class _Unit:
 # --------------------------------------------------------------------------------------------
 
 class DatabaseManager:
-    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT_SECONDS):
+    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT_SECONDS, read_only: bool = False):
         self.path = str(path)
         self.busy_timeout = busy_timeout
+        # Reading tools open read-only: a copied archive or a read-only mount must still report.
+        self.read_only = read_only
         self._local = threading.local()
         self._registry: set[sqlite3.Connection] = set()
         self._registry_lock = threading.Lock()
@@ -314,10 +317,15 @@ class DatabaseManager:
         self._write_lock = threading.Lock()
         self._queue: list[_Unit] = []     # units waiting for a group commit (see _grouped)
         self._queue_lock = threading.Lock()
-        self._migrate()
+        if read_only:
+            self._check_schema()
+        else:
+            self._migrate()
 
     # -- connections and transactions ----------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._connect_read_only()
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
         conn.row_factory = sqlite3.Row
@@ -457,6 +465,38 @@ class DatabaseManager:
 
     def schema_version(self) -> int:
         return self.query("PRAGMA user_version")[0][0]
+
+    def _check_schema(self) -> None:
+        """Read-only: nothing is migrated, so the schema must be exactly the code's."""
+        version = self.schema_version()
+        if version != SCHEMA_VERSION:
+            age = "older" if version < SCHEMA_VERSION else "newer"
+            raise DatabaseError(
+                f"{self.path} has schema version {version}, {age} than this verbatim's {SCHEMA_VERSION}, and it"
+                " is opened read-only here, so it is not " + ("upgraded: run any writing command on it (for"
+                " example tools/add_media.py) where it is writable first" if age == "older"
+                else "readable: upgrade verbatim"))
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """``mode=ro``; where SQLite cannot even keep its shared-memory file beside the database
+        (a WAL database on a read-only mount), ``immutable=1``: nobody can write there anyway."""
+        base = "file:" + urllib.parse.quote(os.path.abspath(self.path))
+        for flags in ("?mode=ro", "?mode=ro&immutable=1"):
+            conn = sqlite3.connect(base + flags, uri=True, timeout=self.busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
+            try:
+                conn.execute("PRAGMA query_only = ON")
+                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                break
+            except sqlite3.OperationalError:
+                conn.close()
+                if "immutable" in flags:
+                    raise
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        with self._registry_lock:
+            self._registry.add(conn)
+        return conn
 
     # -- events and the single place statuses change ---------------------------------------------
     @staticmethod

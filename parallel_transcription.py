@@ -129,7 +129,9 @@ def main(argv=None) -> int:
     config.setup_logging(args.verbose, args.quiet)
     if args.language:
         config.parse_languages([args.language])
-    db = config.open_db(config.db_path(args))
+    # A dry run that registers nothing only reads: it works on a read-only database too.
+    db = config.open_db(config.db_path(args), read_only=args.dry_run and not args.input,
+                        must_exist=args.dry_run and not args.input)
     try:
         if args.input:
             scan = register_inputs(db, args.input, config.target_languages())

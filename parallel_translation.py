@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     config.load_env(args.env_file)
     config.setup_logging(args.verbose, args.quiet)
     languages = config.parse_languages(args.language) if args.language else config.target_languages()
-    db = config.open_db(config.db_path(args), must_exist=True)
+    db = config.open_db(config.db_path(args), must_exist=True, read_only=args.dry_run)
     try:
         translators = {lang: choose_translator(lang, args.provider, os.environ, model=args.model)
                        for lang in languages}

@@ -156,15 +156,16 @@ def make_parser(prog_doc: str, example: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def open_db(path: str, *, must_exist: bool = False):
-    """Open the job store; a read-only tool refuses to create an empty database by mistake."""
+def open_db(path: str, *, must_exist: bool = False, read_only: bool = False):
+    """Open the job store; a read-only tool refuses to create an empty database by mistake, and
+    opens it ``read_only`` (then a copied archive or a read-only mount works too)."""
     from db_manager import DatabaseError, DatabaseManager
 
     if must_exist and not os.path.exists(path):
         raise ConfigError(f"no database at {path}: register media first "
                           "(tools/add_media.py PATH or parallel_transcription.py --input PATH), or pass --db")
     try:
-        return DatabaseManager(path)
+        return DatabaseManager(path, read_only=read_only)
     except DatabaseError as exc:
         raise ConfigError(str(exc)) from exc
     except Exception as exc:  # sqlite3 errors: not a database, unreadable, locked folder ...

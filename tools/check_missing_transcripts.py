@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     config.load_env(args.env_file)
     config.setup_logging(args.verbose)
     stage, language = selection(args)
-    db = config.open_db(config.db_path(args), must_exist=True)
+    db = config.open_db(config.db_path(args), must_exist=True, read_only=True)
     try:
         problems, checked = check(db, config.output_dir(args), stage, language)
     finally:
