@@ -232,10 +232,14 @@ def _m002_park_waiting_translations(conn: sqlite3.Connection) -> None:
 
 
 def _m003_archive_id(conn: sqlite3.Connection) -> None:
-    """A random id for this database, recorded in the output folder it writes (pipeline.archive),
-    so a second database pointed at the same folder is refused instead of overwriting it."""
+    """Who uses this database: a random id for it, recorded in the output folder it writes
+    (pipeline.archive), so a second database pointed at the same folder is refused instead of
+    overwriting it; and the transcription runs live on it (``live_runs``), so a translation run
+    knows whether transcripts are still to come."""
     conn.execute("CREATE TABLE archive_identity (id TEXT NOT NULL)")
     conn.execute("INSERT INTO archive_identity (id) VALUES (?)", (os.urandom(16).hex(),))
+    conn.execute("CREATE TABLE live_runs (owner TEXT PRIMARY KEY, stage TEXT NOT NULL, started_at REAL NOT NULL,"
+                 " seen_at REAL NOT NULL)")
 
 
 MIGRATIONS = [_m001_initial, _m002_park_waiting_translations, _m003_archive_id]
@@ -922,6 +926,42 @@ class DatabaseManager:
         """Translation jobs whose transcript a running transcription is producing right now."""
         where, params = _scoped("stage = 'translation' AND language = ? AND status = 'not_started'"
                                 f" AND {_transcript_is(IN_PROGRESS)}", [language], file_ids)
+        return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
+
+    # -- live runs: who may still produce transcripts ------------------------------------------------
+    def register_run(self, owner: str, stage: str) -> None:
+        """Say that a run of ``stage`` is live on this database (``seen`` it now and then)."""
+        now = time.time()
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO live_runs (owner, stage, started_at, seen_at) VALUES (?, ?, ?, ?)",
+                         (owner, stage, now, now))
+
+    def seen_run(self, owner: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE live_runs SET seen_at = ? WHERE owner = ?", (time.time(), owner))
+
+    def end_run(self, owner: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM live_runs WHERE owner = ?", (owner,))
+
+    def live_runs(self, stage: str, *, stale_after: float = DEFAULT_LEASE_SECONDS) -> int:
+        """Runs of ``stage`` that are live: not provably dead, and seen within ``stale_after``."""
+        rows = self.query("SELECT owner FROM live_runs WHERE stage = ? AND seen_at > ?",
+                          (stage, time.time() - stale_after))
+        return sum(1 for row in rows if not owner_is_dead(row[0]))
+
+    def untranscribed_translations(self, language: str, *, file_ids: Iterable[str] | None = None) -> int:
+        """not_started ``language`` translations whose transcript is not done but may still be
+        (its job is not_started or in_progress; a failed one waits for a retry)."""
+        coming = f"({_transcript_is(NOT_STARTED)} OR {_transcript_is(IN_PROGRESS)})"
+        where, params = _scoped(f"stage = 'translation' AND language = ? AND status = 'not_started' AND {coming}",
+                                [language], file_ids)
+        return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
+
+    def waiting_translations(self, language: str, *, file_ids: Iterable[str] | None = None) -> int:
+        """not_started ``language`` translations whose transcript is not completed: work left."""
+        where, params = _scoped(f"stage = 'translation' AND language = ? AND status = 'not_started'"
+                                f" AND NOT {_TRANSCRIBED}", [language], file_ids)
         return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
 
 

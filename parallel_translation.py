@@ -7,7 +7,12 @@ result really is in the target language, and writes translation.<lang>.txt/.json
 beside the transcript. Several languages run at once, each with its own progress bar. Run the
 same command again to resume: completed translations are never redone.
 
-Exit codes: 0 all done, 1 some jobs failed, 2 usage/configuration/account error, 130 interrupted.
+A translation whose transcript is not done yet waits for it while a transcription run is live
+(or starting beside this one); when none is, the run ends and says that work is left (exit 3).
+
+Exit codes: 0 all done, 1 some jobs failed, 2 usage/configuration/account error, 3 nothing failed but
+translations wait for transcripts not done yet (run parallel_transcription.py, then this again),
+130 interrupted.
 """
 
 import json

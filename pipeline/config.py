@@ -22,6 +22,7 @@ from pipeline.errors import redact, register_secret, register_url_credentials
 EXIT_OK = 0
 EXIT_FAILED = 1            # the run finished but some jobs failed
 EXIT_USAGE = 2             # usage or configuration error, or an account-level provider error
+EXIT_WORK_LEFT = 3         # nothing failed, but translations wait for transcripts not done yet
 EXIT_INTERRUPTED = 130     # Ctrl-C / SIGTERM
 
 DEFAULT_DB = "verbatim.db"

@@ -31,10 +31,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from db_manager import (DEFAULT_LEASE_SECONDS, FAILED, PARKED, TRANSLATION, DatabaseManager, Job, LeaseLostError,
-                        Outcome, make_owner)
+from db_manager import (DEFAULT_LEASE_SECONDS, FAILED, PARKED, TRANSCRIPTION, TRANSLATION, DatabaseManager, Job,
+                        LeaseLostError, Outcome, make_owner)
 from pipeline import errors
-from pipeline.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from pipeline.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_WORK_LEFT
 from pipeline.faults import crash_point
 from pipeline.limiter import Stopping
 
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL_SECONDS = 0.5
 RECLAIM_EVERY_SECONDS = 30.0
+# A translation run started beside a transcription run (the same second) looks this long for it
+# to register before it concludes that no transcript is coming.
+TRANSCRIPTION_GRACE_SECONDS = 5.0
 
 
 @dataclass
@@ -71,6 +74,7 @@ class RunSummary:
     lease_lost: int = 0
     failed_total: int = 0        # failed jobs of this stage/language in the database afterwards
     remaining: int = 0           # not_started jobs left afterwards
+    waiting_for_transcripts: int = 0   # translations whose transcript is not done: work left
     account_error: str | None = None
     interrupted: bool = False
     errors: Counter = field(default_factory=Counter)
@@ -139,7 +143,7 @@ class Runner:
 
     # -- the main loop --------------------------------------------------------------------
     def run(self) -> RunSummary:
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         self._reclaim(force=True)
         self._release_parked()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.options.label}",
@@ -218,9 +222,8 @@ class Runner:
             # happen; completing one releases them): release them rather than wait for ever.
             self._release_parked()
             return True
-        if not count and self.options.stage == TRANSLATION and self.db.awaiting_transcripts(
-                self.options.language, file_ids=self.options.file_ids):
-            # A transcription run is producing transcripts right now: follow it instead of leaving.
+        if not count and self.options.stage == TRANSLATION and self._transcripts_coming():
+            # A transcription run is producing transcripts, or is about to: follow it instead of leaving.
             self.stop.stop.wait(IDLE_POLL_SECONDS * 2)
             return True
         if not count:
@@ -228,6 +231,17 @@ class Runner:
         delay = min(max(0.0, (earliest or 0) - time.time()), IDLE_POLL_SECONDS * 4)
         self.stop.stop.wait(delay)
         return True
+
+    def _transcripts_coming(self) -> bool:
+        """Transcripts this translation run waits for are being made (a transcription job runs), or
+        will be: a transcription run is live, or may be starting beside this one (the grace)."""
+        language, ids = self.options.language, self.options.file_ids
+        if self.db.awaiting_transcripts(language, file_ids=ids):
+            return True
+        if not self.db.untranscribed_translations(language, file_ids=ids):
+            return False
+        return (self.db.live_runs(TRANSCRIPTION) > 0
+                or time.monotonic() - self._started < TRANSCRIPTION_GRACE_SECONDS)
 
     def _release_parked(self) -> None:
         if self.options.stage != TRANSLATION:
@@ -379,6 +393,9 @@ class Runner:
             (self.options.stage, self.options.language), {})
         self.summary.failed_total = counts.get(FAILED, 0)
         self.summary.remaining = counts.get("not_started", 0)
+        if self.options.stage == TRANSLATION:
+            self.summary.waiting_for_transcripts = self.db.waiting_translations(
+                self.options.language, file_ids=self.options.file_ids)
         self.summary.account_error = self.stop.account_error
         self.summary.interrupted = self.stop.interrupted
         self.summary.seconds = round(time.monotonic() - started, 3)
@@ -416,6 +433,8 @@ def exit_code(summaries: list[RunSummary], stop: StopSignal) -> int:
         return EXIT_INTERRUPTED
     if any(s.failed_total for s in summaries):
         return EXIT_FAILED
+    if any(s.waiting_for_transcripts for s in summaries):
+        return EXIT_WORK_LEFT
     return EXIT_OK
 
 
@@ -505,6 +524,11 @@ def report(summaries: list[RunSummary], stop: StopSignal, *, as_json: bool) -> i
             what = s.stage + (f" {s.language}" if s.language else "")
             print(f"{what}: completed {s.completed} · failed {s.failed} · retried {s.retried} · released "
                   f"{s.released} · still failed {s.failed_total} · left {s.remaining} · {s.seconds:.1f} s",
+                  file=sys.stderr)
+    for s in summaries:
+        if s.waiting_for_transcripts:
+            print(f"{s.stage} {s.language}: {s.waiting_for_transcripts} job(s) wait for transcripts that are not"
+                  " done, and no transcription run is live: run parallel_transcription.py, then this again",
                   file=sys.stderr)
     if stop.account_error:
         print(f"error: {stop.account_error}. The run stopped; no job was marked failed. Fix the account,"
