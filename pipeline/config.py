@@ -48,8 +48,11 @@ def load_env(env_file: str | None = None) -> os._Environ:
             if value is not None and key not in os.environ:
                 os.environ[key] = value
     for key, value in os.environ.items():
-        if any(marker in key.upper() for marker in _SECRET_MARKERS):
-            register_secret(value)
+        name = key.upper()
+        if name.endswith(tuple("_" + marker for marker in _SECRET_MARKERS)):
+            register_secret(value)  # a key is a key whatever its length
+        elif any(marker in name for marker in _SECRET_MARKERS) and len(value) >= 6:
+            register_secret(value)  # KEYTIMEOUT=1 must not redact every "1"
         register_url_credentials(value)  # a proxy password in a base URL
     return os.environ
 
