@@ -9,7 +9,6 @@ killed run is resumed by running the same command again: completed files are nev
 Exit codes: 0 all done, 1 some jobs failed, 2 usage/configuration/account error, 130 interrupted.
 """
 
-import contextlib
 import logging
 import os
 import sys
@@ -17,10 +16,10 @@ import sys
 from db_manager import TRANSCRIPTION, Job, Outcome, display_path
 from pipeline import config
 from pipeline.archive import prepare_output_root
-from pipeline.liveruns import LiveRun
 from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
+from pipeline.liveruns import LiveRun
 from pipeline.media import describe, register_inputs, still_registered_content
 from pipeline.outputs import as_recorded, safe_join
 from pipeline.runner import Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
@@ -134,40 +133,37 @@ def main(argv=None) -> int:
     # A dry run that registers nothing only reads: it works on a read-only database too.
     db = config.open_db(config.db_path(args), read_only=args.dry_run and not args.input,
                         must_exist=args.dry_run and not args.input)
+    live = None if args.dry_run else LiveRun(db, TRANSCRIPTION).start()  # translation runs follow it
     try:
-        with contextlib.nullcontext() if args.dry_run else LiveRun(db, TRANSCRIPTION):
-            return _run(args, db)
+        if args.input:
+            scan = register_inputs(db, args.input, config.target_languages())
+            print(describe(scan), file=sys.stderr)
+            if scan.missing_inputs:
+                raise config.ConfigError("input not found: " + ", ".join(map(repr, scan.missing_inputs)))
+        transcriber = choose_transcriber(args.provider, os.environ, model=args.model, workers=args.workers,
+                                         device=args.device, compute_type=args.compute_type)
+        if args.dry_run:
+            return dry_run(db, transcriber, args.limit, args.json)
+        prepare_output_root(db, config.output_dir(args), adopt=args.adopt_output_dir)
+        transcriber.load()
+        if args.retry_failed:
+            log.info("reset %d failed transcription job(s) for retry", len(db.reset_failed(TRANSCRIPTION)))
+        limiter = provider_limiter(transcriber)
+        workers = min(args.workers, transcriber.max_concurrency or args.workers)  # no idle threads holding jobs
+        stop = StopSignal()
+        stop.install()
+        work = TranscriptionWork(db, transcriber, RunRequests(limiter, workers, stop.stop),
+                                 config.output_dir(args), language=args.language, prompt=args.prompt)
+        options = RunOptions(TRANSCRIPTION, "", workers=workers, threads=thread_count(workers),
+                             batch_size=args.batch_size,
+                             limit=args.limit, lease_seconds=args.lease_seconds, label="transcription",
+                             quiet=args.quiet)
+        summaries = run_plans(db, [Plan(options, work, limiter)], stop)
+        return report(summaries, stop, as_json=args.json)
     finally:
+        if live is not None:
+            live.stop()
         db.close_all()
-
-
-def _run(args, db) -> int:
-    """Register, choose the provider, run; the database is open and this run is registered live."""
-    if args.input:
-        scan = register_inputs(db, args.input, config.target_languages())
-        print(describe(scan), file=sys.stderr)
-        if scan.missing_inputs:
-            raise config.ConfigError("input not found: " + ", ".join(map(repr, scan.missing_inputs)))
-    transcriber = choose_transcriber(args.provider, os.environ, model=args.model, workers=args.workers,
-                                     device=args.device, compute_type=args.compute_type)
-    if args.dry_run:
-        return dry_run(db, transcriber, args.limit, args.json)
-    prepare_output_root(db, config.output_dir(args), adopt=args.adopt_output_dir)
-    transcriber.load()
-    if args.retry_failed:
-        log.info("reset %d failed transcription job(s) for retry", len(db.reset_failed(TRANSCRIPTION)))
-    limiter = provider_limiter(transcriber)
-    workers = min(args.workers, transcriber.max_concurrency or args.workers)  # no idle threads holding jobs
-    stop = StopSignal()
-    stop.install()
-    work = TranscriptionWork(db, transcriber, RunRequests(limiter, workers, stop.stop),
-                             config.output_dir(args), language=args.language, prompt=args.prompt)
-    options = RunOptions(TRANSCRIPTION, "", workers=workers, threads=thread_count(workers),
-                         batch_size=args.batch_size,
-                         limit=args.limit, lease_seconds=args.lease_seconds, label="transcription",
-                         quiet=args.quiet)
-    summaries = run_plans(db, [Plan(options, work, limiter)], stop)
-    return report(summaries, stop, as_json=args.json)
 
 
 if __name__ == "__main__":

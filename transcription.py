@@ -232,7 +232,8 @@ class Transcriber(ABC):
         seconds = self.total_deadline
         if seconds is None:
             info = audio.quick_probe(audio_path)
-            length = info.duration if info and info.duration else os.path.getsize(audio_path) / audio.OPUS_BYTES_PER_SECOND
+            length = (info.duration if info and info.duration
+                      else os.path.getsize(audio_path) / audio.OPUS_BYTES_PER_SECOND)
             seconds = DEADLINE_BASE_SECONDS + DEADLINE_PER_AUDIO_SECOND * length
         return Deadline(seconds, self.name)
 

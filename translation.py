@@ -39,13 +39,13 @@ from pathlib import Path
 import requests
 from lingua import Language, LanguageDetectorBuilder
 
+from pipeline import httpbounds
 from pipeline.config import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, SUPPORTED_LANGUAGES, ConfigError, check_header_value,
                              load_env, make_parser, parse_languages, run_main, setup_logging)
-from pipeline import httpbounds
-from pipeline.httpbounds import DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream
 from pipeline.errors import (MAX_INLINE_WAIT_SECONDS, AccountError, PermanentError, ProviderError,
                              RetryableError, classify_http, from_openai_exception, from_requests_exception,
                              register_secret, retry_delay)
+from pipeline.httpbounds import DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream
 from pipeline.outputs import WrittenFile, write_files
 from pipeline.subtitles import RTL_LANGUAGES, Cue, SubtitleError, format_srt, format_vtt, parse_srt, parse_vtt
 

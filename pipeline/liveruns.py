@@ -23,7 +23,7 @@ SEEN_EVERY_SECONDS = 60.0
 
 
 class LiveRun:
-    """``with LiveRun(db, stage):`` registers this process's run of ``stage`` for its duration."""
+    """Registers this process's run of ``stage`` from ``start()`` to ``stop()``."""
 
     def __init__(self, db, stage: str):
         self.db = db
@@ -32,12 +32,12 @@ class LiveRun:
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._keep_seen, name=f"live-{stage}", daemon=True)
 
-    def __enter__(self) -> "LiveRun":
+    def start(self) -> "LiveRun":
         self.db.register_run(self.owner, self.stage)
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         self._done.set()
         self._thread.join(5)
         with contextlib.suppress(sqlite3.Error):  # a stale row only delays a follower until it expires

@@ -1,8 +1,9 @@
 """Finding audio and video files and registering them in the job store.
 
 A scan walks files and folders recursively, skipping hidden entries, non-media and media names
-that are not regular files (a FIFO or a device would block hashing for ever; all counted). A file whose path, size and mtime are already known is not hashed again, so a rescan
-of a large archive costs one ``stat`` per file. New or changed files are hashed (sha256, read in
+that are not regular files (a FIFO or a device would block hashing for ever; all counted). A
+file whose path, size and mtime are already known is not hashed again, so a rescan of a large
+archive costs one ``stat`` per file. New or changed files are hashed (sha256, read in
 1 MiB blocks) and registered; the same content at a second path is recorded as a second path of
 the same file, never as a second file.
 """

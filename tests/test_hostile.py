@@ -32,7 +32,7 @@ from tests.conftest import ROOT, script_env
 from tests.fake_stt import ELEVENLABS_PATH, OPENAI_PATH, FakeSTT, env_for
 from tests.fake_translate import FakeDeepL
 from tests.fakeserver import Fault, FakeServer, json_response
-from tests.test_faults import TRANSCRIBE, TRANSLATE, command, db_rows, run, stt, tones  # noqa: F401
+from tests.test_faults import TRANSCRIBE, TRANSLATE, command, db_rows, run, tones
 from tests.test_parallel_translation import make_archive
 
 pytestmark = pytest.mark.faults
@@ -42,6 +42,13 @@ CHECK = str(ROOT / "tools" / "check_missing_transcripts.py")
 # Without these capabilities root obeys file permissions like any user (chmod 000 stops it).
 _DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
              "--inh-caps=-dac_override,-dac_read_search"]
+
+
+@pytest.fixture
+def stt():
+    server = FakeServer().start()
+    yield FakeSTT(server)
+    server.stop()
 
 
 def jobs_by_name(tmp_path, stage="transcription"):
@@ -205,7 +212,7 @@ def test_secrets_never_leak_in_any_form(tmp_path):
     server = FakeServer().start()
     try:
         stt = FakeSTT(server, openai_key=openai_key, elevenlabs_key=short_key)
-        real_openai, real_eleven = server.routes[("POST", OPENAI_PATH)], server.routes[("POST", ELEVENLABS_PATH)]
+        real_openai = server.routes[("POST", OPENAI_PATH)]
 
         def echo_openai(request):  # a provider that echoes the credentials it got in a 200 body
             response = real_openai(request)
@@ -227,7 +234,8 @@ def test_secrets_never_leak_in_any_form(tmp_path):
         (tmp_path / "proxy").mkdir()
         results.append(run(TRANSCRIBE, tmp_path / "el", {**env_for(stt), **debug}, "--input", str(tmp_path / "in"),
                            "-v", "--json", "--provider", "elevenlabs"))
-        userinfo_url = stt.openai_base_url.replace("http://", f"http://verbatim:{urllib.parse.quote(password, safe='')}@")
+        userinfo = f"verbatim:{urllib.parse.quote(password, safe='')}@"
+        userinfo_url = stt.openai_base_url.replace("http://", "http://" + userinfo)
         results.append(run(TRANSCRIBE, tmp_path / "proxy", {**env_for(stt), **debug, "OPENAI_BASE_URL": userinfo_url},
                            "--input", str(tmp_path / "in"), "-v", "--json", "--provider", "openai"))
         results.append(subprocess.run([sys.executable, STATUS, "--db", str(tmp_path / "jobs.db"), "--files",
@@ -427,7 +435,8 @@ def test_reading_tools_work_on_a_read_only_database(tmp_path, mount_tmpfs):
     # (command, exit code): the check tool reports this archive's media as missing (they are made up), 1
     commands = [([STATUS, "--db", db], 0), ([STATUS, "--db", db, "--json", "--files"], 0),
                 ([CHECK, "--db", db, "--output-dir", str(tmp_path / "out")], 1),
-                ([TRANSCRIBE, "--db", db, "--dry-run"], 0), ([TRANSLATE, "--db", db, "--dry-run", "--language", "en"], 0)]
+                ([TRANSCRIBE, "--db", db, "--dry-run"], 0),
+                ([TRANSLATE, "--db", db, "--dry-run", "--language", "en"], 0)]
     with FakeDeepL() as fake:
         env = script_env(**fake.env(), OPENAI_API_KEY="sk-test-openai-0000")
         for args, code in commands:
