@@ -958,12 +958,6 @@ class DatabaseManager:
                                 [language], file_ids)
         return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
 
-    def waiting_translations(self, language: str, *, file_ids: Iterable[str] | None = None) -> int:
-        """not_started ``language`` translations whose transcript is not completed: work left."""
-        where, params = _scoped(f"stage = 'translation' AND language = ? AND status = 'not_started'"
-                                f" AND NOT {_TRANSCRIBED}", [language], file_ids)
-        return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
-
 
 class _Sql(str):
     """A literal SQL expression for ``_transition`` sets (never user input)."""

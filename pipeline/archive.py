@@ -20,8 +20,6 @@ import uuid
 from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.errors import MachineError
-from pipeline.outputs import atomic_write
 
 MARKER = ".verbatim-archive.json"
 _PROBE_PREFIX = ".verbatim-probe-"
@@ -60,9 +58,22 @@ def claim_output_root(db, root: str, *, adopt: bool = False) -> None:
             " another --output-dir, or pass --adopt-output-dir to make this database its owner")
     marker = {"database_id": own, "database": os.path.abspath(db.path)}
     try:
-        atomic_write(Path(root) / MARKER, json.dumps(marker, indent=2) + "\n", root=root)
-    except (OSError, MachineError) as exc:
-        raise ConfigError(f"the output folder {root} is not writable: {exc}") from exc
+        _write_marker(Path(root), json.dumps(marker, indent=2) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"the output folder {root} is not writable: {exc.strerror or exc}") from exc
+
+
+def _write_marker(root: Path, text: str) -> None:
+    """Write the marker atomically (temporary name, fsync, rename): never half a marker."""
+    temp = root / f"{MARKER}.{uuid.uuid4().hex}.tmp"  # the name sweep_temp_files knows
+    try:
+        with open(temp, "x", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, root / MARKER)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def _read_marker(path: Path) -> dict | None:

@@ -74,7 +74,7 @@ class RunSummary:
     lease_lost: int = 0
     failed_total: int = 0        # failed jobs of this stage/language in the database afterwards
     remaining: int = 0           # not_started jobs left afterwards
-    waiting_for_transcripts: int = 0   # translations whose transcript is not done: work left
+    waiting_for_transcripts: int = 0   # translations whose transcript is still to be made: work left
     account_error: str | None = None
     interrupted: bool = False
     errors: Counter = field(default_factory=Counter)
@@ -394,7 +394,7 @@ class Runner:
         self.summary.failed_total = counts.get(FAILED, 0)
         self.summary.remaining = counts.get("not_started", 0)
         if self.options.stage == TRANSLATION:
-            self.summary.waiting_for_transcripts = self.db.waiting_translations(
+            self.summary.waiting_for_transcripts = self.db.untranscribed_translations(
                 self.options.language, file_ids=self.options.file_ids)
         self.summary.account_error = self.stop.account_error
         self.summary.interrupted = self.stop.interrupted
@@ -528,8 +528,7 @@ def report(summaries: list[RunSummary], stop: StopSignal, *, as_json: bool) -> i
     for s in summaries:
         if s.waiting_for_transcripts:
             print(f"{s.stage} {s.language}: {s.waiting_for_transcripts} job(s) wait for transcripts that are not"
-                  " done, and no transcription run is live: run parallel_transcription.py, then this again",
-                  file=sys.stderr)
+                  " done (exit 3): run parallel_transcription.py, then this again", file=sys.stderr)
     if stop.account_error:
         print(f"error: {stop.account_error}. The run stopped; no job was marked failed. Fix the account,"
               " key or disk and run again.", file=sys.stderr)
