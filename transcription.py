@@ -299,7 +299,7 @@ class OpenAITranscriber(Transcriber):
         if prompt:
             params["prompt"] = prompt
         deadline = self.deadline(audio_path)
-        with open(audio_path, "rb") as handle:
+        with httpbounds.UploadFile(audio_path, deadline) as handle:
             try:
                 left = deadline.remaining()
                 with self._client.audio.transcriptions.with_streaming_response.create(
@@ -308,6 +308,8 @@ class OpenAITranscriber(Transcriber):
                         **params) as response:
                     data = json.loads(read_sdk_stream(response, deadline=deadline, limit=self.max_response_bytes))
             except (openai.OpenAIError, ValueError) as exc:
+                if isinstance(exc.__cause__, ProviderError):  # the upload's deadline, wrapped by the SDK
+                    raise exc.__cause__ from exc
                 raise from_openai_exception(exc, provider=self.name) from exc
         return self._parse(data, language, text_only)
 
@@ -382,7 +384,7 @@ class _MultipartFile:
     known length avoids chunked transfer encoding.
     """
 
-    def __init__(self, fields: Mapping[str, str], filename: str, path):
+    def __init__(self, fields: Mapping[str, str], filename: str, path, deadline: Deadline | None = None):
         boundary = uuid.uuid4().hex
         head = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
                         f"{value}\r\n".encode() for name, value in fields.items())
@@ -390,7 +392,7 @@ class _MultipartFile:
                  "Content-Type: application/octet-stream\r\n\r\n").encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
         self.content_type = f"multipart/form-data; boundary={boundary}"
-        self._file = open(path, "rb")
+        self._file = open(path, "rb") if deadline is None else httpbounds.UploadFile(path, deadline)
         self._length = len(head) + os.fstat(self._file.fileno()).st_size + len(tail)
         self._parts = [io.BytesIO(head), self._file, io.BytesIO(tail)]
 
@@ -451,12 +453,13 @@ class ElevenLabsTranscriber(Transcriber):
                   "timestamps_granularity": "word"}
         if language:
             fields["language_code"] = language
+        deadline = self.deadline(audio_path)
         try:
-            with _MultipartFile(fields, _upload_name(audio_path), audio_path) as body:
+            with _MultipartFile(fields, _upload_name(audio_path), audio_path, deadline) as body:
                 status, headers, content = httpbounds.post(
                     self._session(), f"{self.base_url}/v1/speech-to-text", data=body,
                     headers={"xi-api-key": self._api_key, "Content-Type": body.content_type},
-                    deadline=self.deadline(audio_path), limit=self.max_response_bytes, read_timeout=self.timeout)
+                    deadline=deadline, limit=self.max_response_bytes, read_timeout=self.timeout)
             if status != 200:
                 raise classify_http(status, content.decode("utf-8", "replace"), headers, provider=self.name)
             data = json.loads(content)

@@ -1,16 +1,18 @@
 """Provider answers within bounds: a total deadline per request and a cap on the bytes read.
 
-Client timeouts are per socket operation: a server that sends one byte a second never trips
-them, and the heartbeat keeps the job's lease alive meanwhile, so the job would never end. A
-``Deadline`` bounds the whole request instead: the per-read timeout is at most what is left of
-it, and the body is read in pieces as they arrive (at most one socket read each), the deadline
-checked after every piece. The same loop caps the body: an answer beyond ``max_response_bytes``
+Client timeouts are per socket operation: a server that sends one byte a second, or reads an
+upload a kilobyte at a time, never trips them, and the heartbeat keeps the job's lease alive
+meanwhile, so the job would never end. A ``Deadline`` bounds the whole request instead: the
+per-read timeout is at most what is left of it, the upload is read from an ``UploadFile`` that
+checks it before every block it hands to the client, and the answer is read in pieces as they
+arrive (at most one socket read each), the deadline checked after every piece. The same loop caps the body: an answer beyond ``max_response_bytes``
 (far above any real transcript of a ten-hour recording) fails the request as
 ``invalid_response`` before it fills the memory of the machine.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -44,6 +46,23 @@ class Deadline:
             raise RetryableError(f"{self.provider}: no complete answer within the request's total deadline"
                                  f" of {self.seconds:.0f} s", error_class="timeout")
         return left
+
+
+class UploadFile(io.FileIO):
+    """A file opened for upload that refuses to hand out more once ``deadline`` has passed: the
+    client reads the next block only when the server took the last one."""
+
+    def __init__(self, path, deadline: Deadline):
+        super().__init__(path, "rb")
+        self.deadline = deadline
+
+    def read(self, size: int = -1) -> bytes:
+        self.deadline.remaining()
+        return super().read(size)
+
+    def readinto(self, buffer) -> int:
+        self.deadline.remaining()
+        return super().readinto(buffer)
 
 
 def too_large(provider: str, limit: int) -> PermanentError:

@@ -16,6 +16,7 @@ import gzip
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import struct
 import subprocess
@@ -290,6 +291,72 @@ def test_a_dripping_translation_answer_meets_the_total_deadline(tmp_path):
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 30
     assert db_rows(tmp_path, "SELECT 1 FROM events WHERE error_class = 'timeout'")
+
+
+class TrickleReader:
+    """A server on 127.0.0.1 that reads what it is sent at a trickle (1 KiB every 10 ms, with a small
+    receive buffer) and never answers: every send waits a moment, none long enough for a timeout."""
+
+    def __init__(self):
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(8)
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d" % self._sock.getsockname()[1]
+
+    def _serve(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        with conn:
+            conn.settimeout(0.2)
+            while not self._stop.wait(0.01):
+                try:
+                    if not conn.recv(1024):
+                        return
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+
+    def close(self):
+        self._stop.set()
+        self._sock.close()
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("provider", ["openai", "elevenlabs"])
+def test_an_upload_read_at_a_trickle_meets_the_total_deadline(provider, tmp_path):
+    from pipeline.errors import RetryableError
+    from transcription import PROVIDERS
+
+    upload = tmp_path / "audio.ogg"
+    upload.write_bytes(os.urandom(8 << 20))  # beyond what the socket buffers take at once
+    server = TrickleReader()
+    try:
+        env = {"OPENAI_API_KEY": "sk-test-openai-0000", "OPENAI_BASE_URL": server.url + "/v1",
+               "ELEVENLABS_API_KEY": "el-test-0000", "ELEVENLABS_BASE_URL": server.url,
+               "VERBATIM_REQUEST_TIMEOUT": "2"}
+        transcriber = PROVIDERS[provider].from_env(env)
+        started = time.monotonic()
+        with pytest.raises(RetryableError) as caught:
+            transcriber.transcribe_chunk(str(upload))
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert caught.value.error_class == "timeout"
+    assert elapsed < 10  # the upload alone would take about 80 s
 
 
 # -- 8. hostile Retry-After -----------------------------------------------------------------------
