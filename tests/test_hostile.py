@@ -34,7 +34,7 @@ from tests.fake_stt import ELEVENLABS_PATH, OPENAI_PATH, FakeSTT, env_for
 from tests.fake_translate import FakeDeepL
 from tests.fakeserver import Fault, FakeServer, json_response
 from tests.test_faults import TRANSCRIBE, TRANSLATE, command, db_rows, run, tones
-from tests.test_parallel_translation import make_archive
+from tests.test_parallel_translation import FAKES, make_archive
 
 pytestmark = pytest.mark.faults
 
@@ -281,15 +281,16 @@ def test_a_dripping_answer_meets_the_total_deadline(provider, stt, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_a_dripping_translation_answer_meets_the_total_deadline(tmp_path):
+@pytest.mark.parametrize("provider", sorted(FAKES))
+def test_a_dripping_translation_answer_meets_the_total_deadline(provider, tmp_path):
     make_archive(tmp_path, n_german=2, n_english=0)
-    with FakeDeepL() as fake:
-        fake.server.fault = _first_n(1, Fault("drip", body={"translations": []}, interval=0.3))
+    with FAKES[provider]() as fake:
+        fake.server.fault = _first_n(1, Fault("drip", body={"pad": "x" * 200}, interval=0.3))
         started = time.monotonic()
         result = run(TRANSLATE, tmp_path, {**fake.env(), "VERBATIM_REQUEST_TIMEOUT": "2"}, "--language", "en",
-                     timeout=100)
+                     "--provider", provider, timeout=100)
     assert result.returncode == 0, result.stderr
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 30  # the drip alone lasts a minute
     assert db_rows(tmp_path, "SELECT 1 FROM events WHERE error_class = 'timeout'")
 
 
@@ -404,12 +405,21 @@ def test_an_answer_beyond_the_cap_fails_the_file_without_reading_it(provider, st
     assert stt.server.count() == 2  # failed at once, not paid for again
 
 
-def test_a_huge_translation_answer_fails_the_job(tmp_path):
+_HUGE_TRANSLATIONS = {  # each provider's well-formed answer, 3 MB of it
+    "deepl": {"translations": [{"text": "x" * 3_000_000}]},
+    "microsoft": [{"translations": [{"text": "x" * 3_000_000, "to": "en"}]}],
+    "openai": {"choices": [{"message": {"role": "assistant", "content": "[1] " + "x" * 3_000_000},
+                            "finish_reason": "stop", "index": 0}], "usage": {}},
+}
+
+
+@pytest.mark.parametrize("provider", sorted(FAKES))
+def test_a_huge_translation_answer_fails_the_job(provider, tmp_path):
     make_archive(tmp_path, n_german=1, n_english=0)
-    with FakeDeepL() as fake:
-        fake.server.fault = lambda request: Fault("status", 200, {"translations": [{"text": "x" * 3_000_000}]})
+    with FAKES[provider]() as fake:
+        fake.server.fault = lambda request: Fault("status", 200, _HUGE_TRANSLATIONS[provider])
         result = run(TRANSLATE, tmp_path, {**fake.env(), "VERBATIM_MAX_RESPONSE_BYTES": "1000000"},
-                     "--language", "en")
+                     "--language", "en", "--provider", provider)
         assert fake.server.count() == 1
     assert result.returncode == 1, result.stderr
     assert db_rows(tmp_path, "SELECT error_class FROM jobs WHERE stage='translation' AND language='en'")[0][0] \
