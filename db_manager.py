@@ -234,13 +234,24 @@ def _m002_park_waiting_translations(conn: sqlite3.Connection) -> None:
                  f" AND NOT {_TRANSCRIBED}")
 
 
-def _m003_translation_source(conn: sqlite3.Connection) -> None:
+def _m003_archive_id(conn: sqlite3.Connection) -> None:
+    """Who uses this database: a random id for it, recorded in the output folder it writes
+    (pipeline.archive), so a second database pointed at the same folder is refused instead of
+    overwriting it; and the transcription runs live on it (``live_runs``), so a translation run
+    knows whether transcripts are still to come."""
+    conn.execute("CREATE TABLE archive_identity (id TEXT NOT NULL)")
+    conn.execute("INSERT INTO archive_identity (id) VALUES (?)", (os.urandom(16).hex(),))
+    conn.execute("CREATE TABLE live_runs (owner TEXT PRIMARY KEY, stage TEXT NOT NULL, started_at REAL NOT NULL,"
+                 " seen_at REAL NOT NULL)")
+
+
+def _m004_translation_source(conn: sqlite3.Connection) -> None:
     # A translation records the sha256 of the transcript json it was made from: when the
     # transcript changes (redone, or a hand correction adopted) the translation is stale.
     conn.execute("ALTER TABLE jobs ADD COLUMN source_sha256 TEXT")
 
 
-MIGRATIONS = [_m001_initial, _m002_park_waiting_translations, _m003_translation_source]
+MIGRATIONS = [_m001_initial, _m002_park_waiting_translations, _m003_archive_id, _m004_translation_source]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -284,9 +295,11 @@ class _Unit:
 # --------------------------------------------------------------------------------------------
 
 class DatabaseManager:
-    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT_SECONDS):
+    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT_SECONDS, read_only: bool = False):
         self.path = str(path)
         self.busy_timeout = busy_timeout
+        # Reading tools open read-only: a copied archive or a read-only mount must still report.
+        self.read_only = read_only
         self._local = threading.local()
         self._registry: set[sqlite3.Connection] = set()
         self._registry_lock = threading.Lock()
@@ -297,10 +310,15 @@ class DatabaseManager:
         self._write_lock = threading.Lock()
         self._queue: list[_Unit] = []     # units waiting for a group commit (see _grouped)
         self._queue_lock = threading.Lock()
-        self._migrate()
+        if read_only:
+            self._check_schema()
+        else:
+            self._migrate()
 
     # -- connections and transactions ----------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._connect_read_only()
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
         conn.row_factory = sqlite3.Row
@@ -440,6 +458,38 @@ class DatabaseManager:
 
     def schema_version(self) -> int:
         return self.query("PRAGMA user_version")[0][0]
+
+    def _check_schema(self) -> None:
+        """Read-only: nothing is migrated, so the schema must be exactly the code's."""
+        version = self.schema_version()
+        if version != SCHEMA_VERSION:
+            age = "older" if version < SCHEMA_VERSION else "newer"
+            raise DatabaseError(
+                f"{self.path} has schema version {version}, {age} than this verbatim's {SCHEMA_VERSION}, and it"
+                " is opened read-only here, so it is not " + ("upgraded: run any writing command on it (for"
+                " example tools/add_media.py) where it is writable first" if age == "older"
+                else "readable: upgrade verbatim"))
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """``mode=ro``; where SQLite cannot even keep its shared-memory file beside the database
+        (a WAL database on a read-only mount), ``immutable=1``: nobody can write there anyway."""
+        base = "file:" + urllib.parse.quote(os.path.abspath(self.path))
+        for flags in ("?mode=ro", "?mode=ro&immutable=1"):
+            conn = sqlite3.connect(base + flags, uri=True, timeout=self.busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
+            try:
+                conn.execute("PRAGMA query_only = ON")
+                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                break
+            except sqlite3.OperationalError:
+                conn.close()
+                if "immutable" in flags:
+                    raise
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        with self._registry_lock:
+            self._registry.add(conn)
+        return conn
 
     # -- events and the single place statuses change ---------------------------------------------
     @staticmethod
@@ -924,35 +974,35 @@ class DatabaseManager:
                                 f" AND {_transcript_is(IN_PROGRESS)}", [language], file_ids)
         return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
 
+    # -- live runs: who may still produce transcripts ------------------------------------------------
+    def register_run(self, owner: str, stage: str) -> None:
+        """Say that a run of ``stage`` is live on this database (``seen`` it now and then)."""
+        now = time.time()
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO live_runs (owner, stage, started_at, seen_at) VALUES (?, ?, ?, ?)",
+                         (owner, stage, now, now))
 
-class ReadOnlyDatabaseManager(DatabaseManager):
-    """The job store opened for reading only (SQLite ``mode=ro``), for reports.
+    def seen_run(self, owner: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE live_runs SET seen_at = ? WHERE owner = ?", (time.time(), owner))
 
-    A reader can never change the database by mistake, and it also works on a copy of the file
-    someone may only read. It does not migrate: it refuses a database of a newer verbatim (its
-    meaning may have changed) and one without any verbatim schema, and reads older ones as they are
-    (every migration so far keeps the columns reports read). Write methods fail with
-    ``sqlite3.OperationalError`` ("attempt to write a readonly database").
-    """
+    def end_run(self, owner: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM live_runs WHERE owner = ?", (owner,))
 
-    def _connect(self) -> sqlite3.Connection:
-        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout, isolation_level=None,
-                               check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        with self._registry_lock:
-            self._registry.add(conn)
-        return conn
+    def live_runs(self, stage: str, *, stale_after: float = DEFAULT_LEASE_SECONDS) -> int:
+        """Runs of ``stage`` that are live: not provably dead, and seen within ``stale_after``."""
+        rows = self.query("SELECT owner FROM live_runs WHERE stage = ? AND seen_at > ?",
+                          (stage, time.time() - stale_after))
+        return sum(1 for row in rows if owner_state(row[0]) != DEAD)
 
-    def _migrate(self) -> None:
-        version = self.schema_version()
-        if version > SCHEMA_VERSION:
-            raise DatabaseError(
-                f"{self.path} has schema version {version}, but this verbatim knows only up to "
-                f"{SCHEMA_VERSION}: it was written by a newer verbatim. Upgrade verbatim.")
-        if version == 0:
-            raise DatabaseError(f"{self.path} is not a verbatim job database (it has no verbatim schema)")
+    def untranscribed_translations(self, language: str, *, file_ids: Iterable[str] | None = None) -> int:
+        """not_started ``language`` translations whose transcript is not done but may still be
+        (its job is not_started or in_progress; a failed one waits for a retry)."""
+        coming = f"({_transcript_is(NOT_STARTED)} OR {_transcript_is(IN_PROGRESS)})"
+        where, params = _scoped(f"stage = 'translation' AND language = ? AND status = 'not_started' AND {coming}",
+                                [language], file_ids)
+        return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
 
 
 class _Sql(str):

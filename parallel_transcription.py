@@ -13,12 +13,14 @@ import logging
 import os
 import sys
 
-from db_manager import TRANSCRIPTION, Job, Outcome
+from db_manager import TRANSCRIPTION, Job, Outcome, display_path
 from pipeline import config
+from pipeline.archive import prepare_output_root
 from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
-from pipeline.media import describe, register_inputs
+from pipeline.liveruns import LiveRun
+from pipeline.media import describe, register_inputs, still_registered_content
 from pipeline.outputs import as_recorded, safe_join, staging_folder
 from pipeline.runner import JobCalls, Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
 from pipeline.spool import Spool
@@ -58,10 +60,19 @@ class TranscriptionWork:
                        duration=transcript.duration, source_language=transcript.language, staged=str(staged))
 
     def _media_path(self, job: Job) -> str:
-        """The registered path, or another path where the same content was seen."""
-        for path in [job.media_path, *self.db.paths_of(job.file_id)]:
-            if os.path.isfile(path):
+        """The registered path, or another path where the same content was seen, that still holds
+        this job's content: a recording replaced since registration is never sent as the old one."""
+        replaced = []
+        for path in dict.fromkeys([job.media_path, *self.db.paths_of(job.file_id)]):
+            if not os.path.isfile(path):
+                continue
+            if still_registered_content(self.db, job.file_id, path):
                 return path
+            replaced.append(display_path(path))
+        if replaced:
+            raise PermanentError(f"media changed after registration: {', '.join(replaced)} now holds other content"
+                                 " (registered as a new file); nothing was sent for this one",
+                                 error_class="media_changed")
         raise PermanentError(f"media file no longer exists: {os.fsencode(job.media_path)!r}",
                              error_class="missing_media")
 
@@ -125,7 +136,10 @@ def main(argv=None) -> int:
     config.setup_logging(args.verbose, args.quiet)
     if args.language:
         config.parse_languages([args.language])
-    db = config.open_db(config.db_path(args))
+    # A dry run that registers nothing only reads: it works on a read-only database too.
+    db = config.open_db(config.db_path(args), read_only=args.dry_run and not args.input,
+                        must_exist=args.dry_run and not args.input)
+    live = None if args.dry_run else LiveRun(db, TRANSCRIPTION).start()  # translation runs follow it
     try:
         if args.input:
             scan = register_inputs(db, args.input, config.target_languages())
@@ -136,6 +150,7 @@ def main(argv=None) -> int:
                                          device=args.device, compute_type=args.compute_type)
         if args.dry_run:
             return dry_run(db, transcriber, args.limit, args.json)
+        prepare_output_root(db, config.output_dir(args), adopt=args.adopt_output_dir)
         transcriber.load()
         if args.retry_failed:
             log.info("reset %d failed transcription job(s) for retry", len(db.reset_failed(TRANSCRIPTION)))
@@ -152,6 +167,8 @@ def main(argv=None) -> int:
         summaries = run_plans(db, [Plan(options, work, limiter)], stop)
         return report(summaries, stop, as_json=args.json)
     finally:
+        if live is not None:
+            live.stop()
         db.close_all()
 
 

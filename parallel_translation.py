@@ -7,7 +7,12 @@ result really is in the target language, and writes translation.<lang>.txt/.json
 beside the transcript. Several languages run at once, each with its own progress bar. Run the
 same command again to resume: completed translations are never redone.
 
-Exit codes: 0 all done, 1 some jobs failed, 2 usage/configuration/account error, 130 interrupted.
+A translation whose transcript is not done yet waits for it while a transcription run is live
+(or starting beside this one); when none is, the run ends and says that work is left (exit 3).
+
+Exit codes: 0 all done, 1 some jobs failed, 2 usage/configuration/account error, 3 nothing failed but
+translations wait for transcripts not done yet (run parallel_transcription.py, then this again),
+130 interrupted.
 """
 
 import json
@@ -16,6 +21,7 @@ import os
 
 from db_manager import COMPLETED, TRANSLATION, Job, Outcome
 from pipeline import config
+from pipeline.archive import prepare_output_root
 from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
@@ -149,12 +155,13 @@ def main(argv=None) -> int:
     config.load_env(args.env_file)
     config.setup_logging(args.verbose, args.quiet)
     languages = config.parse_languages(args.language) if args.language else config.target_languages()
-    db = config.open_db(config.db_path(args), must_exist=True)
+    db = config.open_db(config.db_path(args), must_exist=True, read_only=args.dry_run)
     try:
         translators = {lang: choose_translator(lang, args.provider, os.environ, model=args.model)
                        for lang in languages}
         if args.dry_run:
             return dry_run(db, translators, args.limit, args.json)
+        prepare_output_root(db, config.output_dir(args), adopt=args.adopt_output_dir)
         stop = StopSignal()
         stop.install()
         plans = []

@@ -38,17 +38,22 @@ from typing import ClassVar
 
 import requests
 
-from pipeline import audio
-from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, load_env,
-                             make_parser, parse_languages, setup_logging)
+from pipeline import audio, httpbounds
+from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, check_header_value,
+                             load_env, make_parser, parse_languages, setup_logging)
 from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, classify_http,
-                             from_openai_exception, from_requests_exception, register_secret)
+                             from_openai_exception, from_requests_exception, redact, register_secret)
+from pipeline.httpbounds import DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream
 from pipeline.outputs import WrittenFile, write_files
 from pipeline.subtitles import RTL_LANGUAGES, Cue, format_srt, format_vtt
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+# A request's total deadline (upload, processing, answer) when VERBATIM_REQUEST_TIMEOUT does not set
+# one: a base plus a share of the audio's length, as providers take longer for longer audio.
+DEADLINE_BASE_SECONDS = 300.0
+DEADLINE_PER_AUDIO_SECOND = 0.5
 OUTPUT_NAMES = {"txt": "transcript.txt", "json": "transcript.json", "srt": "transcript.srt",
                 "vtt": "transcript.vtt", "raw": "transcript.raw.json.gz"}
 
@@ -179,6 +184,8 @@ class Transcriber(ABC):
     text_only_models: ClassVar[frozenset[str]] = frozenset()   # models without timestamps
     decodes_media: ClassVar[bool] = False     # True: takes the original file, no prepared upload
     max_concurrency: int | None = None        # requests it runs at once (None: no limit of its own)
+    total_deadline: float | None = None       # seconds per request; None: scaled by the audio
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 600.0):
@@ -188,6 +195,7 @@ class Transcriber(ABC):
         if not api_key:
             raise ConfigError(f"{self.name}: no API key; set {self.key_env_var}")
         register_secret(api_key)
+        check_header_value(self.key_env_var, api_key)
         self._api_key = api_key
         self.base_url = (base_url or self.default_base_url).rstrip("/")
         self.model = model
@@ -213,7 +221,20 @@ class Transcriber(ABC):
         limit_var = f"VERBATIM_{cls.name.upper()}_MAX_UPLOAD_BYTES"
         if env.get(limit_var):
             transcriber.max_upload_bytes = _positive_int(limit_var, env[limit_var])
+        transcriber.total_deadline = timeout if env.get("VERBATIM_REQUEST_TIMEOUT") else None
+        transcriber.max_response_bytes = max_response_bytes(env)
         return transcriber
+
+    def deadline(self, audio_path) -> Deadline:
+        """The total deadline of one request for ``audio_path``: VERBATIM_REQUEST_TIMEOUT, else
+        scaled by the audio's length (from its header; from its size where the header says none)."""
+        seconds = self.total_deadline
+        if seconds is None:
+            info = audio.quick_probe(audio_path)
+            length = (info.duration if info and info.duration
+                      else os.path.getsize(audio_path) / audio.OPUS_BYTES_PER_SECOND)
+            seconds = DEADLINE_BASE_SECONDS + DEADLINE_PER_AUDIO_SECOND * length
+        return Deadline(seconds, self.name)
 
     def load(self) -> None:
         """Get ready before the first file (the local engine loads its model); HTTP providers: nothing."""
@@ -263,7 +284,7 @@ class OpenAITranscriber(Transcriber):
                                      timeout=openai.Timeout(timeout, connect=CONNECT_TIMEOUT))
         # The SDK imports its audio resources on first use; do it here, once, rather than in every
         # worker thread at the same moment of the first wave.
-        self._client.audio.transcriptions.with_raw_response  # noqa: B018
+        self._client.audio.transcriptions.with_streaming_response  # noqa: B018
 
     def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
         import openai
@@ -276,12 +297,18 @@ class OpenAITranscriber(Transcriber):
             params["language"] = language
         if prompt:
             params["prompt"] = prompt
-        with open(audio_path, "rb") as handle:
+        deadline = self.deadline(audio_path)
+        with httpbounds.UploadFile(audio_path, deadline) as handle:
             try:
-                response = self._client.audio.transcriptions.with_raw_response.create(
-                    file=(_upload_name(audio_path), handle), **params)
-                data = json.loads(response.content)
+                left = deadline.remaining()
+                with self._client.audio.transcriptions.with_streaming_response.create(
+                        file=(_upload_name(audio_path), handle),
+                        timeout=openai.Timeout(min(self.timeout, left), connect=min(CONNECT_TIMEOUT, left)),
+                        **params) as response:
+                    data = json.loads(read_sdk_stream(response, deadline=deadline, limit=self.max_response_bytes))
             except (openai.OpenAIError, ValueError) as exc:
+                if isinstance(exc.__cause__, ProviderError):  # the upload's deadline, wrapped by the SDK
+                    raise exc.__cause__ from exc
                 raise from_openai_exception(exc, provider=self.name) from exc
         return self._parse(data, language, text_only)
 
@@ -356,7 +383,7 @@ class _MultipartFile:
     known length avoids chunked transfer encoding.
     """
 
-    def __init__(self, fields: Mapping[str, str], filename: str, path):
+    def __init__(self, fields: Mapping[str, str], filename: str, path, deadline: Deadline | None = None):
         boundary = uuid.uuid4().hex
         head = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
                         f"{value}\r\n".encode() for name, value in fields.items())
@@ -364,7 +391,7 @@ class _MultipartFile:
                  "Content-Type: application/octet-stream\r\n\r\n").encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
         self.content_type = f"multipart/form-data; boundary={boundary}"
-        self._file = open(path, "rb")
+        self._file = open(path, "rb") if deadline is None else httpbounds.UploadFile(path, deadline)
         self._length = len(head) + os.fstat(self._file.fileno()).st_size + len(tail)
         self._parts = [io.BytesIO(head), self._file, io.BytesIO(tail)]
 
@@ -425,15 +452,16 @@ class ElevenLabsTranscriber(Transcriber):
                   "timestamps_granularity": "word"}
         if language:
             fields["language_code"] = language
+        deadline = self.deadline(audio_path)
         try:
-            with _MultipartFile(fields, _upload_name(audio_path), audio_path) as body:
-                response = self._session().post(
-                    f"{self.base_url}/v1/speech-to-text", data=body,
+            with _MultipartFile(fields, _upload_name(audio_path), audio_path, deadline) as body:
+                status, headers, content = httpbounds.post(
+                    self._session(), f"{self.base_url}/v1/speech-to-text", data=body,
                     headers={"xi-api-key": self._api_key, "Content-Type": body.content_type},
-                    timeout=(CONNECT_TIMEOUT, self.timeout))
-            if response.status_code != 200:
-                raise classify_http(response.status_code, response.text, response.headers, provider=self.name)
-            data = response.json()
+                    deadline=deadline, limit=self.max_response_bytes, read_timeout=self.timeout)
+            if status != 200:
+                raise classify_http(status, content.decode("utf-8", "replace"), headers, provider=self.name)
+            data = json.loads(content)
         except (requests.RequestException, ValueError) as exc:
             raise from_requests_exception(exc, provider=self.name) from exc
         return self._parse(data, language)
@@ -591,6 +619,7 @@ def transcribe_media(path, transcriber: Transcriber, *, language: str | None = N
                 "model": transcriber.model, "language": language, "prompt": prompt}
 
     info = audio.probe(path)
+    audio.check_complete(info, path)
     if transcriber.decodes_media:  # the local engine reads the original itself, as one request
         if not info.has_audio:
             raise PermanentError("video without an audio track", error_class="no_audio")
@@ -654,7 +683,8 @@ def write_transcript_outputs(transcript: Transcript, folder, *, root, staging=No
         contents["srt"], contents["vtt"] = transcript.to_srt(), transcript.to_vtt()
     else:
         stale = (OUTPUT_NAMES["srt"], OUTPUT_NAMES["vtt"])
-    raw = json.dumps(transcript.raw_responses, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    # A provider may echo what it was sent (a key among it): the raw answers are redacted too.
+    raw = redact(json.dumps(transcript.raw_responses, ensure_ascii=False, sort_keys=True)).encode("utf-8")
     contents["raw"] = gzip.compress(raw, mtime=0)  # mtime 0: same answers, same bytes, same hash
     written = write_files(folder, {OUTPUT_NAMES[key]: data for key, data in contents.items()}, root=root,
                           staging=staging, remove=stale)

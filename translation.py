@@ -39,11 +39,13 @@ from pathlib import Path
 import requests
 from lingua import Language, LanguageDetectorBuilder
 
-from pipeline.config import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, SUPPORTED_LANGUAGES, ConfigError, load_env,
-                             make_parser, parse_languages, run_main, setup_logging)
+from pipeline import httpbounds
+from pipeline.config import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, SUPPORTED_LANGUAGES, ConfigError, check_header_value,
+                             load_env, make_parser, parse_languages, run_main, setup_logging)
 from pipeline.errors import (MAX_INLINE_WAIT_SECONDS, AccountError, PermanentError, ProviderError,
                              RetryableError, classify_http, from_openai_exception, from_requests_exception,
                              register_secret, retry_delay)
+from pipeline.httpbounds import DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream
 from pipeline.outputs import WrittenFile, write_files
 from pipeline.subtitles import RTL_LANGUAGES, Cue, SubtitleError, format_srt, format_vtt, parse_srt, parse_vtt
 
@@ -309,12 +311,14 @@ class Translator(ABC):
     max_items: int
     max_chars: int
     price: float | tuple[float, float]  # USD per 1M characters sent (list price, an estimate)
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 120.0):
         if not api_key:
             raise ConfigError(f"{self.name}: no API key: set {self.key_env_var}")
         register_secret(api_key)
+        check_header_value(self.key_env_var, api_key)
         self._api_key = api_key
         self.base_url = (base_url or self._default_base(api_key)).rstrip("/")
         self.model = model or self.default_model
@@ -331,8 +335,12 @@ class Translator(ABC):
             raise ConfigError(f"{cls.name}: no API key: set {cls.key_env_var} in the environment or the .env file")
         if cls.model_env_var:
             model = model or env.get(cls.model_env_var)
-        return cls(api_key=key, base_url=env.get(cls.base_url_env_var) or None, model=model,
-                   **cls._options_from_env(env))
+        # VERBATIM_REQUEST_TIMEOUT: the total deadline of one request, as for transcription.
+        timeout = float(env.get("VERBATIM_REQUEST_TIMEOUT") or 120.0)
+        translator = cls(api_key=key, base_url=env.get(cls.base_url_env_var) or None, model=model,
+                         timeout=timeout, **cls._options_from_env(env))
+        translator.max_response_bytes = max_response_bytes(env)
+        return translator
 
     @classmethod
     def _options_from_env(cls, env) -> dict:
@@ -372,14 +380,16 @@ class _HttpTranslator(Translator):
         # ensure_ascii=False: German and Hebrew stay 2 bytes a character instead of 6-byte escapes.
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         try:
-            response = self._session().post(url, params=params, data=body, timeout=self.timeout,
-                                            headers={"Content-Type": "application/json; charset=UTF-8", **headers})
+            status, answer_headers, content = httpbounds.post(
+                self._session(), url, params=params, data=body, deadline=Deadline(self.timeout, self.name),
+                limit=self.max_response_bytes,
+                headers={"Content-Type": "application/json; charset=UTF-8", **headers})
         except requests.RequestException as exc:
             raise from_requests_exception(exc, provider=self.name) from exc
-        if response.status_code != 200:
-            raise classify_http(response.status_code, response.text, response.headers, provider=self.name)
+        if status != 200:
+            raise classify_http(status, content.decode("utf-8", "replace"), answer_headers, provider=self.name)
         try:
-            return response.json()
+            return json.loads(content)
         except ValueError as exc:
             raise from_requests_exception(exc, provider=self.name) from exc
 
@@ -491,7 +501,7 @@ class OpenAIChatTranslator(Translator):
                                      timeout=self.timeout, max_retries=0)
         # The SDK imports its chat resources on first use; do it here, once, rather than in every
         # worker thread at the same moment of the first wave.
-        self._client.chat.completions  # noqa: B018
+        self._client.chat.completions.with_streaming_response  # noqa: B018
 
     def cost(self, usage: dict) -> float:
         per_input, per_output = self.PRICES.get(self.model, self.price)
@@ -511,16 +521,15 @@ class OpenAIChatTranslator(Translator):
         import openai
 
         try:
-            response = self._client.chat.completions.create(
-                model=self.model, temperature=0,
-                messages=self.messages(texts, source=source, target=target, context=context))
-            content = response.choices[0].message.content or ""
-            usage = {"characters": sum(map(len, texts)),
-                     "prompt_tokens": getattr(response.usage, "prompt_tokens", 0) or 0,
-                     "completion_tokens": getattr(response.usage, "completion_tokens", 0) or 0}
+            data = self._complete(texts, source=source, target=target, context=context)
         except (openai.OpenAIError, ValueError) as exc:  # ValueError: a body that is not JSON
             raise from_openai_exception(exc, provider=self.name) from exc
-        except (AttributeError, IndexError, TypeError) as exc:
+        try:
+            content = data["choices"][0]["message"]["content"] or ""
+            tokens = data.get("usage") or {}
+            usage = {"characters": sum(map(len, texts)), "prompt_tokens": tokens.get("prompt_tokens") or 0,
+                     "completion_tokens": tokens.get("completion_tokens") or 0}
+        except (AttributeError, IndexError, KeyError, TypeError) as exc:
             raise self._invalid(f"no message ({type(exc).__name__})") from exc
         numbered = _parse_numbered(content)
         if not numbered and len(texts) == 1 and content.strip():
@@ -528,6 +537,15 @@ class OpenAIChatTranslator(Translator):
         if [n for n, _ in numbered] != list(range(1, len(texts) + 1)):
             raise UnitMismatchError(len(texts), len(numbered), usage=usage)
         return UnitBatch([text for _, text in numbered], usage)
+
+
+    def _complete(self, texts, *, source, target, context) -> dict:
+        """One chat completion, its answer read within the total deadline and the size cap."""
+        deadline = Deadline(self.timeout, self.name)
+        with self._client.chat.completions.with_streaming_response.create(
+                model=self.model, temperature=0, timeout=deadline.remaining(),
+                messages=self.messages(texts, source=source, target=target, context=context)) as response:
+            return json.loads(read_sdk_stream(response, deadline=deadline, limit=self.max_response_bytes))
 
 
 def _parse_numbered(content: str) -> list[tuple[int, str]]:

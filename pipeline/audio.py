@@ -67,6 +67,11 @@ CUT_SLACK_SECONDS = 0.1
 SIZE_MARGIN = 0.9
 SPLIT_ATTEMPTS = 3
 
+# Providers refuse shorter audio ("Minimum audio length is 0.1 seconds"): fail it before paying.
+MIN_AUDIO_SECONDS = 0.1
+# Audio this much shorter than its header promises was cut off (a copy or a recorder that died).
+TRUNCATION_TOLERANCE_SECONDS = 0.05
+
 PROBE_TIMEOUT = 120.0
 # Decoding plus Opus encoding runs at well over 20x real time; the rest is headroom.
 WORK_TIMEOUT_BASE = 300.0
@@ -100,6 +105,7 @@ class MediaInfo:
     audio_codec: str | None
     size: int
     container: str | None = None
+    claimed_duration: float | None = None   # what the header promises, where it says (WAV)
 
 
 @dataclass(frozen=True)
@@ -161,8 +167,12 @@ def probe(path: str | bytes | os.PathLike) -> MediaInfo:
     """
     try:
         size = os.stat(os.fsencode(path)).st_size
+        _check_readable(path)
     except FileNotFoundError as exc:
         raise PermanentError(f"no such file: {_display(path)}", error_class="not_found") from exc
+    except PermissionError as exc:
+        raise PermanentError(f"permission denied: this process may not read {_display(path)}",
+                             error_class="permission_denied") from exc
     if size == 0:
         raise PermanentError(f"empty file (0 bytes): {_display(path)}", error_class="empty_file")
     info = quick_probe(path, size)
@@ -177,6 +187,22 @@ def probe(path: str | bytes | os.PathLike) -> MediaInfo:
         info = MediaInfo(_decoded_duration(path, PROBE_TIMEOUT * 10), info.has_audio, info.has_video,
                          info.audio_codec, info.size, info.container)
     return info
+
+
+def _check_readable(path) -> None:
+    """Open and close ``path``: a file we may not read fails as such, not as undecodable media."""
+    os.close(os.open(os.fsencode(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))
+
+
+def check_complete(info: MediaInfo, path) -> None:
+    """Refuse audio cut off before the length its header promises, or shorter than providers take."""
+    duration = info.duration or 0.0
+    if info.claimed_duration is not None and info.claimed_duration - duration > TRUNCATION_TOLERANCE_SECONDS:
+        raise PermanentError(f"truncated: the header promises {info.claimed_duration:.3g} s of audio, the file"
+                             f" holds {duration:.3g} s: {_display(path)}", error_class="truncated")
+    if info.duration is not None and duration < MIN_AUDIO_SECONDS:
+        raise PermanentError(f"too short: {duration:.3g} s of audio, providers need at least {MIN_AUDIO_SECONDS} s:"
+                             f" {_display(path)}", error_class="too_short")
 
 
 def _parse_probe(text: str, size: int) -> MediaInfo | None:
@@ -266,10 +292,12 @@ def _wav_info(head: bytes, size: int) -> MediaInfo | None:
             if not channels or not rate or align != channels * bits // 8:
                 return None
             available = size - body
-            frames = (available if length in (0, 0xFFFFFFFF) else min(length, available)) // align
-            if frames <= 0:
+            unknown = length in (0, 0xFFFFFFFF)  # a streaming writer's placeholder: no promise
+            frames = (available if unknown else min(length, available)) // align
+            if frames <= 0 and unknown:
                 return None
-            return MediaInfo(frames / rate, True, False, codec, size, "wav")
+            claimed = None if unknown else length // align / rate
+            return MediaInfo(frames / rate, True, False, codec, size, "wav", claimed)
         at = body + length + (length & 1)
     return None
 

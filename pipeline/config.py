@@ -17,11 +17,12 @@ import sys
 
 from dotenv import dotenv_values
 
-from pipeline.errors import redact, register_secret
+from pipeline.errors import redact, register_secret, register_url_credentials
 
 EXIT_OK = 0
 EXIT_FAILED = 1            # the run finished but some jobs failed
 EXIT_USAGE = 2             # usage or configuration error, or an account-level provider error
+EXIT_WORK_LEFT = 3         # nothing failed, but translations wait for transcripts not done yet
 EXIT_INTERRUPTED = 130     # Ctrl-C / SIGTERM
 
 DEFAULT_DB = "verbatim.db"
@@ -47,9 +48,29 @@ def load_env(env_file: str | None = None) -> os._Environ:
             if value is not None and key not in os.environ:
                 os.environ[key] = value
     for key, value in os.environ.items():
-        if any(marker in key.upper() for marker in _SECRET_MARKERS):
-            register_secret(value)
+        name = key.upper()
+        if name.endswith(tuple("_" + marker for marker in _SECRET_MARKERS)):
+            register_secret(value)  # a key is a key whatever its length
+        elif any(marker in name for marker in _SECRET_MARKERS) and len(value) >= 6:
+            register_secret(value)  # KEYTIMEOUT=1 must not redact every "1"
+        register_url_credentials(value)  # a proxy password in a base URL
     return os.environ
+
+
+_CHARACTER_NAMES = {" ": "a space", "\t": "a tab", "\n": "a line break", "\r": "a carriage return",
+                    "\u201c": "a typographic quote", "\u201d": "a typographic quote", "\u2018": "a typographic quote",
+                    "\u2019": "a typographic quote", "\u00a0": "a non-breaking space", "\ufeff": "a byte-order mark"}
+
+
+def check_header_value(name: str, value: str) -> None:
+    """Refuse a key that cannot travel in an HTTP header (printable ASCII, no spaces), naming the
+    variable and never the key: pasted with quotes, a space or a line break, it would fail every
+    request of the run instead of the run's start."""
+    for position, char in enumerate(value, 1):
+        if not "!" <= char <= "~":
+            what = _CHARACTER_NAMES.get(char, f"the character U+{ord(char):04X}")
+            raise ConfigError(f"{name} contains {what} at position {position} of {len(value)}: an API key is"
+                              " printable ASCII without spaces or quotes; set it again without them")
 
 
 def target_languages(env=None) -> list[str]:
@@ -140,16 +161,15 @@ def make_parser(prog_doc: str, example: str) -> argparse.ArgumentParser:
 
 
 def open_db(path: str, *, must_exist: bool = False, read_only: bool = False):
-    """Open the job store; a read-only tool refuses to create an empty database by mistake.
-
-    ``read_only`` opens it with SQLite ``mode=ro`` (see ``ReadOnlyDatabaseManager``): it must exist."""
-    from db_manager import DatabaseError, DatabaseManager, ReadOnlyDatabaseManager
+    """Open the job store; a read-only tool refuses to create an empty database by mistake, and
+    opens it ``read_only`` (then a copied archive or a read-only mount works too)."""
+    from db_manager import DatabaseError, DatabaseManager
 
     if (must_exist or read_only) and not os.path.exists(path):
         raise ConfigError(f"no database at {path}: register media first "
                           "(tools/add_media.py PATH or parallel_transcription.py --input PATH), or pass --db")
     try:
-        return (ReadOnlyDatabaseManager if read_only else DatabaseManager)(path)
+        return DatabaseManager(path, read_only=read_only)
     except DatabaseError as exc:
         raise ConfigError(str(exc)) from exc
     except Exception as exc:  # sqlite3 errors: not a database, unreadable, locked folder ...

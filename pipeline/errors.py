@@ -17,28 +17,59 @@ Every provider turns whatever went wrong into exactly one of three kinds, and wo
 from __future__ import annotations
 
 import email.utils
+import errno
 import json
 import random
 import time
+import urllib.parse
 
 # Backoff numbers in one place (full jitter, AWS style). Tests shrink them via the environment.
 RETRY_BASE_SECONDS = 2.0
 RETRY_CAP_SECONDS = 300.0
 # A Retry-After longer than this is not waited for in a thread: the job is requeued for later.
 MAX_INLINE_WAIT_SECONDS = 60.0
+# The most a server may ask us to wait at once: ``inf``, ``1e16`` or a date in the year 9999 would
+# otherwise spin (a float overflow) or wait for ever.
+MAX_RETRY_AFTER_SECONDS = 3600.0
 
 
 _SECRETS: set[str] = set()
 
 
+def _secret_forms(secret: str) -> set[str]:
+    """Every form a secret takes in what we write: raw, JSON-escaped (``"`` and ``\\`` escaped,
+    non-ASCII escaped or not), URL-encoded (in a path or query, or as form data)."""
+    forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+             urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}
+    return {form for form in forms if form}
+
+
 def register_secret(value: str | None) -> None:
-    """Remember a configured key so that ``redact`` removes it from every message we store or log."""
-    if value and len(value) >= 6:
-        _SECRETS.add(value)
+    """Remember a configured key so that ``redact`` removes it, in every form, from every message
+    we store or log, whatever its length (a short key is still a key)."""
+    if value:
+        _SECRETS.update(_secret_forms(value))
+
+
+def register_url_credentials(url: str | None) -> None:
+    """Register the password of a URL's userinfo (``http://user:password@proxy/``), as written
+    there and decoded: clients log the URLs they call."""
+    if not url or "@" not in url:
+        return
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+    except ValueError:
+        return
+    userinfo = parts.netloc.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    if password:
+        register_secret(password)
+        register_secret(urllib.parse.unquote(password))
 
 
 def redact(text: str) -> str:
-    for secret in _SECRETS:
+    # Longest first: a form that contains another (raw inside URL-encoded) goes whole.
+    for secret in sorted(_SECRETS, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, "[REDACTED]")
     return text
@@ -87,6 +118,17 @@ class AccountError(ProviderError):
     error_class = "account"
 
 
+class MachineError(OSError):
+    """The machine, not the file: the output disk is full, over quota, read-only or refuses us.
+    Like an account error it stops the run before it pays for more answers it cannot keep, and
+    gives every held job back; no file is failed for it. (An OSError still, for callers that
+    handle any failed write.)"""
+
+
+# OSError numbers that say the output disk itself cannot take our writes.
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 def parse_retry_after(headers) -> float | None:
     """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
     if not headers:
@@ -95,21 +137,29 @@ def parse_retry_after(headers) -> float | None:
     ms = getter("retry-after-ms") or getter("Retry-After-Ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000.0)
+            return _server_wait(float(ms) / 1000.0)
         except ValueError:
             pass
     value = getter("retry-after") or getter("Retry-After")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        return _server_wait(float(value))
     except ValueError:
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return _server_wait(when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+
+
+def _server_wait(seconds: float) -> float | None:
+    """A server's wait, capped at ``MAX_RETRY_AFTER_SECONDS``; None (our own backoff) for 0, a
+    negative or NaN wait: honouring 0 would resend at once, hundreds of times a second."""
+    if not seconds > 0:  # also NaN
+        return None
+    return min(seconds, MAX_RETRY_AFTER_SECONDS)
 
 
 def retry_delay(attempt: int, retry_after: float | None = None, *,

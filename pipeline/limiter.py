@@ -26,7 +26,10 @@ paced, they stay rare.
 
 Rate-limit waits do not spend job attempts; they are bounded by ``patience`` seconds per call,
 after which (or when the server asks for more than ``MAX_INLINE_WAIT_SECONDS``) the error is
-raised so the runner requeues the job for later instead of holding a thread.
+raised so the runner requeues the job for later instead of holding a thread. They also count
+toward ``patience`` across calls: once the provider has answered nothing but 429 for longer than
+that (or asks to wait beyond it), the run stops like on an account error, with one message,
+instead of asking for ever.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class ProviderLimiter:
         self._cooldown_until = 0.0
         self._last_429 = 0.0
         self._consecutive_429 = 0
+        self._limited_since: float | None = None   # first 429 since the last success
         # rate learning
         self._learned_rps: float | None = None
         self._first_start: float | None = None
@@ -119,6 +123,7 @@ class ProviderLimiter:
                     delay = self._on_concurrency_limited(exc, refused, started)
                 else:
                     delay = self._on_rate_limited(exc, started)
+                self._check_patience(exc, delay)
                 if delay > errors.MAX_INLINE_WAIT_SECONDS or time.monotonic() + delay > deadline:
                     raise
                 if exc.concurrency and delay > 0:  # this request's own wait; the others go on
@@ -132,6 +137,20 @@ class ProviderLimiter:
                 raise
             self._release(started, success=True)
             return result
+
+    def _check_patience(self, exc: errors.RateLimitError, delay: float) -> None:
+        """Raise AccountError once only-429 answers (and the wait now asked for) outlast ``patience``."""
+        now = time.monotonic()
+        with self._cond:
+            if self._limited_since is None:
+                self._limited_since = now
+            limited_for = now - self._limited_since
+        if limited_for + delay > self.patience:
+            raise errors.AccountError(
+                f"{self.name}: the provider has answered only 429 (rate limited) for {limited_for:.0f} s and asks"
+                f" to wait {delay:.0f} s more, beyond the patience of {self.patience:.0f} s"
+                f" (VERBATIM_RATE_LIMIT_PATIENCE); try later or with fewer workers. Last answer: {exc}",
+                status=429, error_class="rate_limited") from exc
 
     # -- acquiring and releasing a slot ---------------------------------------------------
     def _acquire(self, stop, deadline) -> float:
@@ -174,6 +193,7 @@ class ProviderLimiter:
             if success:
                 now = time.monotonic()
                 self._consecutive_429 = 0
+                self._limited_since = None
                 self._accepted.append(started)
                 self._answered.append(now)
                 for recent in (self._accepted, self._answered):

@@ -19,6 +19,8 @@ forward from the staging folder the database names (``pipeline.publish``).
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -30,6 +32,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import MACHINE_ERRNOS, MachineError
 from pipeline.faults import crash_point
 
 TEMP_SUFFIX = ".tmp"
@@ -102,6 +105,23 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, root: str | os.P
     return write_files(path.parent, {path.name: data}, root=root)[path.name]
 
 
+def _machine_faults_stop_the_run(write):
+    """Raise ``MachineError`` for what only the machine can fix (ENOSPC, EDQUOT, EROFS, EACCES,
+    EPERM): retrying the job would pay for another answer that cannot be written either."""
+    @functools.wraps(write)
+    def wrapper(folder, contents, *, root, **options):
+        try:
+            return write(folder, contents, root=root, **options)
+        except OSError as exc:
+            if exc.errno not in MACHINE_ERRNOS:
+                raise
+            raise MachineError(f"cannot write outputs under {os.fspath(root)}: {exc.strerror or exc}"
+                               f" ({errno.errorcode.get(exc.errno, exc.errno)}); the machine must be fixed"
+                               " (free space, quota, mount, permissions)") from exc
+    return wrapper
+
+
+@_machine_faults_stop_the_run
 def write_files(folder: str | os.PathLike, contents: dict[str, bytes | str], *,
                 root: str | os.PathLike, staging: Path | None = None,
                 remove: tuple[str, ...] = ()) -> dict[str, WrittenFile]:

@@ -39,10 +39,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from db_manager import (DEFAULT_LEASE_SECONDS, FAILED, PARKED, TRANSLATION, DatabaseManager, Job, LeaseLostError,
-                        Outcome, make_owner)
+from db_manager import (DEFAULT_LEASE_SECONDS, FAILED, PARKED, TRANSCRIPTION, TRANSLATION, DatabaseManager, Job,
+                        LeaseLostError, Outcome, make_owner)
 from pipeline import errors, outputs, publish
-from pipeline.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from pipeline.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_WORK_LEFT
 from pipeline.faults import crash_point
 from pipeline.limiter import Stopping
 from pipeline.spool import Spool
@@ -55,6 +55,9 @@ RECLAIM_EVERY_SECONDS = 30.0
 # before the run gives up on recording it; its answer stays in the spool meanwhile.
 COMMIT_PATIENCE_SECONDS = 600.0
 COMMIT_RETRY_CAP_SECONDS = 15.0
+# A translation run started beside a transcription run (the same second) looks this long for it
+# to register before it concludes that no transcript is coming.
+TRANSCRIPTION_GRACE_SECONDS = 5.0
 
 
 @dataclass
@@ -86,6 +89,7 @@ class RunSummary:
     lease_lost: int = 0
     failed_total: int = 0        # failed jobs of this stage/language in the database afterwards
     remaining: int = 0           # not_started jobs left afterwards
+    waiting_for_transcripts: int = 0   # translations whose transcript is still to be made: work left
     account_error: str | None = None
     interrupted: bool = False
     errors: Counter = field(default_factory=Counter)
@@ -195,7 +199,7 @@ class Runner:
 
     # -- the main loop --------------------------------------------------------------------
     def run(self) -> RunSummary:
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         self._reclaim(force=True)
         self._roll_forward()
         self._release_parked()
@@ -275,9 +279,8 @@ class Runner:
             # happen; completing one releases them): release them rather than wait for ever.
             self._release_parked()
             return True
-        if not count and self.options.stage == TRANSLATION and self.db.awaiting_transcripts(
-                self.options.language, file_ids=self.options.file_ids):
-            # A transcription run is producing transcripts right now: follow it instead of leaving.
+        if not count and self.options.stage == TRANSLATION and self._transcripts_coming():
+            # A transcription run is producing transcripts, or is about to: follow it instead of leaving.
             self.stop.stop.wait(IDLE_POLL_SECONDS * 2)
             return True
         if not count:
@@ -285,6 +288,17 @@ class Runner:
         delay = min(max(0.0, (earliest or 0) - time.time()), IDLE_POLL_SECONDS * 4)
         self.stop.stop.wait(delay)
         return True
+
+    def _transcripts_coming(self) -> bool:
+        """Transcripts this translation run waits for are being made (a transcription job runs), or
+        will be: a transcription run is live, or may be starting beside this one (the grace)."""
+        language, ids = self.options.language, self.options.file_ids
+        if self.db.awaiting_transcripts(language, file_ids=ids):
+            return True
+        if not self.db.untranscribed_translations(language, file_ids=ids):
+            return False
+        return (self.db.live_runs(TRANSCRIPTION) > 0
+                or time.monotonic() - self._started < TRANSCRIPTION_GRACE_SECONDS)
 
     def _release_parked(self) -> None:
         if self.options.stage != TRANSLATION:
@@ -331,9 +345,9 @@ class Runner:
             self._lost(job, exc)
         except Stopping:
             self._release(job, "run stopped before this job finished")
-        except errors.AccountError as exc:
+        except (errors.AccountError, errors.MachineError) as exc:  # not the file's fault: stop, give back
             self.stop.account(str(exc))
-            self._release(job, f"account error: {exc}")
+            self._release(job, f"run stopped: {exc}")
         except errors.RateLimitError as exc:
             self._record_failure(job, exc, retryable=True, spend_attempt=False)
         except errors.RetryableError as exc:
@@ -501,6 +515,9 @@ class Runner:
             (self.options.stage, self.options.language), {})
         self.summary.failed_total = counts.get(FAILED, 0)
         self.summary.remaining = counts.get("not_started", 0)
+        if self.options.stage == TRANSLATION:
+            self.summary.waiting_for_transcripts = self.db.untranscribed_translations(
+                self.options.language, file_ids=self.options.file_ids)
         self.summary.account_error = self.stop.account_error
         self.summary.interrupted = self.stop.interrupted
         self.summary.seconds = round(time.monotonic() - started, 3)
@@ -538,6 +555,8 @@ def exit_code(summaries: list[RunSummary], stop: StopSignal) -> int:
         return EXIT_INTERRUPTED
     if any(s.failed_total for s in summaries):
         return EXIT_FAILED
+    if any(s.waiting_for_transcripts for s in summaries):
+        return EXIT_WORK_LEFT
     return EXIT_OK
 
 
@@ -553,6 +572,8 @@ def add_run_arguments(parser, *, workers: int, batch_size: int) -> None:
     parser.add_argument("--model", help="provider model (default: the provider's default)")
     parser.add_argument("--retry-failed", action="store_true", help="also retry jobs that failed before")
     parser.add_argument("--dry-run", action="store_true", help="show what would run and its cost; no API call")
+    parser.add_argument("--adopt-output-dir", action="store_true",
+                        help="take over an output folder another job database wrote (it is refused otherwise)")
     parser.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS, help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
 
@@ -617,18 +638,22 @@ def report(summaries: list[RunSummary], stop: StopSignal, *, as_json: bool) -> i
     """Print the end-of-run summary (JSON on stdout, or lines on stderr); return the exit code."""
     code = exit_code(summaries, stop)
     if as_json:
-        print(json.dumps({"exit_code": code, "account_error": stop.account_error, "unrecorded": stop.unrecorded,
-                          "interrupted": stop.interrupted, "runs": [s.as_dict() for s in summaries]},
-                         ensure_ascii=True))
+        print(errors.redact(json.dumps({"exit_code": code, "account_error": stop.account_error,
+                                        "unrecorded": stop.unrecorded, "interrupted": stop.interrupted,
+                                        "runs": [s.as_dict() for s in summaries]}, ensure_ascii=True)))
     else:
         for s in summaries:
             what = s.stage + (f" {s.language}" if s.language else "")
             print(f"{what}: completed {s.completed} · failed {s.failed} · retried {s.retried} · released "
                   f"{s.released} · still failed {s.failed_total} · left {s.remaining} · {s.seconds:.1f} s",
                   file=sys.stderr)
+    for s in summaries:
+        if s.waiting_for_transcripts:
+            print(f"{s.stage} {s.language}: {s.waiting_for_transcripts} job(s) wait for transcripts that are not"
+                  " done (exit 3): run parallel_transcription.py, then this again", file=sys.stderr)
     if stop.account_error:
-        print(f"error: {stop.account_error}. The run stopped; no job was marked failed. Fix the account"
-              " or key and run again.", file=sys.stderr)
+        print(f"error: {stop.account_error}. The run stopped; no job was marked failed. Fix the account,"
+              " key or disk and run again.", file=sys.stderr)
     if stop.unrecorded:
         print(f"error: {stop.unrecorded}. The run stopped; fix the database and run again.", file=sys.stderr)
     if stop.abort.is_set():

@@ -65,12 +65,15 @@ class Response:
 
 @dataclass
 class Fault:
-    """One injected misbehaviour: ``kind`` is status | reset | reset_mid_body | truncate | hang | garbage."""
+    """One injected misbehaviour: ``kind`` is status | reset | reset_mid_body | truncate | hang | garbage
+    | drip (a 200 whose ``body`` comes one byte every ``interval`` seconds: each read gets data in
+    time, so only a total deadline ends it)."""
 
     kind: str
     status: int = 500
     body: bytes | str | dict = b""
     headers: dict = field(default_factory=dict)
+    interval: float = 1.0
 
 
 def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
@@ -255,8 +258,24 @@ class FakeServer:
             handler.connection.shutdown(socket.SHUT_RDWR)
         elif fault.kind == "garbage":
             self._send(handler, Response(200, b"<html>this is not json", {"Content-Type": "application/json"}))
+        elif fault.kind == "drip":
+            self._drip(handler, fault)
         elif fault.kind == "hang":
             self._stopping.wait(timeout=600)
             handler.close_connection = True
         else:
             raise ValueError(f"unknown fault kind {fault.kind}")
+
+    def _drip(self, handler, fault: Fault):
+        payload, ctype = Response(200, fault.body).encoded()
+        handler.send_response(200)
+        handler.send_header("Content-Type", ctype)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.flush()
+        for at in range(len(payload)):
+            if self._stopping.wait(fault.interval):
+                break
+            handler.wfile.write(payload[at:at + 1])
+            handler.wfile.flush()
+        handler.close_connection = True

@@ -373,9 +373,9 @@ def test_generated_file_names_stay_under_the_output_root(names, stt, tmp_path_fa
 
 # -- disk errors --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO])
-def test_disk_errors_on_output_writes(error, stt, tmp_path, monkeypatch):
-    """ENOSPC mid-write and EIO from fsync: the attempt fails retryably, no partial final file."""
+def test_disk_errors_on_output_writes(stt, tmp_path, monkeypatch):
+    """EIO from fsync: the attempt fails retryably, no partial final file. (ENOSPC, EDQUOT, EROFS
+    and EACCES are the machine's faults and stop the run: tests/test_hostile.py.)"""
     import db_manager as dbm
     from parallel_transcription import TranscriptionWork
     from pipeline import outputs
@@ -395,9 +395,6 @@ def test_disk_errors_on_output_writes(error, stt, tmp_path, monkeypatch):
             failures["left"] -= 1
             temp = Path(handle.name)
             final = temp.parent / temp.name[1:].rsplit(".", 3)[0]
-            if error == errno.ENOSPC:
-                handle.write(data[: len(data) // 2])
-                raise OSError(errno.ENOSPC, "No space left on device")
             handle.write(data)
             handle.flush()
             failures["seen_final"].append(final.exists())

@@ -196,7 +196,8 @@ def test_only_completed_transcripts_are_eligible(tmp_path):
     db.close_all()
     with FakeDeepL() as fake:
         result = run(tmp_path, fake.env(), "--language", "en", "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr  # work is left: a transcript is not done
+    assert json.loads(result.stdout)["runs"][0]["waiting_for_transcripts"] == 1
     statuses = sorted(r["status"] for r in translation_jobs(tmp_path, "en"))
     assert statuses == ["completed", "completed", "not_started"]
 

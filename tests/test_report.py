@@ -23,7 +23,7 @@ from threading import Thread
 
 import pytest
 
-from db_manager import MediaRecord, ReadOnlyDatabaseManager
+from db_manager import DatabaseManager, MediaRecord
 from pipeline import config
 from pipeline.report import ReportOptions
 from tests.conftest import ROOT, script_env
@@ -370,7 +370,7 @@ def test_the_database_is_opened_read_only(tmp_path):
     arc = ReportArchive(tmp_path)
     arc.add("a.wav")
     arc.close()
-    db = ReadOnlyDatabaseManager(arc.db_path)
+    db = DatabaseManager(arc.db_path, read_only=True)
     try:
         assert db.counts()
         with pytest.raises(sqlite3.OperationalError, match="readonly"):

@@ -247,7 +247,7 @@ def test_limiter_waits_out_a_storm_without_multiplying_requests():
 
 
 def test_limiter_requeues_when_asked_to_wait_long():
-    limiter = ProviderLimiter("fake")
+    limiter = ProviderLimiter("fake", patience=7200)  # a wait beyond the patience stops the run instead
 
     def request():
         raise errors.RateLimitError("come back in an hour", retry_after=3600)
@@ -256,6 +256,16 @@ def test_limiter_requeues_when_asked_to_wait_long():
         limiter.call(request)
     with pytest.raises(errors.RateLimitError):  # others do not even try during the cool-down
         limiter.call(lambda: True)
+
+
+def test_limiter_stops_the_run_when_asked_to_wait_beyond_its_patience():
+    limiter = ProviderLimiter("fake", patience=900)
+
+    def request():
+        raise errors.RateLimitError("come back in an hour", retry_after=3600)
+
+    with pytest.raises(errors.AccountError, match="patience"):
+        limiter.call(request)
 
 
 def test_limiter_rpm_spaces_requests():

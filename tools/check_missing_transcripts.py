@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     config.load_env(args.env_file)
     config.setup_logging(args.verbose)
     stage, language = selection(args)
-    db = config.open_db(config.db_path(args), must_exist=True)
+    db = config.open_db(config.db_path(args), must_exist=True, read_only=True)
     try:
         publish.settle_quietly(db, config.output_dir(args))  # finish what a crash left staged, then check
         problems, checked = check(db, config.output_dir(args), stage, language)

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     config.load_env(args.env_file)
     config.setup_logging(args.verbose)
-    db = config.open_db(config.db_path(args), must_exist=True)
+    db = config.open_db(config.db_path(args), must_exist=True, read_only=True)
     try:
         publish.settle_quietly(db, config.output_dir(args))  # a crash's staged outputs count as what they are
         report = summary(db, config.target_languages())
