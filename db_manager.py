@@ -462,6 +462,8 @@ class DatabaseManager:
     def _check_schema(self) -> None:
         """Read-only: nothing is migrated, so the schema must be exactly the code's."""
         version = self.schema_version()
+        if version == 0:
+            raise DatabaseError(f"{self.path} is not a verbatim job database (it has no verbatim schema)")
         if version != SCHEMA_VERSION:
             age = "older" if version < SCHEMA_VERSION else "newer"
             raise DatabaseError(

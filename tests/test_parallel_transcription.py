@@ -176,13 +176,20 @@ def test_sigkill_mid_run_then_rerun_never_resends_completed_files(fake, tmp_path
     before = status(tmp_path)["transcription"]
     assert 0 < before["completed"] < 16 and before["in_progress"] > 0  # killed holding jobs
     sent_before = fake.server.count()
+    # answers the kill caught after they were paid for but before their commit: kept in the spool
+    conn = sqlite3.connect(tmp_path / "jobs.db")
+    done = {row[0] for row in conn.execute("SELECT file_id FROM jobs WHERE stage = 'transcription'"
+                                            " AND status = 'completed'")}
+    conn.close()
+    kept = {p.parent.parent.name for p in (tmp_path / "out" / ".verbatim" / "spool").rglob("*.json")} - done
 
     fake.server.latency = 0.0
     result = run(fake, tmp_path, "--workers", "3")
     assert result.returncode == 0, result.stderr
     after = status(tmp_path)["transcription"]
     assert after == {"completed": 16, "not_started": 0, "in_progress": 0, "failed": 0}
-    assert fake.server.count() - sent_before == 16 - before["completed"]  # the done ones were not re-sent
+    # the done ones were not re-sent, nor the ones whose answer was kept
+    assert fake.server.count() - sent_before == 16 - before["completed"] - len(kept)
     leftovers = [p for p in (tmp_path / "out").rglob("*.tmp")]
     assert leftovers == [] or all(p.name.startswith(".") for p in leftovers)
 
