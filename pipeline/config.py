@@ -70,7 +70,7 @@ def check_header_value(name: str, value: str) -> None:
         if not "!" <= char <= "~":
             what = _CHARACTER_NAMES.get(char, f"the character U+{ord(char):04X}")
             raise ConfigError(f"{name} contains {what} at position {position} of {len(value)}: an API key is"
-                              " printable ASCII without spaces or quotes; set it again without them")
+                              " printable ASCII without spaces; set it again as the provider shows it")
 
 
 def target_languages(env=None) -> list[str]:
