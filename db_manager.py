@@ -233,7 +233,13 @@ def _m002_park_waiting_translations(conn: sqlite3.Connection) -> None:
                  f" AND NOT {_TRANSCRIBED}")
 
 
-MIGRATIONS = [_m001_initial, _m002_park_waiting_translations]
+def _m003_event_outputs(conn: sqlite3.Connection) -> None:
+    # What a completion recorded (format -> path, sha256, size), kept in its event: a later reset
+    # forgets the job's outputs, but a file's history still says what the completion produced.
+    conn.execute("ALTER TABLE events ADD COLUMN outputs TEXT")
+
+
+MIGRATIONS = [_m001_initial, _m002_park_waiting_translations, _m003_event_outputs]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -277,6 +283,10 @@ class _Unit:
 # --------------------------------------------------------------------------------------------
 
 class DatabaseManager:
+    # Who maintenance calls (reset, reset_failed, adopt) are logged as in ``events.owner``: a tool
+    # sets its own name ("tool:fix_transcript_status.py"), so a file's history says which tool did it.
+    actor = "tool"
+
     def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT_SECONDS):
         self.path = str(path)
         self.busy_timeout = busy_timeout
@@ -437,12 +447,12 @@ class DatabaseManager:
     # -- events and the single place statuses change ---------------------------------------------
     @staticmethod
     def _log(conn, job_id: int, owner, from_status, to_status, attempt=None,
-             error_class=None, error_message=None, at=None) -> None:
+             error_class=None, error_message=None, at=None, outputs=None) -> None:
         conn.execute(
             "INSERT INTO events (at, job_id, owner, from_status, to_status, attempt, error_class, "
-            "error_message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "error_message, outputs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (at or time.time(), job_id, owner, from_status, to_status, attempt, error_class,
-             redact(error_message) if error_message else None))
+             redact(error_message) if error_message else None, outputs))
 
     def _transition(self, conn, where: str, params: tuple, to_status: str, *, owner=None,
                     sets: dict | None = None, error_class=None, error_message=None) -> list[sqlite3.Row]:
@@ -466,9 +476,10 @@ class DatabaseManager:
         marks = ",".join("?" * len(old))
         rows = conn.execute(f"UPDATE jobs SET {assignments} WHERE id IN ({marks}) RETURNING *",
                             (*values, *old)).fetchall()
+        recorded = sets.get("outputs") if to_status == COMPLETED else None  # kept in the history
         for row in rows:
             self._log(conn, row["id"], owner or row["lease_owner"], old[row["id"]], to_status,
-                      row["attempts"], error_class, error_message, at=now)
+                      row["attempts"], error_class, error_message, at=now, outputs=recorded)
         return rows
 
     # -- media registration -----------------------------------------------------------------------
@@ -757,7 +768,7 @@ class DatabaseManager:
         with self.transaction() as conn:
             return len(self._transition(
                 conn, f"id IN ({','.join('?' * len(ids))}) AND status IN ({','.join('?' * len(statuses))})",
-                (*ids, *statuses), NOT_STARTED, owner="tool", sets=sets, error_class="reset",
+                (*ids, *statuses), NOT_STARTED, owner=self.actor, sets=sets, error_class="reset",
                 error_message=reason))
 
     def reset_failed(self, stage: str, language: str = "", *, error_class: str | None = None,
@@ -770,7 +781,7 @@ class DatabaseManager:
         with self.transaction() as conn:
             ids = [r["id"] for r in conn.execute(sql, params)]
             rows = self._transition(conn, f"id IN ({','.join('?' * len(ids))}) AND status = 'failed'", tuple(ids),
-                                    NOT_STARTED, owner="tool", sets=sets, error_class="reset",
+                                    NOT_STARTED, owner=self.actor, sets=sets, error_class="reset",
                                     error_message="retry of failed job") if ids else []
         return [r["file_id"] for r in rows]
 
@@ -799,7 +810,7 @@ class DatabaseManager:
         """Mark a failed/not_started job completed because its valid output already exists."""
         with self.transaction() as conn:
             rows = self._transition(
-                conn, "id = ? AND status IN ('failed', 'not_started')", (job_id,), COMPLETED, owner="tool",
+                conn, "id = ? AND status IN ('failed', 'not_started')", (job_id,), COMPLETED, owner=self.actor,
                 sets=dict(outputs=json.dumps(outputs), completed_at=time.time(), error_class=None,
                           error_message=None, note=note))
             for row in rows:
