@@ -448,11 +448,12 @@ class DatabaseManager:
     @staticmethod
     def _log(conn, job_id: int, owner, from_status, to_status, attempt=None,
              error_class=None, error_message=None, at=None, outputs=None) -> None:
+        extra = ", outputs" if outputs is not None else ""  # a completion's outputs (schema version 3)
         conn.execute(
             "INSERT INTO events (at, job_id, owner, from_status, to_status, attempt, error_class, "
-            "error_message, outputs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"error_message{extra}) VALUES (?, ?, ?, ?, ?, ?, ?, ?{', ?' if extra else ''})",
             (at or time.time(), job_id, owner, from_status, to_status, attempt, error_class,
-             redact(error_message) if error_message else None, outputs))
+             redact(error_message) if error_message else None, *((outputs,) if extra else ())))
 
     def _transition(self, conn, where: str, params: tuple, to_status: str, *, owner=None,
                     sets: dict | None = None, error_class=None, error_message=None) -> list[sqlite3.Row]:
@@ -477,6 +478,7 @@ class DatabaseManager:
         rows = conn.execute(f"UPDATE jobs SET {assignments} WHERE id IN ({marks}) RETURNING *",
                             (*values, *old)).fetchall()
         recorded = sets.get("outputs") if to_status == COMPLETED else None  # kept in the history
+        recorded = None if recorded == "{}" else recorded                        # (nothing to keep)
         for row in rows:
             self._log(conn, row["id"], owner or row["lease_owner"], old[row["id"]], to_status,
                       row["attempts"], error_class, error_message, at=now, outputs=recorded)
