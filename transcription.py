@@ -40,7 +40,7 @@ import requests
 
 from pipeline import audio
 from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, load_env,
-                             make_parser, parse_languages, setup_logging)
+                             make_parser, parse_languages, run_main, setup_logging)
 from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, classify_http,
                              from_openai_exception, from_requests_exception, register_secret)
 from pipeline.outputs import WrittenFile, write_files
@@ -717,4 +717,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

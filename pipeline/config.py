@@ -23,6 +23,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1            # the run finished but some jobs failed
 EXIT_USAGE = 2             # usage or configuration error, or an account-level provider error
 EXIT_INTERRUPTED = 130     # Ctrl-C / SIGTERM
+EXIT_CLOSED_PIPE = 141     # stdout's reader left (``| head``): 128 + SIGPIPE, what a shell reports for it
 
 DEFAULT_DB = "verbatim.db"
 DEFAULT_OUTPUT_DIR = "output"
@@ -157,13 +158,25 @@ def open_db(path: str, *, must_exist: bool = False, read_only: bool = False):
 
 
 def run_main(main) -> None:
-    """Run a script's ``main(argv)`` with the shared exit-code conventions."""
+    """Run a script's ``main(argv)`` with the shared exit-code conventions.
+
+    A closed stdout (``tool | head``) ends the script quietly with ``EXIT_CLOSED_PIPE`` (141, as a
+    shell reports a program the pipe closed on, so ``set -o pipefail`` still sees the output was cut
+    short): no traceback. stdout is pointed at /dev/null so the interpreter's final flush cannot
+    fail again. Whatever the script did before it wrote (a completed job) stays done."""
     try:
-        code = main(sys.argv[1:])
-    except ConfigError as exc:
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
-        code = EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = EXIT_INTERRUPTED
+        try:
+            code = main(sys.argv[1:])
+        except SystemExit as exc:  # argparse (--help, usage errors) and scripts that exit early
+            code = exc.code
+        except ConfigError as exc:
+            print(f"error: {redact(str(exc))}", file=sys.stderr)
+            code = EXIT_USAGE
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's shutdown
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_CLOSED_PIPE
     sys.exit(code)

@@ -48,3 +48,27 @@ def test_status_reads_an_existing_database_only(tmp_path):
                             capture_output=True, text=True, env=script_env(), cwd=tmp_path, timeout=60)
     assert result.returncode == 2 and "no database" in result.stderr
     assert not (tmp_path / "none.db").exists()
+
+
+@pytest.mark.parametrize("tool", ["tools/status.py --files", "tools/check_missing_transcripts.py"])
+def test_a_closed_pipe_ends_quietly(tmp_path, tool):
+    """``tool | head -1``: the reader leaves after one line; the tool stops without a traceback."""
+    import hashlib
+
+    import db_manager as dbm
+
+    db = dbm.DatabaseManager(str(tmp_path / "jobs.db"))
+    db.register_files([dbm.MediaRecord(f"/archive/interview-{n:04d}.wav", hashlib.sha256(b"%d" % n).hexdigest(),
+                                       1, 1, "audio") for n in range(3000)], ["en"])
+    db.close_all()
+    script, *options = tool.split()
+    writer = subprocess.Popen([sys.executable, str(ROOT / script), *options, "--db", str(tmp_path / "jobs.db"),
+                               "--output-dir", str(tmp_path / "out")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=script_env(), cwd=tmp_path)
+    head = subprocess.Popen(["head", "-1"], stdin=writer.stdout, stdout=subprocess.PIPE)
+    writer.stdout.close()  # only head holds the reading end now
+    first_line = head.communicate(timeout=60)[0]
+    stderr = writer.communicate(timeout=60)[1].decode()
+    assert first_line.strip()
+    assert writer.returncode == 141, stderr   # 128 + SIGPIPE, as a shell reports a tool the pipe closed on
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
