@@ -61,6 +61,10 @@ COMPLETED = "completed"
 FAILED = "failed"
 STATUSES = (NOT_STARTED, IN_PROGRESS, COMPLETED, FAILED)
 
+# The note of a job completed with nothing to say: a transcript without any text (silence, or a
+# provider that heard no words), and each translation of it (made without any provider).
+NO_SPEECH_NOTE = "no speech found"
+
 TRANSCRIPTION = "transcription"
 TRANSLATION = "translation"
 STAGES = (TRANSCRIPTION, TRANSLATION)

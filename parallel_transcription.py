@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from db_manager import TRANSCRIPTION, Job, Outcome
+from db_manager import NO_SPEECH_NOTE, TRANSCRIPTION, Job, Outcome
 from pipeline import config
 from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
@@ -48,6 +48,8 @@ class TranscriptionWork:
         transcript = transcribe_media(media, self.transcriber, language=self.language, prompt=self.prompt,
                                       call=calls, content_id=job.file_id)
         crash_point("after_api")
+        if not transcript.text.strip():  # silence, or a provider that heard no words: say so
+            transcript.note = NO_SPEECH_NOTE
         staged = staging_folder(self.output_root, job.id, job.claim)
         written = write_transcript_outputs(transcript, safe_join(self.output_root, job.folder), root=self.output_root,
                                            staging=staged)

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 
-from db_manager import COMPLETED, TRANSLATION, Job, Outcome
+from db_manager import COMPLETED, NO_SPEECH_NOTE, TRANSLATION, Job, Outcome
 from pipeline import config
 from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
@@ -23,8 +23,8 @@ from pipeline import publish
 from pipeline.outputs import as_recorded, safe_join, sha256_file, staging_folder
 from pipeline.runner import JobCalls, Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
 from pipeline.spool import Spool
-from translation import (UnitBatch, choose_fallback, choose_translator, load_source, translate_document,
-                         write_translation_outputs)
+from translation import (Translation, UnitBatch, choose_fallback, choose_translator, load_source,
+                         translate_document, write_translation_outputs)
 
 log = logging.getLogger("verbatim.translation")
 
@@ -49,6 +49,8 @@ class TranslationWork:
 
     def __call__(self, job: Job) -> Outcome:
         source = load_source(self._transcript_path(job))
+        if not source.text.strip():
+            return self._no_speech(job, source)
         calls = JobCalls(self.call, self.spool, job, encode=_spooled_batch, decode=lambda d: UnitBatch(**d))
         translation = translate_document(source, self.language, self.translator, fallback=self.fallback,
                                          call=calls)
@@ -59,6 +61,17 @@ class TranslationWork:
         return Outcome(outputs=as_recorded(written), provider=translation.provider, model=translation.model,
                        characters=translation.usage.get("characters"), tokens=translation.usage.get("tokens"),
                        cost=translation.cost, staged=str(staged))
+
+    def _no_speech(self, job: Job, source) -> Outcome:
+        """A transcript without text: an empty translation, noted, made without any provider (there is
+        nothing to send, and a provider would be asked to translate nothing)."""
+        empty = Translation(units=[], text="", source_language=source.language, language=self.language,
+                            provider=None, model=None, usage={}, cost=0.0, has_timestamps=source.has_timestamps,
+                            kept_units=0)
+        staged = staging_folder(self.output_root, job.id, job.claim)
+        written = write_translation_outputs(empty, safe_join(self.output_root, job.folder), root=self.output_root,
+                                            staging=staged)
+        return Outcome(outputs=as_recorded(written), cost=0.0, note=NO_SPEECH_NOTE, staged=str(staged))
 
     def _transcript_path(self, job: Job) -> str:
         """The transcript this job's transcription recorded, verified against its recorded hash.

@@ -712,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    if not transcript.text.strip():
+        log.warning("%s: no speech found (the transcript is empty)", args.file)
     sys.stdout.write(RENDERERS[args.format](transcript))
     return EXIT_OK
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from db_manager import COMPLETED, FAILED, IN_PROGRESS, NOT_STARTED, STATUSES, TRANSCRIPTION, TRANSLATION  # noqa: E402
+from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NO_SPEECH_NOTE, NOT_STARTED, STATUSES, TRANSCRIPTION,  # noqa: E402
+                        TRANSLATION)
 from pipeline import config, publish  # noqa: E402
 
 LANGUAGE_NAMES = {"en": "English", "de": "German", "he": "Hebrew", "fr": "French", "es": "Spanish",
@@ -38,6 +39,7 @@ def summary(db, languages) -> dict:
         "files": totals["files"],
         "transcription": counts.get((TRANSCRIPTION, ""), dict(empty)),
         "translation": {lang: counts.get((TRANSLATION, lang), dict(empty)) for lang in languages},
+        "no_speech": no_speech(db),
         "audio_hours": round(totals["audio_seconds"] / 3600, 3),
         "cost_usd": round(totals["cost"], 4),
         "errors": {
@@ -47,8 +49,22 @@ def summary(db, languages) -> dict:
     }
 
 
-def _line(label: str, counts: dict, width: int) -> str:
+def no_speech(db) -> dict:
+    """Completed jobs with no speech found, by stage (translation: by language); zeros left out."""
+    found: dict = {}
+    for row in db.query("SELECT stage, language, COUNT(*) FROM jobs WHERE status = 'completed' AND note = ?"
+                        " GROUP BY stage, language", (NO_SPEECH_NOTE,)):
+        if row[0] == TRANSCRIPTION:
+            found[TRANSCRIPTION] = row[2]
+        else:
+            found.setdefault(TRANSLATION, {})[row[1]] = row[2]
+    return found
+
+
+def _line(label: str, counts: dict, width: int, silent: int = 0) -> str:
     parts = [f"{status.replace('_', ' ')} {counts[status]:,}" for status in (COMPLETED, NOT_STARTED, IN_PROGRESS, FAILED)]
+    if silent:
+        parts.append(f"no speech {silent:,}")
     return f"{label + ':':<{width}} " + " · ".join(parts)
 
 
@@ -58,7 +74,9 @@ def render(report: dict) -> str:
         labels[f"{LANGUAGE_NAMES.get(lang, lang)} translations"] = counts
     width = max(len(label) for label in labels) + 1
     lines = [f"Files: {report['files']:,} · audio {report['audio_hours']:,.1f} h · cost so far ${report['cost_usd']:,.2f}"]
-    lines += [_line(label, counts, width) for label, counts in labels.items()]
+    silent = report.get("no_speech", {})
+    lines += [_line(label, counts, width, silent.get(TRANSCRIPTION, 0) if label == "Transcription" else 0)
+              for label, counts in labels.items()]
     errors = [("transcription", report["errors"]["transcription"])]
     errors += [(f"{lang} translation", e) for lang, e in report["errors"]["translation"].items()]
     shown = [f"  {where}: " + ", ".join(f"{cls} {n}" for cls, n in classes.items())
