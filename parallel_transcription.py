@@ -22,8 +22,8 @@ from pipeline.media import describe, register_inputs
 from pipeline.outputs import as_recorded, safe_join, staging_folder
 from pipeline.runner import JobCalls, Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
 from pipeline.spool import Spool
-from transcription import (Transcript, add_local_arguments, choose_transcriber, transcribe_media,
-                           write_transcript_outputs)
+from transcription import (Transcript, add_local_arguments, check_language, choose_transcriber,
+                           transcribe_media, write_transcript_outputs)
 
 log = logging.getLogger("verbatim.transcription")
 
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
                 raise config.ConfigError("input not found: " + ", ".join(map(repr, scan.missing_inputs)))
         transcriber = choose_transcriber(args.provider, os.environ, model=args.model, workers=args.workers,
                                          device=args.device, compute_type=args.compute_type)
+        check_language(transcriber, args.language)
         if args.dry_run:
             return dry_run(db, transcriber, args.limit, args.json)
         transcriber.load()

@@ -566,6 +566,17 @@ def choose_transcriber(name: str | None = None, env: Mapping | None = None, mode
                       f"or install the local engine for offline transcription: {LOCAL_INSTALL_HINT}")
 
 
+def check_language(transcriber: Transcriber, language: str | None) -> None:
+    """Refuse, before anything runs, a spoken language the model cannot transcribe: an English-only
+    Whisper (``*.en``) given ``--language de`` writes English words and records "de"."""
+    if not language or language == "en" or transcriber.name != LocalWhisperTranscriber.name:
+        return
+    if _local_engine_module().english_only(transcriber.settings.model):
+        raise ConfigError(f"local: {transcriber.model!r} is an English-only Whisper model and cannot transcribe "
+                          f"--language {language}; choose a multilingual model (e.g. --model turbo, small, "
+                          "large-v3) or leave out --language")
+
+
 # -- the per-file job -----------------------------------------------------------------------
 def _call_now(fn: Callable[[], Transcript], key: dict | None = None) -> Transcript:
     return fn()
@@ -700,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         transcriber = choose_transcriber(args.provider, os.environ, args.model, device=args.device,
                                          compute_type=args.compute_type)
         language = parse_languages([args.language])[0] if args.language else None
+        check_language(transcriber, language)
         if args.format in ("srt", "vtt") and transcriber.model in transcriber.text_only_models:
             raise ConfigError(f"--format {args.format} needs timestamps; {transcriber.model} returns text only")
         log.debug("transcribing %r with %s/%s", args.file, transcriber.name, transcriber.model)
