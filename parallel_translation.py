@@ -16,15 +16,15 @@ import os
 
 from db_manager import COMPLETED, NO_SPEECH_NOTE, TRANSLATION, Job, Outcome
 from pipeline import config
-from pipeline.errors import PermanentError
+from pipeline.errors import AccountError, PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
 from pipeline import publish
 from pipeline.outputs import as_recorded, safe_join, sha256_file, staging_folder
 from pipeline.runner import JobCalls, Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
 from pipeline.spool import Spool
-from translation import (Translation, UnitBatch, choose_fallback, choose_translator, load_source,
-                         translate_document, write_translation_outputs)
+from translation import (TRANSLATORS, Translation, UnitBatch, choose_fallback, choose_translator, load_source,
+                         needs_provider, translate_document, write_translation_outputs)
 
 log = logging.getLogger("verbatim.translation")
 
@@ -51,6 +51,11 @@ class TranslationWork:
         source = load_source(self._transcript_path(job))
         if not source.text.strip():
             return self._no_speech(job, source)
+        if self.translator is None and needs_provider(source, self.language):
+            # Only copies could run without a provider; this one needs translating: stop the run
+            # (every held job goes back, none is failed), as a missing key at start would.
+            raise AccountError(f"no translation provider configured for {self.language}, and file {job.file_id} "
+                               f"needs translating: {NO_PROVIDER_HINT}", error_class="no_provider")
         calls = JobCalls(self.call, self.spool, job, encode=_spooled_batch, decode=lambda d: UnitBatch(**d))
         translation = translate_document(source, self.language, self.translator, fallback=self.fallback,
                                          call=calls)
@@ -101,6 +106,43 @@ def _holds(path: str, sha256: str) -> bool:
         return False
 
 
+NO_PROVIDER_HINT = ("set one of " + ", ".join(cls.key_env_var for cls in TRANSLATORS.values())
+                    + " (and optionally VERBATIM_TRANSLATION_PROVIDER)")
+
+
+def provider_configured(language: str, name: str | None, env) -> bool:
+    """Whether a translation provider is named or has a key for ``language`` (else only copies run)."""
+    return bool(name or env.get(f"VERBATIM_TRANSLATION_PROVIDER_{language.upper()}")
+                or env.get("VERBATIM_TRANSLATION_PROVIDER")
+                or any(env.get(cls.key_env_var) for cls in TRANSLATORS.values()))
+
+
+def translators_for(languages, name: str | None, model: str | None, env) -> dict:
+    """language -> its translator, or None where no provider is configured (copies need none)."""
+    return {lang: choose_translator(lang, name, env, model=model) if provider_configured(lang, name, env) else None
+            for lang in languages}
+
+
+def needing_provider(db, language: str) -> int:
+    """Runnable ``language`` translations that need a provider: their transcript is in another (or an
+    unknown) language. Read from each transcript.json's recorded language, without detection."""
+    count = 0
+    for row in db.jobs(stage=TRANSLATION, language=language, status="not_started"):
+        if not _transcript_done(db, row["file_id"]):
+            continue
+        transcript = db.jobs(stage="transcription", file_id=row["file_id"])[0]
+        if transcript["note"] == NO_SPEECH_NOTE:
+            continue
+        try:
+            path = json.loads(transcript["outputs"] or "{}")["json"]["path"]
+            with open(path, encoding="utf-8") as handle:
+                spoken = json.load(handle).get("language")
+        except (OSError, KeyError, ValueError, AttributeError):
+            spoken = None
+        count += spoken != language
+    return count
+
+
 def build_parser():
     parser = config.make_parser(__doc__, "python parallel_translation.py --language en de he --workers 2")
     parser.add_argument("--language", nargs="+", metavar="CODE",
@@ -118,14 +160,18 @@ def dry_run(db, translators: dict, limit, as_json: bool) -> int:
                     if _transcript_done(db, r["file_id"])][:limit]
         chars = sum(_transcript_chars(db, r["file_id"]) for r in eligible)
         usage = {"characters": chars, "prompt_tokens": chars // 3, "completion_tokens": chars // 3}
-        plans[language] = {"jobs": len(eligible), "characters": chars, "provider": translator.name,
-                           "model": translator.model, "estimated_cost_usd": round(translator.cost(usage), 4)}
+        plans[language] = {"jobs": len(eligible), "characters": chars,
+                           "provider": translator.name if translator else None,
+                           "model": translator.model if translator else None,
+                           "estimated_cost_usd": round(translator.cost(usage), 4) if translator else None}
     if as_json:
         print(json.dumps(plans))
     else:
         for language, plan in plans.items():
-            print(f"{language}: would translate {plan['jobs']} transcript(s), {plan['characters']:,} characters,"
-                  f" with {plan['provider']} {plan['model'] or ''}, estimated cost ${plan['estimated_cost_usd']:.2f}")
+            cost = (f"with {plan['provider']} {plan['model'] or ''}, estimated cost ${plan['estimated_cost_usd']:.2f}"
+                    if plan["provider"] else "with no provider configured (cost unknown; copies of transcripts"
+                                             f" already in {language} need none)")
+            print(f"{language}: would translate {plan['jobs']} transcript(s), {plan['characters']:,} characters, {cost}")
     return config.EXIT_OK
 
 
@@ -149,10 +195,12 @@ def main(argv=None) -> int:
     languages = config.parse_languages(args.language) if args.language else config.target_languages()
     db = config.open_db(config.db_path(args), must_exist=True)
     try:
-        translators = {lang: choose_translator(lang, args.provider, os.environ, model=args.model)
-                       for lang in languages}
+        translators = translators_for(languages, args.provider, args.model, os.environ)
         if args.dry_run:
             return dry_run(db, translators, args.limit, args.json)
+        for language, translator in translators.items():
+            if translator is None and needing_provider(db, language):
+                choose_translator(language, None, os.environ)  # raises the usual "no provider configured" error
         stop = StopSignal()
         stop.install()
         plans = []
@@ -160,8 +208,9 @@ def main(argv=None) -> int:
             db.ensure_jobs(TRANSLATION, language)
             if args.retry_failed:
                 log.info("reset %d failed %s job(s) for retry", len(db.reset_failed(TRANSLATION, language)), language)
-            limiter = limiter_for(translator.name)
-            work = TranslationWork(db, translator, choose_fallback(language, os.environ, translator.name),
+            limiter = limiter_for(translator.name if translator else "copy")
+            fallback = choose_fallback(language, os.environ, translator.name) if translator else None
+            work = TranslationWork(db, translator, fallback,
                                    RunRequests(limiter, args.workers, stop.stop), config.output_dir(args), language)
             options = RunOptions(TRANSLATION, language, workers=args.workers, threads=thread_count(args.workers),
                                  batch_size=args.batch_size,

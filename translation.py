@@ -704,6 +704,12 @@ class _DocumentRun:
             out[index] = _clean(text)
 
 
+def needs_provider(doc: SourceDocument, target: str) -> bool:
+    """Whether translating ``doc`` into ``target`` sends anything: False for a document already in
+    ``target`` (a copy) and for one without text."""
+    return bool(_plan(doc, target).send)
+
+
 def _direct_call(fn, key=None):
     return fn()
 
