@@ -9,6 +9,7 @@ killed run is resumed by running the same command again: completed files are nev
 Exit codes: 0 all done, 1 some jobs failed, 2 usage/configuration/account error, 130 interrupted.
 """
 
+import json
 import logging
 import os
 import sys
@@ -112,7 +113,6 @@ def dry_run(db, transcriber, limit, as_json: bool) -> int:
             "provider": getattr(transcriber, "name", None), "model": getattr(transcriber, "model", None),
             "estimated_cost_usd": None if cost is None else round(cost, 4)}
     if as_json:
-        import json
         print(json.dumps(plan))
     else:
         print(f"would transcribe {plan['jobs']} file(s), {plan['audio_hours']:.2f} h of audio"
@@ -121,19 +121,56 @@ def dry_run(db, transcriber, limit, as_json: bool) -> int:
     return config.EXIT_OK
 
 
+def check_inputs(paths) -> None:
+    """Every input must exist before anything is created (no empty database for a typo)."""
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        raise config.ConfigError("input not found: " + ", ".join(map(repr, missing)))
+
+
+def nothing_to_do(db, inputs, scan, retry_failed: bool) -> tuple[str, int] | None:
+    """(why, exit code) when no transcription job would run; None when there is work. Jobs of runs
+    that died are taken back first, as a run would."""
+    db.reclaim()
+    pending, _ = db.pending(TRANSCRIPTION)
+    counts = db.counts().get((TRANSCRIPTION, ""), {})
+    failed = counts.get("failed", 0)
+    if pending or (retry_failed and failed):
+        return None
+    if not sum(counts.values()):
+        where = ", ".join(inputs) if inputs else "the database (pass --input PATH)"
+        found = f" ({scan.skipped_not_media} non-media and {scan.skipped_hidden} hidden skipped)" if scan else ""
+        return f"no media found in {where}{found}", config.EXIT_OK
+    parts = [f"{counts.get('completed', 0)} completed"]
+    if failed:
+        parts.append(f"{failed} failed (use --retry-failed to try them again)")
+    if counts.get("in_progress"):
+        parts.append(f"{counts['in_progress']} in progress in another run")
+    return ", ".join(parts), config.EXIT_FAILED if failed else config.EXIT_OK
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config.load_env(args.env_file)
     config.setup_logging(args.verbose, args.quiet)
     if args.language:
         config.parse_languages([args.language])
+    check_inputs(args.input)
     db = config.open_db(config.db_path(args))
     try:
+        scan = None
         if args.input:
             scan = register_inputs(db, args.input, config.target_languages())
             print(describe(scan), file=sys.stderr)
             if scan.missing_inputs:
                 raise config.ConfigError("input not found: " + ", ".join(map(repr, scan.missing_inputs)))
+        idle = None if args.dry_run else nothing_to_do(db, args.input, scan, args.retry_failed)
+        if idle:  # said before any provider is chosen or model loaded
+            why, code = idle
+            print(f"nothing to do: {why}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"exit_code": code, "nothing_to_do": why, "runs": []}))
+            return code
         transcriber = choose_transcriber(args.provider, os.environ, model=args.model, workers=args.workers,
                                          device=args.device, compute_type=args.compute_type)
         check_language(transcriber, args.language)

@@ -706,6 +706,8 @@ def add_local_arguments(parser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if not os.path.isfile(args.file):
+            raise ConfigError(f"{args.file!r}: no such file")
         load_env(args.env_file)
         setup_logging(args.verbose)
         transcriber = choose_transcriber(args.provider, os.environ, args.model, device=args.device,

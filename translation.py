@@ -846,6 +846,8 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     env = load_env(args.env_file)
     target = parse_languages([args.to])[0]
+    if not os.path.isfile(args.input):
+        raise ConfigError(f"{args.input!r}: no such file")
     try:
         doc = load_source(args.input)
         if args.source:

@@ -72,3 +72,23 @@ def test_a_closed_pipe_ends_quietly(tmp_path, tool):
     assert first_line.strip()
     assert writer.returncode == 141, stderr   # 128 + SIGPIPE, as a shell reports a tool the pipe closed on
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["transcription.py", "{missing}"],
+    ["translation.py", "{missing}", "--to", "he"],
+    ["parallel_transcription.py", "--input", "{missing}", "--db", "{db}"],
+    ["parallel_transcription.py", "--input", "{present}", "--input", "{missing}", "--db", "{db}"],
+    ["tools/add_media.py", "{missing}", "--db", "{db}"],
+    ["tools/add_media.py", "{present}", "{missing}", "--db", "{db}"],
+])
+def test_a_missing_input_is_a_usage_error_that_creates_nothing(tmp_path, args):
+    (tmp_path / "present.wav").write_bytes(b"RIFF")
+    values = {"missing": str(tmp_path / "missing.wav"), "present": str(tmp_path / "present.wav"),
+              "db": str(tmp_path / "jobs.db")}
+    script, *rest = [arg.format(**values) for arg in args]
+    result = subprocess.run([sys.executable, str(ROOT / script), *rest], capture_output=True, text=True,
+                            env=script_env(OPENAI_API_KEY="sk-test-a1b2c3"), cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "missing.wav" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "jobs.db").exists()

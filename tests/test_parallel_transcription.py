@@ -275,3 +275,33 @@ def test_silence_completes_as_no_speech_found_and_is_never_sent_to_translation(f
     de = {i["file_id"]: i for i in status(tmp_path)["items"]}[silent_id]["translation"]["de"]
     assert de["status"] == "completed" and de["note"] == "no speech found", de
     assert Path(de["outputs"]["txt"]).read_text() == ""
+
+
+def test_nothing_to_do_says_why(fake, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run(fake, tmp_path, "--input", str(empty))
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do: no media found in" in result.stderr and str(empty) in result.stderr
+
+    inputs = tmp_path / "in"
+    tone_files(inputs, 2)
+    mediagen.make_text_as_audio(inputs / "text.mp3")
+    assert run(fake, tmp_path, "--input", str(inputs)).returncode == 1
+    sent = fake.server.count()
+    again = run(fake, tmp_path, "--input", str(inputs), "--json")
+    assert again.returncode == 1 and fake.server.count() == sent
+    assert "nothing to do: 2 completed, 1 failed (use --retry-failed to try them again)" in again.stderr
+    assert json.loads(again.stdout)["nothing_to_do"].startswith("2 completed, 1 failed")
+
+
+def test_nothing_to_do_loads_no_model_and_needs_no_provider(tmp_path):
+    """An empty folder with the local provider (installed or not): nothing is loaded, exit 0."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.modules['faster_whisper'] = None; "
+                             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')", SCRIPT,
+                             "--input", str(empty), "--provider", "local", "--db", str(tmp_path / "jobs.db")],
+                            capture_output=True, text=True, env=script_env(), cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do: no media found" in result.stderr and "loading" not in result.stderr
