@@ -40,7 +40,7 @@ import requests
 
 from pipeline import audio
 from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, load_env,
-                             make_parser, parse_languages, run_main, setup_logging)
+                             make_parser, parse_languages, run_main, setup_logging, with_env_note)
 from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, classify_http,
                              from_openai_exception, from_requests_exception, register_secret)
 from pipeline.outputs import WrittenFile, write_files
@@ -719,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("transcribing %r with %s/%s", args.file, transcriber.name, transcriber.model)
         transcript = transcribe_media(args.file, transcriber, language=language, prompt=args.prompt)
     except (ConfigError, AccountError) as exc:
-        print(f"transcription.py: {exc}", file=sys.stderr)
+        print(f"transcription.py: {with_env_note(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except ProviderError as exc:
         print(f"transcription.py: {args.file!r} failed [{exc.error_class}]: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from dotenv import dotenv_values
@@ -38,11 +39,36 @@ class ConfigError(Exception):
     """A usage or configuration problem: the script prints the message and exits 2."""
 
 
+# Which settings file load_env looked for, and whether it was read: an error about a missing
+# setting says so (``env_note``), since a key "set in .env" is often set in another .env.
+_env_file: dict = {"path": None, "read": False}
+
+
+def env_note() -> str:
+    """`` (settings read from PATH)`` or `` (no .env was read (PATH does not exist))``; empty
+    before ``load_env``."""
+    path = _env_file["path"]
+    if path is None:
+        return ""
+    if _env_file["read"]:
+        return f" (settings read from {path})"
+    return f" (no .env was read ({path} does not exist))"
+
+
+def with_env_note(message: str) -> str:
+    """``message`` plus which .env was read, when it is about a setting (a key, a provider, a
+    VERBATIM_ variable, .env): the usual cause is a key set in a file that was not the one read."""
+    if re.search(r"\bset\b|\.env|VERBATIM_|API key", message):
+        return message + env_note()
+    return message
+
+
 def load_env(env_file: str | None = None) -> os._Environ:
     """Load ``env_file`` (or ``./.env``) into ``os.environ`` without overriding what is set."""
     path = env_file or os.environ.get("VERBATIM_ENV_FILE") or ".env"
     if env_file and not os.path.isfile(env_file):
         raise ConfigError(f"--env-file {env_file}: no such file")
+    _env_file.update(path=os.path.abspath(path), read=os.path.isfile(path))
     if os.path.isfile(path):
         for key, value in dotenv_values(path, interpolate=False).items():
             if value is not None and key not in os.environ:
@@ -170,7 +196,7 @@ def run_main(main) -> None:
         except SystemExit as exc:  # argparse (--help, usage errors) and scripts that exit early
             code = exc.code
         except ConfigError as exc:
-            print(f"error: {redact(str(exc))}", file=sys.stderr)
+            print(f"error: {redact(with_env_note(str(exc)))}", file=sys.stderr)
             code = EXIT_USAGE
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -92,3 +92,26 @@ def test_a_missing_input_is_a_usage_error_that_creates_nothing(tmp_path, args):
     assert result.returncode == 2, result.stderr
     assert "missing.wav" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "jobs.db").exists()
+
+
+def test_a_missing_setting_says_which_env_file_was_read(tmp_path):
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    settings = tmp_path / "archive.env"
+    settings.write_text("VERBATIM_OUTPUT_DIR=out\n")
+    cmd = [sys.executable, str(ROOT / "parallel_transcription.py"), "--input", str(tmp_path / "a.wav"),
+           "--provider", "openai", "--db", str(tmp_path / "x.db")]
+    read = subprocess.run(cmd + ["--env-file", str(settings)], capture_output=True, text=True, env=script_env(),
+                          cwd=tmp_path, timeout=60)
+    assert read.returncode == 2 and "OPENAI_API_KEY" in read.stderr
+    assert f"settings read from {settings}" in read.stderr
+
+    env = script_env()
+    del env["VERBATIM_ENV_FILE"]
+    none = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert none.returncode == 2 and "OPENAI_API_KEY" in none.stderr
+    assert f"no .env was read ({tmp_path / '.env'} does not exist)" in none.stderr
+
+    one_file = subprocess.run([sys.executable, str(ROOT / "transcription.py"), str(tmp_path / "a.wav"), "--provider",
+                               "openai", "--env-file", str(settings)], capture_output=True, text=True,
+                              env=script_env(), cwd=tmp_path, timeout=60)
+    assert one_file.returncode == 2 and f"settings read from {settings}" in one_file.stderr
