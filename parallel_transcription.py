@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from db_manager import NO_SPEECH_NOTE, TRANSCRIPTION, Job, Outcome
+from db_manager import DEFAULT_LEASE_SECONDS, NO_SPEECH_NOTE, TRANSCRIPTION, Job, Outcome
 from pipeline import config
 from pipeline.errors import PermanentError
 from pipeline.faults import crash_point
@@ -88,6 +88,21 @@ def provider_limiter(transcriber):
     if transcriber.max_concurrency:
         env = {**os.environ, f"VERBATIM_{transcriber.name.upper()}_MAX_CONCURRENCY": str(transcriber.max_concurrency)}
     return limiter_for(transcriber.name, env)
+
+
+def transcription_plan(db, transcriber, stop: StopSignal, *, output_root: str, workers: int, batch_size: int,
+                       limit: int | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS, quiet: bool = False,
+                       language: str | None = None, prompt: str | None = None) -> Plan:
+    """The transcription stage as a runner plan (its limiter, work and options), for ``run_plans``:
+    this script runs it alone, ``tools/process.py`` beside the translation plans."""
+    limiter = provider_limiter(transcriber)
+    workers = min(workers, transcriber.max_concurrency or workers)  # no idle threads holding jobs
+    work = TranscriptionWork(db, transcriber, RunRequests(limiter, workers, stop.stop), output_root,
+                             language=language, prompt=prompt)
+    options = RunOptions(TRANSCRIPTION, "", workers=workers, threads=thread_count(workers), batch_size=batch_size,
+                         limit=limit, lease_seconds=lease_seconds, label="transcription", quiet=quiet,
+                         output_root=output_root)
+    return Plan(options, work, limiter)
 
 
 def dry_run(db, transcriber, limit, as_json: bool) -> int:
@@ -179,17 +194,12 @@ def main(argv=None) -> int:
         transcriber.load()
         if args.retry_failed:
             log.info("reset %d failed transcription job(s) for retry", len(db.reset_failed(TRANSCRIPTION)))
-        limiter = provider_limiter(transcriber)
-        workers = min(args.workers, transcriber.max_concurrency or args.workers)  # no idle threads holding jobs
         stop = StopSignal()
         stop.install()
-        work = TranscriptionWork(db, transcriber, RunRequests(limiter, workers, stop.stop),
-                                 config.output_dir(args), language=args.language, prompt=args.prompt)
-        options = RunOptions(TRANSCRIPTION, "", workers=workers, threads=thread_count(workers),
-                             batch_size=args.batch_size,
-                             limit=args.limit, lease_seconds=args.lease_seconds, label="transcription",
-                             quiet=args.quiet, output_root=config.output_dir(args))
-        summaries = run_plans(db, [Plan(options, work, limiter)], stop)
+        plan = transcription_plan(db, transcriber, stop, output_root=config.output_dir(args), workers=args.workers,
+                                  batch_size=args.batch_size, limit=args.limit, lease_seconds=args.lease_seconds,
+                                  quiet=args.quiet, language=args.language, prompt=args.prompt)
+        summaries = run_plans(db, [plan], stop)
         return report(summaries, stop, as_json=args.json)
     finally:
         db.close_all()

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 
-from db_manager import COMPLETED, NO_SPEECH_NOTE, TRANSLATION, Job, Outcome
+from db_manager import COMPLETED, DEFAULT_LEASE_SECONDS, NO_SPEECH_NOTE, TRANSLATION, Job, Outcome
 from pipeline import config
 from pipeline.errors import AccountError, PermanentError
 from pipeline.faults import crash_point
@@ -152,6 +152,21 @@ def build_parser():
     return parser
 
 
+def translation_plan(db, language: str, translator, stop: StopSignal, *, output_root: str, workers: int,
+                     batch_size: int, limit: int | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+                     quiet: bool = False, follow=None) -> Plan:
+    """One language's translation stage as a runner plan, for ``run_plans`` (this script runs one per
+    language; ``tools/process.py`` runs them beside the transcription, ``follow`` saying while
+    transcripts are still to come). ``translator`` None: only copies and empty transcripts run."""
+    limiter = limiter_for(translator.name if translator else "copy")
+    fallback = choose_fallback(language, os.environ, translator.name) if translator else None
+    work = TranslationWork(db, translator, fallback, RunRequests(limiter, workers, stop.stop), output_root, language)
+    options = RunOptions(TRANSLATION, language, workers=workers, threads=thread_count(workers), batch_size=batch_size,
+                         limit=limit, lease_seconds=lease_seconds, label=f"translation {language}", quiet=quiet,
+                         output_root=output_root, follow=follow)
+    return Plan(options, work, limiter)
+
+
 def dry_run(db, translators: dict, limit, as_json: bool) -> int:
     """Characters that would be sent and their estimated cost, per language; no API call."""
     plans = {}
@@ -208,16 +223,9 @@ def main(argv=None) -> int:
             db.ensure_jobs(TRANSLATION, language)
             if args.retry_failed:
                 log.info("reset %d failed %s job(s) for retry", len(db.reset_failed(TRANSLATION, language)), language)
-            limiter = limiter_for(translator.name if translator else "copy")
-            fallback = choose_fallback(language, os.environ, translator.name) if translator else None
-            work = TranslationWork(db, translator, fallback,
-                                   RunRequests(limiter, args.workers, stop.stop), config.output_dir(args), language)
-            options = RunOptions(TRANSLATION, language, workers=args.workers, threads=thread_count(args.workers),
-                                 batch_size=args.batch_size,
-                                 limit=args.limit, lease_seconds=args.lease_seconds,
-                                 label=f"translation {language}", quiet=args.quiet,
-                                 output_root=config.output_dir(args))
-            plans.append(Plan(options, work, limiter))
+            plans.append(translation_plan(db, language, translator, stop, output_root=config.output_dir(args),
+                                          workers=args.workers, batch_size=args.batch_size, limit=args.limit,
+                                          lease_seconds=args.lease_seconds, quiet=args.quiet))
         return report(run_plans(db, plans, stop), stop, as_json=args.json)
     finally:
         db.close_all()
