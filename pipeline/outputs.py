@@ -37,9 +37,9 @@ TEMP_SUFFIX = ".tmp"
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 _TEMP_WRITER_RE = re.compile(r"\.([A-Za-z0-9_]+)-(\d+)\.[0-9a-f]{32}\.tmp$")
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
-# A folder's readable part: at most this many UTF-8 bytes (a Hebrew letter takes 2, a CJK one 3), so
-# <id>-<slug>/translation.he.srt stays far below every file system's 255-byte name limit.
-MAX_SLUG_BYTES = 60
+# A folder's readable part: at most this many UTF-8 bytes (a Hebrew letter takes 2, a CJK one 3; an
+# ASCII name keeps its 40 characters as before), far below every file system's 255-byte name limit.
+MAX_SLUG_BYTES = 40
 # Under the output root: staging folders of attempts and the spool of paid answers. Interview
 # folders are named by file id (hex), so this name never meets one.
 STATE_DIR = ".verbatim"

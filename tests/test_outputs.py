@@ -88,7 +88,7 @@ def test_folder_names_keep_letters_and_digits_of_every_script():
 
     file_id = "0123456789abcdef"
     mixed = folder_name(file_id, "/a/04 Brief an Tante U\u0308lla \u2013 \u05de\u05db\u05ea\u05d1 \u05dc\u05d3\u05d5\u05d3\u05d4.wav")
-    assert mixed == f"{file_id}-04-brief-an-tante-\u00fclla-\u05de\u05db\u05ea\u05d1-\u05dc\u05d3\u05d5\u05d3\u05d4"
+    assert mixed == f"{file_id}-04-brief-an-tante-\u00fclla-\u05de\u05db\u05ea\u05d1-\u05dc\u05d3\u05d5"  # 40 bytes at most
     assert unicodedata.is_normalized("NFC", mixed)
     assert folder_name(file_id, "\u05e8\u05d0\u05d9\u05d5\u05df 3.mp3") == f"{file_id}-\u05e8\u05d0\u05d9\u05d5\u05df-3"
     assert folder_name(file_id, "\u0418\u043d\u0442\u0435\u0440\u0432\u044c\u044e.wav").endswith("-\u0438\u043d\u0442\u0435\u0440\u0432\u044c\u044e")
