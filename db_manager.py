@@ -61,6 +61,10 @@ COMPLETED = "completed"
 FAILED = "failed"
 STATUSES = (NOT_STARTED, IN_PROGRESS, COMPLETED, FAILED)
 
+# The note of a job completed with nothing to say: a transcript without any text (silence, or a
+# provider that heard no words), and each translation of it (made without any provider).
+NO_SPEECH_NOTE = "no speech found"
+
 TRANSCRIPTION = "transcription"
 TRANSLATION = "translation"
 STAGES = (TRANSCRIPTION, TRANSLATION)
@@ -251,7 +255,14 @@ def _m004_translation_source(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE jobs ADD COLUMN source_sha256 TEXT")
 
 
-MIGRATIONS = [_m001_initial, _m002_park_waiting_translations, _m003_archive_id, _m004_translation_source]
+def _m005_event_outputs(conn: sqlite3.Connection) -> None:
+    # What a completion recorded (format -> path, sha256, size), kept in its event: a later reset
+    # forgets the job's outputs, but a file's history still says what the completion produced.
+    conn.execute("ALTER TABLE events ADD COLUMN outputs TEXT")
+
+
+MIGRATIONS = [_m001_initial, _m002_park_waiting_translations, _m003_archive_id, _m004_translation_source,
+              _m005_event_outputs]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -295,6 +306,10 @@ class _Unit:
 # --------------------------------------------------------------------------------------------
 
 class DatabaseManager:
+    # Who maintenance calls (reset, reset_failed, adopt) are logged as in ``events.owner``: a tool
+    # sets its own name ("tool:fix_transcript_status.py"), so a file's history says which tool did it.
+    actor = "tool"
+
     def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT_SECONDS, read_only: bool = False):
         self.path = str(path)
         self.busy_timeout = busy_timeout
@@ -496,12 +511,13 @@ class DatabaseManager:
     # -- events and the single place statuses change ---------------------------------------------
     @staticmethod
     def _log(conn, job_id: int, owner, from_status, to_status, attempt=None,
-             error_class=None, error_message=None, at=None) -> None:
+             error_class=None, error_message=None, at=None, outputs=None) -> None:
+        extra = ", outputs" if outputs is not None else ""  # a completion's outputs (schema version 3)
         conn.execute(
             "INSERT INTO events (at, job_id, owner, from_status, to_status, attempt, error_class, "
-            "error_message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"error_message{extra}) VALUES (?, ?, ?, ?, ?, ?, ?, ?{', ?' if extra else ''})",
             (at or time.time(), job_id, owner, from_status, to_status, attempt, error_class,
-             redact(error_message) if error_message else None))
+             redact(error_message) if error_message else None, *((outputs,) if extra else ())))
 
     def _transition(self, conn, where: str, params: tuple, to_status: str, *, owner=None,
                     sets: dict | None = None, error_class=None, error_message=None) -> list[sqlite3.Row]:
@@ -525,9 +541,11 @@ class DatabaseManager:
         marks = ",".join("?" * len(old))
         rows = conn.execute(f"UPDATE jobs SET {assignments} WHERE id IN ({marks}) RETURNING *",
                             (*values, *old)).fetchall()
+        recorded = sets.get("outputs") if to_status == COMPLETED else None  # kept in the history
+        recorded = None if recorded == "{}" else recorded                        # (nothing to keep)
         for row in rows:
             self._log(conn, row["id"], owner or row["lease_owner"], old[row["id"]], to_status,
-                      row["attempts"], error_class, error_message, at=now)
+                      row["attempts"], error_class, error_message, at=now, outputs=recorded)
         return rows
 
     # -- media registration -----------------------------------------------------------------------
@@ -818,7 +836,7 @@ class DatabaseManager:
         with self.transaction() as conn:
             return len(self._transition(
                 conn, f"id IN ({','.join('?' * len(ids))}) AND status IN ({','.join('?' * len(statuses))})",
-                (*ids, *statuses), NOT_STARTED, owner="tool", sets=sets, error_class="reset",
+                (*ids, *statuses), NOT_STARTED, owner=self.actor, sets=sets, error_class="reset",
                 error_message=reason))
 
     def reset_failed(self, stage: str, language: str = "", *, error_class: str | None = None,
@@ -831,7 +849,7 @@ class DatabaseManager:
         with self.transaction() as conn:
             ids = [r["id"] for r in conn.execute(sql, params)]
             rows = self._transition(conn, f"id IN ({','.join('?' * len(ids))}) AND status = 'failed'", tuple(ids),
-                                    NOT_STARTED, owner="tool", sets=sets, error_class="reset",
+                                    NOT_STARTED, owner=self.actor, sets=sets, error_class="reset",
                                     error_message="retry of failed job") if ids else []
         return [r["file_id"] for r in rows]
 
@@ -861,7 +879,7 @@ class DatabaseManager:
         """Mark a failed/not_started job completed because its valid output already exists."""
         with self.transaction() as conn:
             rows = self._transition(
-                conn, "id = ? AND status IN ('failed', 'not_started')", (job_id,), COMPLETED, owner="tool",
+                conn, "id = ? AND status IN ('failed', 'not_started')", (job_id,), COMPLETED, owner=self.actor,
                 sets=dict(outputs=json.dumps(outputs), completed_at=time.time(), error_class=None,
                           error_message=None, note=note, source_sha256=source_sha256))
             for row in rows:
@@ -876,7 +894,7 @@ class DatabaseManager:
         with self.transaction() as conn:
             return bool(self._transition(
                 conn, "id = ? AND status = 'completed' AND outputs = ?", (job_id, json.dumps(previous)),
-                COMPLETED, owner="tool", sets=dict(outputs=json.dumps(outputs), note=note),
+                COMPLETED, owner=self.actor, sets=dict(outputs=json.dumps(outputs), note=note),
                 error_message=note))
 
     _STALE = ("SELECT j.id, j.file_id, j.language, j.outputs, j.source_sha256 FROM jobs j JOIN jobs t"

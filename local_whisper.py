@@ -79,6 +79,25 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# Whisper's multilingual models have this many tokens or more; the English-only ones (``*.en``) one
+# fewer. CTranslate2 tells them apart the same way (``Whisper.is_multilingual``).
+MULTILINGUAL_VOCABULARY = 51865
+
+
+def english_only(model: str) -> bool:
+    """True for an English-only Whisper: a ``*.en`` size name, or a model folder named so or whose
+    vocabulary is the English-only one. Known without loading the model."""
+    if os.path.basename(model.rstrip("/")).endswith(".en"):
+        return True
+    if os.path.isdir(model):
+        try:
+            with open(os.path.join(model, "vocabulary.txt"), encoding="utf-8") as handle:
+                return sum(1 for _line in handle) < MULTILINGUAL_VOCABULARY
+        except OSError:
+            return False  # no vocabulary file to tell by: the engine will say what it can
+    return False
+
+
 def resolve_model(model: str) -> str:
     """A size name as it is, a model folder as an absolute path; anything else is a ConfigError."""
     if os.path.isdir(model):

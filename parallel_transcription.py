@@ -9,11 +9,12 @@ killed run is resumed by running the same command again: completed files are nev
 Exit codes: 0 all done, 1 some jobs failed, 2 usage/configuration/account error, 130 interrupted.
 """
 
+import json
 import logging
 import os
 import sys
 
-from db_manager import TRANSCRIPTION, Job, Outcome, display_path
+from db_manager import DEFAULT_LEASE_SECONDS, NO_SPEECH_NOTE, TRANSCRIPTION, Job, Outcome, display_path
 from pipeline import config
 from pipeline.archive import prepare_output_root
 from pipeline.errors import PermanentError
@@ -24,8 +25,8 @@ from pipeline.media import describe, register_inputs, still_registered_content
 from pipeline.outputs import as_recorded, safe_join, staging_folder
 from pipeline.runner import JobCalls, Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
 from pipeline.spool import Spool
-from transcription import (Transcript, add_local_arguments, choose_transcriber, transcribe_media,
-                           write_transcript_outputs)
+from transcription import (Transcript, add_local_arguments, check_language, choose_transcriber,
+                           transcribe_media, write_transcript_outputs)
 
 log = logging.getLogger("verbatim.transcription")
 
@@ -50,6 +51,8 @@ class TranscriptionWork:
         transcript = transcribe_media(media, self.transcriber, language=self.language, prompt=self.prompt,
                                       call=calls, content_id=job.file_id)
         crash_point("after_api")
+        if not transcript.text.strip():  # silence, or a provider that heard no words: say so
+            transcript.note = NO_SPEECH_NOTE
         staged = staging_folder(self.output_root, job.id, job.claim)
         written = write_transcript_outputs(transcript, safe_join(self.output_root, job.folder), root=self.output_root,
                                            staging=staged)
@@ -98,6 +101,21 @@ def provider_limiter(transcriber):
     return limiter_for(transcriber.name, env)
 
 
+def transcription_plan(db, transcriber, stop: StopSignal, *, output_root: str, workers: int, batch_size: int,
+                       limit: int | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS, quiet: bool = False,
+                       language: str | None = None, prompt: str | None = None) -> Plan:
+    """The transcription stage as a runner plan (its limiter, work and options), for ``run_plans``:
+    this script runs it alone, ``tools/process.py`` beside the translation plans."""
+    limiter = provider_limiter(transcriber)
+    workers = min(workers, transcriber.max_concurrency or workers)  # no idle threads holding jobs
+    work = TranscriptionWork(db, transcriber, RunRequests(limiter, workers, stop.stop), output_root,
+                             language=language, prompt=prompt)
+    options = RunOptions(TRANSCRIPTION, "", workers=workers, threads=thread_count(workers), batch_size=batch_size,
+                         limit=limit, lease_seconds=lease_seconds, label="transcription", quiet=quiet,
+                         output_root=output_root)
+    return Plan(options, work, limiter)
+
+
 def dry_run(db, transcriber, limit, as_json: bool) -> int:
     """What would run: jobs, audio hours (probed locally where unknown), estimated cost."""
     from pipeline.audio import probe
@@ -121,7 +139,6 @@ def dry_run(db, transcriber, limit, as_json: bool) -> int:
             "provider": getattr(transcriber, "name", None), "model": getattr(transcriber, "model", None),
             "estimated_cost_usd": None if cost is None else round(cost, 4)}
     if as_json:
-        import json
         print(json.dumps(plan))
     else:
         print(f"would transcribe {plan['jobs']} file(s), {plan['audio_hours']:.2f} h of audio"
@@ -130,41 +147,74 @@ def dry_run(db, transcriber, limit, as_json: bool) -> int:
     return config.EXIT_OK
 
 
+def check_inputs(paths) -> None:
+    """Every input must exist before anything is created (no empty database for a typo)."""
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        raise config.ConfigError("input not found: " + ", ".join(map(repr, missing)))
+
+
+def nothing_to_do(db, inputs, scan, retry_failed: bool) -> tuple[str, int] | None:
+    """(why, exit code) when no transcription job would run; None when there is work. Jobs of runs
+    that died are taken back first, as a run would."""
+    db.reclaim()
+    pending, _ = db.pending(TRANSCRIPTION)
+    counts = db.counts().get((TRANSCRIPTION, ""), {})
+    failed = counts.get("failed", 0)
+    if pending or (retry_failed and failed):
+        return None
+    if not sum(counts.values()):
+        where = ", ".join(inputs) if inputs else "the database (pass --input PATH)"
+        found = f" ({scan.skipped_not_media} non-media and {scan.skipped_hidden} hidden skipped)" if scan else ""
+        return f"no media found in {where}{found}", config.EXIT_OK
+    parts = [f"{counts.get('completed', 0)} completed"]
+    if failed:
+        parts.append(f"{failed} failed (use --retry-failed to try them again)")
+    if counts.get("in_progress"):
+        parts.append(f"{counts['in_progress']} in progress in another run")
+    return ", ".join(parts), config.EXIT_FAILED if failed else config.EXIT_OK
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config.load_env(args.env_file)
     config.setup_logging(args.verbose, args.quiet)
     if args.language:
         config.parse_languages([args.language])
+    check_inputs(args.input)
     # A dry run that registers nothing only reads: it works on a read-only database too.
     db = config.open_db(config.db_path(args), read_only=args.dry_run and not args.input,
                         must_exist=args.dry_run and not args.input)
     live = None if args.dry_run else LiveRun(db, TRANSCRIPTION).start()  # translation runs follow it
     try:
+        scan = None
         if args.input:
             scan = register_inputs(db, args.input, config.target_languages())
             print(describe(scan), file=sys.stderr)
             if scan.missing_inputs:
                 raise config.ConfigError("input not found: " + ", ".join(map(repr, scan.missing_inputs)))
+        idle = None if args.dry_run else nothing_to_do(db, args.input, scan, args.retry_failed)
+        if idle:  # said before any provider is chosen or model loaded
+            why, code = idle
+            print(f"nothing to do: {why}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"exit_code": code, "nothing_to_do": why, "runs": []}))
+            return code
         transcriber = choose_transcriber(args.provider, os.environ, model=args.model, workers=args.workers,
                                          device=args.device, compute_type=args.compute_type)
+        check_language(transcriber, args.language)
         if args.dry_run:
             return dry_run(db, transcriber, args.limit, args.json)
         prepare_output_root(db, config.output_dir(args), adopt=args.adopt_output_dir)
         transcriber.load()
         if args.retry_failed:
             log.info("reset %d failed transcription job(s) for retry", len(db.reset_failed(TRANSCRIPTION)))
-        limiter = provider_limiter(transcriber)
-        workers = min(args.workers, transcriber.max_concurrency or args.workers)  # no idle threads holding jobs
         stop = StopSignal()
         stop.install()
-        work = TranscriptionWork(db, transcriber, RunRequests(limiter, workers, stop.stop),
-                                 config.output_dir(args), language=args.language, prompt=args.prompt)
-        options = RunOptions(TRANSCRIPTION, "", workers=workers, threads=thread_count(workers),
-                             batch_size=args.batch_size,
-                             limit=args.limit, lease_seconds=args.lease_seconds, label="transcription",
-                             quiet=args.quiet, output_root=config.output_dir(args))
-        summaries = run_plans(db, [Plan(options, work, limiter)], stop)
+        plan = transcription_plan(db, transcriber, stop, output_root=config.output_dir(args), workers=args.workers,
+                                  batch_size=args.batch_size, limit=args.limit, lease_seconds=args.lease_seconds,
+                                  quiet=args.quiet, language=args.language, prompt=args.prompt)
+        summaries = run_plans(db, [plan], stop)
         return report(summaries, stop, as_json=args.json)
     finally:
         if live is not None:

@@ -19,18 +19,18 @@ import json
 import logging
 import os
 
-from db_manager import COMPLETED, TRANSLATION, Job, Outcome
+from db_manager import COMPLETED, DEFAULT_LEASE_SECONDS, NO_SPEECH_NOTE, TRANSLATION, Job, Outcome
 from pipeline import config
 from pipeline.archive import prepare_output_root
-from pipeline.errors import PermanentError
+from pipeline.errors import AccountError, PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
 from pipeline import publish
 from pipeline.outputs import as_recorded, keep_edits, safe_join, sha256_file, staging_folder
 from pipeline.runner import JobCalls, Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
 from pipeline.spool import Spool
-from translation import (UnitBatch, choose_fallback, choose_translator, load_source, translate_document,
-                         write_translation_outputs)
+from translation import (TRANSLATORS, Translation, UnitBatch, choose_fallback, choose_translator, load_source,
+                         needs_provider, translate_document, write_translation_outputs)
 
 log = logging.getLogger("verbatim.translation")
 
@@ -55,10 +55,17 @@ class TranslationWork:
 
     def __call__(self, job: Job) -> Outcome:
         source = load_source(self._transcript_path(job))
+        if not source.text.strip():
+            return self._no_speech(job, source)
+        if self.translator is None and needs_provider(source, self.language):
+            # Only copies could run without a provider; this one needs translating: stop the run
+            # (every held job goes back, none is failed), as a missing key at start would.
+            raise AccountError(f"no translation provider configured for {self.language}, and file {job.file_id} "
+                               f"needs translating: {NO_PROVIDER_HINT}", error_class="no_provider")
         calls = JobCalls(self.call, self.spool, job, encode=_spooled_batch, decode=lambda d: UnitBatch(**d))
         translation = translate_document(source, self.language, self.translator, fallback=self.fallback,
                                          call=calls)
-        translation.source_sha256 = (job.outputs.get("json") or job.outputs.get("txt"))["sha256"]
+        translation.source_sha256 = _source_sha(job)
         crash_point("after_api")
         staged = staging_folder(self.output_root, job.id, job.claim)
         written = write_translation_outputs(translation, safe_join(self.output_root, job.folder),
@@ -66,6 +73,18 @@ class TranslationWork:
         return Outcome(outputs=as_recorded(written), provider=translation.provider, model=translation.model,
                        characters=translation.usage.get("characters"), tokens=translation.usage.get("tokens"),
                        cost=translation.cost, staged=str(staged), source_sha256=translation.source_sha256)
+
+    def _no_speech(self, job: Job, source) -> Outcome:
+        """A transcript without text: an empty translation, noted, made without any provider (there is
+        nothing to send, and a provider would be asked to translate nothing)."""
+        empty = Translation(units=[], text="", source_language=source.language, language=self.language,
+                            provider=None, model=None, usage={}, cost=0.0, has_timestamps=source.has_timestamps,
+                            kept_units=0, source_sha256=_source_sha(job))
+        staged = staging_folder(self.output_root, job.id, job.claim)
+        written = write_translation_outputs(empty, safe_join(self.output_root, job.folder), root=self.output_root,
+                                            staging=staged)
+        return Outcome(outputs=as_recorded(written), cost=0.0, note=NO_SPEECH_NOTE, staged=str(staged),
+                       source_sha256=empty.source_sha256)
 
     def _transcript_path(self, job: Job) -> str:
         """The transcript this job's transcription recorded, verified against its recorded hash.
@@ -88,11 +107,53 @@ class TranslationWork:
         return path
 
 
+def _source_sha(job: Job) -> str:
+    """The sha256 of the transcript a translation is made from (its json, as the stale check reads)."""
+    return (job.outputs.get("json") or job.outputs.get("txt"))["sha256"]
+
+
 def _holds(path: str, sha256: str) -> bool:
     try:
         return sha256_file(path) == sha256
     except FileNotFoundError:
         return False
+
+
+NO_PROVIDER_HINT = ("set one of " + ", ".join(cls.key_env_var for cls in TRANSLATORS.values())
+                    + " (and optionally VERBATIM_TRANSLATION_PROVIDER)")
+
+
+def provider_configured(language: str, name: str | None, env) -> bool:
+    """Whether a translation provider is named or has a key for ``language`` (else only copies run)."""
+    return bool(name or env.get(f"VERBATIM_TRANSLATION_PROVIDER_{language.upper()}")
+                or env.get("VERBATIM_TRANSLATION_PROVIDER")
+                or any(env.get(cls.key_env_var) for cls in TRANSLATORS.values()))
+
+
+def translators_for(languages, name: str | None, model: str | None, env) -> dict:
+    """language -> its translator, or None where no provider is configured (copies need none)."""
+    return {lang: choose_translator(lang, name, env, model=model) if provider_configured(lang, name, env) else None
+            for lang in languages}
+
+
+def needing_provider(db, language: str) -> int:
+    """Runnable ``language`` translations that need a provider: their transcript is in another (or an
+    unknown) language. Read from each transcript.json's recorded language, without detection."""
+    count = 0
+    for row in db.jobs(stage=TRANSLATION, language=language, status="not_started"):
+        if not _transcript_done(db, row["file_id"]):
+            continue
+        transcript = db.jobs(stage="transcription", file_id=row["file_id"])[0]
+        if transcript["note"] == NO_SPEECH_NOTE:
+            continue
+        try:
+            path = json.loads(transcript["outputs"] or "{}")["json"]["path"]
+            with open(path, encoding="utf-8") as handle:
+                spoken = json.load(handle).get("language")
+        except (OSError, KeyError, ValueError, AttributeError):
+            spoken = None
+        count += spoken != language
+    return count
 
 
 def build_parser():
@@ -104,6 +165,21 @@ def build_parser():
     return parser
 
 
+def translation_plan(db, language: str, translator, stop: StopSignal, *, output_root: str, workers: int,
+                     batch_size: int, limit: int | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+                     quiet: bool = False, follow=None) -> Plan:
+    """One language's translation stage as a runner plan, for ``run_plans`` (this script runs one per
+    language; ``tools/process.py`` runs them beside the transcription, ``follow`` saying while
+    transcripts are still to come). ``translator`` None: only copies and empty transcripts run."""
+    limiter = limiter_for(translator.name if translator else "copy")
+    fallback = choose_fallback(language, os.environ, translator.name) if translator else None
+    work = TranslationWork(db, translator, fallback, RunRequests(limiter, workers, stop.stop), output_root, language)
+    options = RunOptions(TRANSLATION, language, workers=workers, threads=thread_count(workers), batch_size=batch_size,
+                         limit=limit, lease_seconds=lease_seconds, label=f"translation {language}", quiet=quiet,
+                         output_root=output_root, follow=follow)
+    return Plan(options, work, limiter)
+
+
 def dry_run(db, translators: dict, limit, as_json: bool) -> int:
     """Characters that would be sent and their estimated cost, per language; no API call."""
     plans = {}
@@ -112,14 +188,18 @@ def dry_run(db, translators: dict, limit, as_json: bool) -> int:
                     if _transcript_done(db, r["file_id"])][:limit]
         chars = sum(_transcript_chars(db, r["file_id"]) for r in eligible)
         usage = {"characters": chars, "prompt_tokens": chars // 3, "completion_tokens": chars // 3}
-        plans[language] = {"jobs": len(eligible), "characters": chars, "provider": translator.name,
-                           "model": translator.model, "estimated_cost_usd": round(translator.cost(usage), 4)}
+        plans[language] = {"jobs": len(eligible), "characters": chars,
+                           "provider": translator.name if translator else None,
+                           "model": translator.model if translator else None,
+                           "estimated_cost_usd": round(translator.cost(usage), 4) if translator else None}
     if as_json:
         print(json.dumps(plans))
     else:
         for language, plan in plans.items():
-            print(f"{language}: would translate {plan['jobs']} transcript(s), {plan['characters']:,} characters,"
-                  f" with {plan['provider']} {plan['model'] or ''}, estimated cost ${plan['estimated_cost_usd']:.2f}")
+            cost = (f"with {plan['provider']} {plan['model'] or ''}, estimated cost ${plan['estimated_cost_usd']:.2f}"
+                    if plan["provider"] else "with no provider configured (cost unknown; copies of transcripts"
+                                             f" already in {language} need none)")
+            print(f"{language}: would translate {plan['jobs']} transcript(s), {plan['characters']:,} characters, {cost}")
     return config.EXIT_OK
 
 
@@ -157,10 +237,12 @@ def main(argv=None) -> int:
     languages = config.parse_languages(args.language) if args.language else config.target_languages()
     db = config.open_db(config.db_path(args), must_exist=True, read_only=args.dry_run)
     try:
-        translators = {lang: choose_translator(lang, args.provider, os.environ, model=args.model)
-                       for lang in languages}
+        translators = translators_for(languages, args.provider, args.model, os.environ)
         if args.dry_run:
             return dry_run(db, translators, args.limit, args.json)
+        for language, translator in translators.items():
+            if translator is None and needing_provider(db, language):
+                choose_translator(language, None, os.environ)  # raises the usual "no provider configured" error
         prepare_output_root(db, config.output_dir(args), adopt=args.adopt_output_dir)
         stop = StopSignal()
         stop.install()
@@ -170,15 +252,9 @@ def main(argv=None) -> int:
             redo_stale(db, language)
             if args.retry_failed:
                 log.info("reset %d failed %s job(s) for retry", len(db.reset_failed(TRANSLATION, language)), language)
-            limiter = limiter_for(translator.name)
-            work = TranslationWork(db, translator, choose_fallback(language, os.environ, translator.name),
-                                   RunRequests(limiter, args.workers, stop.stop), config.output_dir(args), language)
-            options = RunOptions(TRANSLATION, language, workers=args.workers, threads=thread_count(args.workers),
-                                 batch_size=args.batch_size,
-                                 limit=args.limit, lease_seconds=args.lease_seconds,
-                                 label=f"translation {language}", quiet=args.quiet,
-                                 output_root=config.output_dir(args))
-            plans.append(Plan(options, work, limiter))
+            plans.append(translation_plan(db, language, translator, stop, output_root=config.output_dir(args),
+                                          workers=args.workers, batch_size=args.batch_size, limit=args.limit,
+                                          lease_seconds=args.lease_seconds, quiet=args.quiet))
         return report(run_plans(db, plans, stop), stop, as_json=args.json)
     finally:
         db.close_all()

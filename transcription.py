@@ -40,7 +40,7 @@ import requests
 
 from pipeline import audio, httpbounds
 from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, check_header_value,
-                             load_env, make_parser, parse_languages, setup_logging)
+                             load_env, make_parser, parse_languages, run_main, setup_logging, with_env_note)
 from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, classify_http,
                              from_openai_exception, from_requests_exception, redact, register_secret)
 from pipeline.httpbounds import DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream
@@ -594,6 +594,17 @@ def choose_transcriber(name: str | None = None, env: Mapping | None = None, mode
                       f"or install the local engine for offline transcription: {LOCAL_INSTALL_HINT}")
 
 
+def check_language(transcriber: Transcriber, language: str | None) -> None:
+    """Refuse, before anything runs, a spoken language the model cannot transcribe: an English-only
+    Whisper (``*.en``) given ``--language de`` writes English words and records "de"."""
+    if not language or language == "en" or transcriber.name != LocalWhisperTranscriber.name:
+        return
+    if _local_engine_module().english_only(transcriber.settings.model):
+        raise ConfigError(f"local: {transcriber.model!r} is an English-only Whisper model and cannot transcribe "
+                          f"--language {language}; choose a multilingual model (e.g. --model turbo, small, "
+                          "large-v3) or leave out --language")
+
+
 # -- the per-file job -----------------------------------------------------------------------
 def _call_now(fn: Callable[[], Transcript], key: dict | None = None) -> Transcript:
     return fn()
@@ -725,26 +736,31 @@ def add_local_arguments(parser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if not os.path.isfile(args.file):
+            raise ConfigError(f"{args.file!r}: no such file")
         load_env(args.env_file)
         setup_logging(args.verbose)
         transcriber = choose_transcriber(args.provider, os.environ, args.model, device=args.device,
                                          compute_type=args.compute_type)
         language = parse_languages([args.language])[0] if args.language else None
+        check_language(transcriber, language)
         if args.format in ("srt", "vtt") and transcriber.model in transcriber.text_only_models:
             raise ConfigError(f"--format {args.format} needs timestamps; {transcriber.model} returns text only")
         log.debug("transcribing %r with %s/%s", args.file, transcriber.name, transcriber.model)
         transcript = transcribe_media(args.file, transcriber, language=language, prompt=args.prompt)
     except (ConfigError, AccountError) as exc:
-        print(f"transcription.py: {exc}", file=sys.stderr)
+        print(f"transcription.py: {with_env_note(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except ProviderError as exc:
         print(f"transcription.py: {args.file!r} failed [{exc.error_class}]: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    if not transcript.text.strip():
+        log.warning("%s: no speech found (the transcript is empty)", args.file)
     sys.stdout.write(RENDERERS[args.format](transcript))
     return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

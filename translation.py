@@ -723,6 +723,12 @@ class _DocumentRun:
             out[index] = _clean(text)
 
 
+def needs_provider(doc: SourceDocument, target: str) -> bool:
+    """Whether translating ``doc`` into ``target`` sends anything: False for a document already in
+    ``target`` (a copy) and for one without text."""
+    return bool(_plan(doc, target).send)
+
+
 def _direct_call(fn, key=None):
     return fn()
 
@@ -859,6 +865,8 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     env = load_env(args.env_file)
     target = parse_languages([args.to])[0]
+    if not os.path.isfile(args.input):
+        raise ConfigError(f"{args.input!r}: no such file")
     try:
         doc = load_source(args.input)
         if args.source:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from dotenv import dotenv_values
@@ -24,6 +25,7 @@ EXIT_FAILED = 1            # the run finished but some jobs failed
 EXIT_USAGE = 2             # usage or configuration error, or an account-level provider error
 EXIT_WORK_LEFT = 3         # nothing failed, but translations wait for transcripts not done yet
 EXIT_INTERRUPTED = 130     # Ctrl-C / SIGTERM
+EXIT_CLOSED_PIPE = 141     # stdout's reader left (``| head``): 128 + SIGPIPE, what a shell reports for it
 
 DEFAULT_DB = "verbatim.db"
 DEFAULT_OUTPUT_DIR = "output"
@@ -38,11 +40,36 @@ class ConfigError(Exception):
     """A usage or configuration problem: the script prints the message and exits 2."""
 
 
+# Which settings file load_env looked for, and whether it was read: an error about a missing
+# setting says so (``env_note``), since a key "set in .env" is often set in another .env.
+_env_file: dict = {"path": None, "read": False}
+
+
+def env_note() -> str:
+    """`` (settings read from PATH)`` or `` (no .env was read (PATH does not exist))``; empty
+    before ``load_env``."""
+    path = _env_file["path"]
+    if path is None:
+        return ""
+    if _env_file["read"]:
+        return f" (settings read from {path})"
+    return f" (no .env was read ({path} does not exist))"
+
+
+def with_env_note(message: str) -> str:
+    """``message`` plus which .env was read, when it is about a setting (a key, a provider, a
+    VERBATIM_ variable, .env): the usual cause is a key set in a file that was not the one read."""
+    if re.search(r"\bset\b|\.env|VERBATIM_|API key", message):
+        return message + env_note()
+    return message
+
+
 def load_env(env_file: str | None = None) -> os._Environ:
     """Load ``env_file`` (or ``./.env``) into ``os.environ`` without overriding what is set."""
     path = env_file or os.environ.get("VERBATIM_ENV_FILE") or ".env"
     if env_file and not os.path.isfile(env_file):
         raise ConfigError(f"--env-file {env_file}: no such file")
+    _env_file.update(path=os.path.abspath(path), read=os.path.isfile(path))
     if os.path.isfile(path):
         for key, value in dotenv_values(path, interpolate=False).items():
             if value is not None and key not in os.environ:
@@ -177,13 +204,25 @@ def open_db(path: str, *, must_exist: bool = False, read_only: bool = False):
 
 
 def run_main(main) -> None:
-    """Run a script's ``main(argv)`` with the shared exit-code conventions."""
+    """Run a script's ``main(argv)`` with the shared exit-code conventions.
+
+    A closed stdout (``tool | head``) ends the script quietly with ``EXIT_CLOSED_PIPE`` (141, as a
+    shell reports a program the pipe closed on, so ``set -o pipefail`` still sees the output was cut
+    short): no traceback. stdout is pointed at /dev/null so the interpreter's final flush cannot
+    fail again. Whatever the script did before it wrote (a completed job) stays done."""
     try:
-        code = main(sys.argv[1:])
-    except ConfigError as exc:
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
-        code = EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = EXIT_INTERRUPTED
+        try:
+            code = main(sys.argv[1:])
+        except SystemExit as exc:  # argparse (--help, usage errors) and scripts that exit early
+            code = exc.code
+        except ConfigError as exc:
+            print(f"error: {redact(with_env_note(str(exc)))}", file=sys.stderr)
+            code = EXIT_USAGE
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's shutdown
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_CLOSED_PIPE
     sys.exit(code)

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -75,6 +76,9 @@ class RunOptions:
     file_ids: list[str] | None = None   # only these files' jobs (a retry of failed ones), else all
     output_root: str | None = None      # where attempts stage and the spool lives; None: no files
     commit_patience: float = COMMIT_PATIENCE_SECONDS
+    # A translation run: while this says True, transcripts it waits for are still to come from a
+    # transcription running beside it (tools/process.py), so it follows instead of leaving.
+    follow: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -279,7 +283,8 @@ class Runner:
             # happen; completing one releases them): release them rather than wait for ever.
             self._release_parked()
             return True
-        if not count and self.options.stage == TRANSLATION and self._transcripts_coming():
+        if not count and self.options.stage == TRANSLATION and (
+                self._transcripts_coming() or (self.options.follow and self.options.follow())):
             # A transcription run is producing transcripts, or is about to: follow it instead of leaving.
             self.stop.stop.wait(IDLE_POLL_SECONDS * 2)
             return True

@@ -317,3 +317,25 @@ def test_with_no_key_the_run_command_uses_local(model_path, tmp_path):
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert (plan["provider"], plan["model"], plan["jobs"], plan["estimated_cost_usd"]) == ("local", "model", 1, 0)
+
+
+# -- an English-only model with another language --------------------------------------------
+def test_an_english_only_model_refuses_another_language(model_path):
+    for model in ("tiny.en", model_path):   # a size name, and a model folder whose vocabulary is English-only
+        transcriber = T.choose_transcriber("local", {}, model)
+        with pytest.raises(ConfigError, match="English-only"):
+            T.check_language(transcriber, "de")
+        T.check_language(transcriber, "en")
+        T.check_language(transcriber, None)
+    T.check_language(T.choose_transcriber("local", {}, "tiny"), "de")
+
+
+@pytest.mark.parametrize("script", ["parallel_transcription.py", "transcription.py"])
+def test_an_english_only_model_with_language_de_exits_2_at_start(model_path, tmp_path, script):
+    args = [str(ROOT / script), "--provider", "local", "--model", model_path, "--language", "de"]
+    args += [wav("winter")] if script == "transcription.py" else ["--input", wav("winter"),
+                                                                   "--db", str(tmp_path / "jobs.db")]
+    result = run_script(args, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "English-only" in result.stderr and "--language de" in result.stderr
+    assert "loading Whisper model" not in result.stderr and "Traceback" not in result.stderr

@@ -78,3 +78,47 @@ def test_leftover_temps_of_a_dead_writer_are_swept_and_a_live_ones_kept(tmp_path
         path.write_text("partial")
     write_files(folder, {"a.txt": "done"}, root=root)
     assert not dead_temp.exists() and live_temp.exists() and other_temp.exists()
+
+
+# -- folder names keep every script -----------------------------------------------------------
+def test_folder_names_keep_letters_and_digits_of_every_script():
+    import unicodedata
+
+    from pipeline.outputs import folder_name
+
+    file_id = "0123456789abcdef"
+    mixed = folder_name(file_id, "/a/04 Brief an Tante U\u0308lla \u2013 \u05de\u05db\u05ea\u05d1 \u05dc\u05d3\u05d5\u05d3\u05d4.wav")
+    assert mixed == f"{file_id}-04-brief-an-tante-\u00fclla-\u05de\u05db\u05ea\u05d1-\u05dc\u05d3\u05d5"  # 40 bytes at most
+    assert unicodedata.is_normalized("NFC", mixed)
+    assert folder_name(file_id, "\u05e8\u05d0\u05d9\u05d5\u05df 3.mp3") == f"{file_id}-\u05e8\u05d0\u05d9\u05d5\u05df-3"
+    assert folder_name(file_id, "\u0418\u043d\u0442\u0435\u0440\u0432\u044c\u044e.wav").endswith("-\u0438\u043d\u0442\u0435\u0440\u0432\u044c\u044e")
+    assert folder_name(file_id, "\u30a4\u30f3\u30bf\u30d3\u30e5\u30fc.wav").endswith("-\u30a4\u30f3\u30bf\u30d3\u30e5\u30fc")
+
+
+@pytest.mark.parametrize("name", [
+    'a<b>c:d"e/f\\g|h?i*j.wav', "tab\there\nnew\x00line\x1f.wav", "trailing dot. .wav", "CON.wav", "nul",
+    "\u202eevil\u202c\u200f\u200e.wav", "\ud800\udcff bad bytes.wav", "x" * 300 + ".wav",
+    "\u05d0" * 200 + ".wav", "\u00e9" * 90 + "\u0301" * 5 + ".wav", "...", "---", "   .wav"])
+def test_folder_names_are_safe_on_every_file_system(name):
+    from pipeline.outputs import MAX_SLUG_BYTES, folder_name
+
+    folder = folder_name("0123456789abcdef", name)
+    assert folder.startswith("0123456789abcdef")
+    assert not set('<>:"/\\|?*') & set(folder)
+    assert all(ch.isprintable() and ch not in "\u202e\u202c\u200f\u200e" for ch in folder)
+    assert not folder.endswith((".", " ", "-"))
+    assert len(folder.encode("utf-8")) <= 17 + MAX_SLUG_BYTES
+    folder.encode("utf-8")  # no lone surrogates
+    assert folder.split(".")[0].upper() not in {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)),
+                                                *(f"LPT{i}" for i in range(10))}
+
+
+def test_existing_archives_keep_their_folder_names(db, tmp_path):
+    import db_manager as dbm
+
+    sha = "ab" * 32
+    db.register_files([dbm.MediaRecord("/archive/04 Brief an Tante Ülla.wav", sha, 1, 1, "audio")], [])
+    db.query("UPDATE media_files SET folder = ?", (f"{sha[:16]}-04-brief-an-tante-lla",))  # the old slug
+    db.register_files([dbm.MediaRecord("/archive/04 Brief an Tante Ülla.wav", sha, 1, 2, "audio"),
+                       dbm.MediaRecord("/elsewhere/copy.wav", sha, 1, 1, "audio")], [])
+    assert [r["folder"] for r in db.files()] == [f"{sha[:16]}-04-brief-an-tante-lla"]

@@ -233,3 +233,82 @@ def test_elevenlabs_provider_end_to_end_with_speakers(fake, tmp_path):
     text = Path(item["transcription"]["outputs"]["txt"]).read_text()
     assert "speaker_0" in text and "speaker_1" in text
     assert fake.uploads[0].provider == "elevenlabs" and fake.uploads[0].fields["diarize"] == "true"
+
+
+def write_silence(path: Path, seconds: float = 5.0) -> Path:
+    import wave
+
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1), out.setsampwidth(2), out.setframerate(16000)
+        out.writeframes(b"\0\0" * int(seconds * 16000))
+    return path
+
+
+def test_silence_completes_as_no_speech_found_and_is_never_sent_to_translation(fake, tmp_path):
+    from tests.fake_translate import FakeDeepL
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_silence(inputs / "silence.wav")
+    result = run(fake, tmp_path, "--input", str(inputs), "--json")
+    assert result.returncode == 0, result.stderr
+    items = {Path(i["path"]).name: i for i in status(tmp_path)["items"]}
+    silent = items["silence.wav"]["transcription"]
+    assert silent["status"] == "completed" and silent["note"] == "no speech found"
+    assert json.loads(Path(silent["outputs"]["json"]).read_text())["note"] == "no speech found"
+
+    env = script_env()
+    report = json.loads(subprocess.run([sys.executable, str(ROOT / "tools/status.py"), "--db",
+                                        str(tmp_path / "jobs.db"), "--json"], capture_output=True, text=True,
+                                       env=env, check=True).stdout)
+    assert report["no_speech"] == {"transcription": 1}
+    text = subprocess.run([sys.executable, str(ROOT / "tools/status.py"), "--db", str(tmp_path / "jobs.db")],
+                          capture_output=True, text=True, env=env, check=True).stdout
+    assert "Transcription:" in text and "no speech 1" in text
+    check = subprocess.run([sys.executable, str(ROOT / "tools/check_missing_transcripts.py"), "--db",
+                            str(tmp_path / "jobs.db"), "--output-dir", str(tmp_path / "out")],
+                           capture_output=True, text=True, env=env)
+    assert check.returncode == 0, check.stdout
+    assert "no speech found" in check.stdout and "silence.wav" in check.stdout and "1 with no speech" in check.stdout
+
+    silent_id = items["silence.wav"]["file_id"]
+    with FakeDeepL() as translator:
+        translated = subprocess.run([sys.executable, str(ROOT / "parallel_translation.py"), "--db",
+                                     str(tmp_path / "jobs.db"), "--output-dir", str(tmp_path / "out"), "--quiet",
+                                     "--language", "de", "--json"],
+                                    capture_output=True, text=True, env=script_env(**translator.env()), timeout=120)
+        assert translator.server.count() == 0
+    assert translated.returncode == 0, translated.stderr
+    de = {i["file_id"]: i for i in status(tmp_path)["items"]}[silent_id]["translation"]["de"]
+    assert de["status"] == "completed" and de["note"] == "no speech found", de
+    assert Path(de["outputs"]["txt"]).read_text() == ""
+
+
+def test_nothing_to_do_says_why(fake, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run(fake, tmp_path, "--input", str(empty))
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do: no media found in" in result.stderr and str(empty) in result.stderr
+
+    inputs = tmp_path / "in"
+    tone_files(inputs, 2)
+    mediagen.make_text_as_audio(inputs / "text.mp3")
+    assert run(fake, tmp_path, "--input", str(inputs)).returncode == 1
+    sent = fake.server.count()
+    again = run(fake, tmp_path, "--input", str(inputs), "--json")
+    assert again.returncode == 1 and fake.server.count() == sent
+    assert "nothing to do: 2 completed, 1 failed (use --retry-failed to try them again)" in again.stderr
+    assert json.loads(again.stdout)["nothing_to_do"].startswith("2 completed, 1 failed")
+
+
+def test_nothing_to_do_loads_no_model_and_needs_no_provider(tmp_path):
+    """An empty folder with the local provider (installed or not): nothing is loaded, exit 0."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.modules['faster_whisper'] = None; "
+                             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')", SCRIPT,
+                             "--input", str(empty), "--provider", "local", "--db", str(tmp_path / "jobs.db")],
+                            capture_output=True, text=True, env=script_env(), cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do: no media found" in result.stderr and "loading" not in result.stderr

@@ -263,3 +263,35 @@ def translation_jobs_transcript(tmp_path, file_id) -> str:
         return db.jobs(stage="transcription", file_id=file_id)[0]["outputs"]
     finally:
         db.close_all()
+
+
+# -- no provider needed: a dry run, same-language copies ------------------------------------------
+def test_dry_run_without_a_key_says_no_provider_configured(tmp_path):
+    make_archive(tmp_path, n_german=2, n_english=0)
+    result = run(tmp_path, {}, "--language", "he", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)["he"]
+    assert plan["jobs"] == 2 and plan["characters"] > 0
+    assert plan["provider"] is None and plan["estimated_cost_usd"] is None
+    text = run(tmp_path, {}, "--language", "he", "--dry-run")
+    assert text.returncode == 0 and "no provider configured" in text.stdout
+
+
+def test_same_language_copies_need_no_key(tmp_path):
+    docs = make_archive(tmp_path, n_german=0, n_english=3)
+    result = run(tmp_path, {}, "--language", "en", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["runs"][0]["completed"] == 3
+    jobs = translation_jobs(tmp_path, "en")
+    assert {j["status"] for j in jobs} == {"completed"} and {j["provider"] for j in jobs} == {"copy"}
+    for job in jobs:
+        data = json.loads(Path(json.loads(job["outputs"])["json"]["path"]).read_text())
+        assert [s["text"] for s in data["segments"]] == [s["text"] for s in docs[job["file_id"]]["segments"]]
+
+
+def test_jobs_that_need_a_provider_without_one_still_exit_2(tmp_path):
+    make_archive(tmp_path, n_german=2, n_english=2)
+    result = run(tmp_path, {}, "--language", "en")
+    assert result.returncode == 2
+    assert "no translation provider configured for en" in result.stderr and "Traceback" not in result.stderr
+    assert {j["status"] for j in translation_jobs(tmp_path, "en")} == {"not_started"}

@@ -316,7 +316,7 @@ def test_fix_apply_repairs_each_state_then_check_passes(archive, tmp_path, capsy
     assert archive.status(ids["sound"]) == COMPLETED and archive.status(ids["sound"], TRANSLATION) == COMPLETED
     assert not ids["old_temp"].exists() and ids["new_temp"].exists()
     events = [(e["from_status"], e["to_status"], e["owner"]) for e in archive.db.events(file_id=ids["failed"])]
-    assert events[-1] == (FAILED, COMPLETED, "tool")
+    assert events[-1] == (FAILED, COMPLETED, "tool:fix_transcript_status.py")
 
     code, out = run_tool(check_tool, archive, "--json", capsys=capsys)
     assert code == 1 and {(p["kind"], p["file_id"]) for p in json.loads(out)["problems"]} == {("edited", ids["edited"])}

@@ -7,6 +7,7 @@ files (same path, size and mtime) are not hashed again.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def main(argv=None) -> int:
     config.load_env(args.env_file)
     config.setup_logging(args.verbose)
     languages = config.parse_languages(args.language) if args.language else config.target_languages()
+    missing = [path for path in args.paths if not os.path.exists(path)]
+    if missing:  # before the database is opened: a typo creates nothing and registers nothing
+        raise config.ConfigError("input not found: " + ", ".join(map(repr, missing)))
     db = config.open_db(config.db_path(args))
     try:
         report = register_inputs(db, args.paths, languages)

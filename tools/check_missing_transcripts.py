@@ -14,6 +14,9 @@ edited (a .txt, .srt or .vtt changed by hand and still well formed: a correction
 record with tools/adopt_edits.py --apply) and stale (a translation made from a transcript that has
 changed since: parallel_translation.py redoes it).
 
+A completed job whose .txt was recorded empty is not a problem but is listed as "no speech found"
+(silence, or a provider that heard no words; its translations are empty too): worth a listen.
+
 Exit codes: 0 all is well, 1 problems found, 2 usage or configuration error.
 """
 
@@ -30,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from db_manager import COMPLETED, STAGES, TRANSCRIPTION, TRANSLATION, display_path  # noqa: E402
+from db_manager import COMPLETED, NO_SPEECH_NOTE, STAGES, TRANSCRIPTION, TRANSLATION, display_path  # noqa: E402
 from pipeline import config, publish  # noqa: E402
 from pipeline.outputs import safe_join  # noqa: E402
 from pipeline.subtitles import parse_srt, parse_vtt  # noqa: E402
@@ -184,6 +187,17 @@ def orphan_folders(db, root: str) -> list[Problem]:
             if entry.is_dir() and not entry.name.startswith(".") and entry.name not in known]
 
 
+def no_speech(db, stage: str | None = None, language: str | None = None) -> list[dict]:
+    """Completed jobs with nothing said: noted "no speech found", or an empty .txt recorded."""
+    found = []
+    for row in db.jobs(stage=stage, language=language, status=COMPLETED):
+        txt = json.loads(row["outputs"] or "{}").get("txt") or {}
+        if row["note"] == NO_SPEECH_NOTE or txt.get("size") == 0:
+            found.append({"file_id": row["file_id"], "stage": row["stage"], "language": row["language"] or None,
+                          "media_path": row["path_display"], "output": txt.get("path")})
+    return found
+
+
 def check(db, root: str, stage: str | None = None, language: str | None = None) -> tuple[list[Problem], dict]:
     """All problems found, and what was checked."""
     rows = db.jobs(stage=stage, language=language, status=COMPLETED)
@@ -228,16 +242,21 @@ def main(argv=None) -> int:
     try:
         publish.settle_quietly(db, config.output_dir(args))  # finish what a crash left staged, then check
         problems, checked = check(db, config.output_dir(args), stage, language)
+        silent = no_speech(db, stage, language)
     finally:
         db.close_all()
     if args.json:
-        print(json.dumps({"ok": not problems, "checked": checked, "problems": [asdict(p) for p in problems]},
-                         ensure_ascii=True))
+        print(json.dumps({"ok": not problems, "checked": checked, "problems": [asdict(p) for p in problems],
+                          "no_speech": silent}, ensure_ascii=True))
     else:
         for problem in problems:
             print(problem.line())
+        for job in silent:
+            what = job["stage"] + (f" {job['language']}" if job["language"] else "")
+            print(f"{'no speech':<13} {job['file_id']:<16}  {what:<22} {NO_SPEECH_NOTE}  media: {job['media_path']}")
         scope = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in checked.items())
-        print(f"checked {scope}: " + (f"{len(problems)} problem(s)" if problems else "all well"))
+        print(f"checked {scope}: " + (f"{len(problems)} problem(s)" if problems else "all well")
+              + (f" · {len(silent)} with no speech found" if silent else ""))
     return config.EXIT_FAILED if problems else config.EXIT_OK
 
 

@@ -418,6 +418,7 @@ def main(argv=None) -> int:
     config.load_env(args.env_file)
     config.setup_logging(args.verbose)
     db = config.open_db(config.db_path(args), must_exist=True)
+    db.actor = f"tool:{Path(__file__).name}"  # a file's history names the tool that changed it
     try:
         if args.apply:
             publish.roll_forward(db, config.output_dir(args))  # staged outputs of a crash, before judging files

@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     stage, language = selection(args)
     what = stage + (f" {language}" if language else "")
     db = config.open_db(config.db_path(args), must_exist=True)
+    db.actor = f"tool:{Path(__file__).name}"  # a file's history names the tool that changed it
     try:
         rows = db.failed_jobs(stage, language, error_class=args.error_class, limit=args.limit)
         if args.dry_run:
