@@ -117,6 +117,8 @@ class _FakeTranslator:
             self.key = self.default_key
             self.wrong_language = False
             self.drop_units = 0
+            self.overloaded = 0         # DeepL: answer this many requests 529 "Too many requests"
+            self.free_quota_used = False  # Microsoft: answer 403001, the free tier's quota is used up
             self.batches: list[dict] = []   # {"texts", "target", "source", "context", "headers"}
             self.server.fault = None
             self.server.requests.clear()
@@ -166,6 +168,10 @@ class FakeDeepL(_FakeTranslator):
             return json_response({"message": "Forbidden"}, 403)
         if len(request.body) > 128 * 1024:
             return json_response({"message": "Request Entity Too Large"}, 413)
+        with self.lock:
+            overloaded, self.overloaded = self.overloaded > 0, max(0, self.overloaded - 1)
+        if overloaded:  # DeepL's OpenAPI spec lists 529 beside 429 as "Too many requests"
+            return json_response({"message": "Too many requests"}, 529)
         body = request.json()
         texts, target = body.get("text") or [], body.get("target_lang", "")
         if target == "EN":
@@ -199,6 +205,9 @@ class FakeMicrosoft(_FakeTranslator):
         if request.headers.get("ocp-apim-subscription-key") != self.key:
             return self._error(401, 401000, "The request is not authorized because credentials are "
                                             "missing or invalid.")
+        if self.free_quota_used:
+            return self._error(403, 403001, "The operation is not allowed because the subscription has "
+                                            "exceeded its free quota.")
         if request.query.get("api-version") != ["3.0"]:
             return self._error(400, 400021, "The API version parameter is missing or invalid.")
         targets = request.query.get("to") or []

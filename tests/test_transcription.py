@@ -284,6 +284,25 @@ def test_quota_is_an_account_error(stt, media, provider, status):
         MAKERS[provider](stt).transcribe_chunk(media["short.ogg"])
 
 
+@pytest.mark.parametrize("status", [400, 401])
+def test_elevenlabs_quota_exceeded_is_an_account_error_whatever_the_status(stt, media, status):
+    """ElevenLabs' help centre lists quota_exceeded under "API - Error Code 400 or 401"."""
+    fault_always(stt, Fault("status", status, QUOTA["elevenlabs"]))
+    with pytest.raises(AccountError) as caught:
+        elevenlabs_transcriber(stt).transcribe_chunk(media["short.ogg"])
+    assert caught.value.error_class == "quota"
+
+
+def test_structured_code_decides_before_the_message_text(stt, media):
+    """A 400 whose words say "unsupported" but whose code names a parameter is no media error."""
+    fault_always(stt, Fault("status", 400, {"error": {
+        "message": "Unsupported value: 'temperature' does not support 0 with this model.",
+        "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"}}))
+    with pytest.raises(PermanentError) as caught:
+        openai_transcriber(stt).transcribe_chunk(media["short.ogg"])
+    assert caught.value.error_class == "bad_request"
+
+
 @pytest.mark.parametrize("provider", ["openai", "elevenlabs"])
 def test_wrong_key_is_an_account_error(stt, media, provider):
     with pytest.raises(AccountError) as caught:

@@ -383,6 +383,21 @@ def test_deepl_456_and_openai_insufficient_quota_are_account_errors(fakes, tmp_p
         assert caught.value.error_class == "quota"
 
 
+def test_deepl_529_is_a_rate_limit_not_a_server_error(fakes, tmp_path):
+    deepl, translator = fakes("deepl", overloaded=1)
+    with pytest.raises(RateLimitError) as caught:
+        tr.translate_document(document(make_transcript(56, "de"), tmp_path), "en", translator)
+    assert caught.value.status == 529
+
+
+def test_microsoft_403001_says_the_free_quota_is_used_up(fakes, tmp_path):
+    _, translator = fakes("microsoft", free_quota_used=True)
+    with pytest.raises(AccountError) as caught:
+        tr.translate_document(document(make_transcript(57, "de"), tmp_path), "en", translator)
+    assert caught.value.error_class == "quota" and "quota" in str(caught.value)
+    assert "key was rejected" not in str(caught.value)
+
+
 def test_wrong_key_is_an_account_error_without_the_key(provider, tmp_path):
     _, translator = provider
     wrong = type(translator)(api_key=CANARY, base_url=translator.base_url)
