@@ -331,11 +331,32 @@ def _breaks_before(segment: Segment, start: float, end: float, speaker, text: st
             or len(body) + 1 + len(text) > MAX_SEGMENT_CHARS)
 
 
+def _timed(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def place_untimed(words: list[dict]) -> list[dict]:
+    """Words with ``start`` and ``end`` filled in: an item without times (the official SDK types them
+    optional: elevenlabs-python ``src/elevenlabs/types/speech_to_text_word_response_model.py``)
+    starts where the previous timed item ended and ends where the next one starts."""
+    placed = [dict(item, start=_timed(item.get("start")), end=_timed(item.get("end"))) for item in words]
+    previous_end = 0.0
+    for index, item in enumerate(placed):
+        if item["start"] is None:
+            item["start"] = previous_end
+        if item["end"] is None:
+            following = next((w["start"] for w in placed[index + 1:] if w["start"] is not None), None)
+            item["end"] = max(item["start"], following if following is not None else item["start"])
+        previous_end = max(previous_end, item["end"])
+    return placed
+
+
 def group_words(words: list[dict]) -> list[Segment]:
     """Segments from Scribe's word list: a new one at a speaker change, a pause, a sentence end once
-    the segment has some length, or at the length limits. Spacing items join words as sent."""
+    the segment has some length, or at the length limits. Spacing items join words as sent; items
+    without times are placed between their neighbours."""
     segments: list[Segment] = []
-    for item in words:
+    for item in place_untimed(words):
         text = str(item.get("text") or "")
         if item.get("type") == "spacing":
             if segments:

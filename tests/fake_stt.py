@@ -156,6 +156,9 @@ class FakeSTT:
         self.openai_key = openai_key
         self.elevenlabs_key = elevenlabs_key
         self.uploads: list[Upload] = []
+        # ElevenLabs: spacing items and an audio event without times, as the official SDK allows
+        # (SpeechToTextWordResponseModel.start/end are Optional).
+        self.untimed_items = False
         server.route("POST", OPENAI_PATH)(self._openai)
         server.route("POST", ELEVENLABS_PATH)(self._elevenlabs)
 
@@ -236,16 +239,20 @@ class FakeSTT:
         language = _LANGUAGE_NAMES.get(upload.fields.get("language_code", "de"), ("", "deu"))[1]
         return json_response({"language_code": language, "language_probability": 0.98,
                               "text": " ".join(run.text for run in runs),
-                              "words": self._elevenlabs_words(runs, diarize)})
+                              "words": self._elevenlabs_words(runs, diarize, self.untimed_items)})
 
     @staticmethod
-    def _elevenlabs_words(runs: list[Run], diarize: bool) -> list[dict]:
+    def _elevenlabs_words(runs: list[Run], diarize: bool, untimed: bool = False) -> list[dict]:
         items: list[dict] = []
+        if untimed:
+            items.append({"text": "(music)", "start": None, "end": None, "type": "audio_event",
+                          "speaker_id": "speaker_0" if diarize else None, "logprob": 0.0})
         for index, run in enumerate(runs):
             speaker = f"speaker_{index % 2}" if diarize else None
             for word in run.words:
                 if items:
-                    items.append({"text": " ", "start": items[-1]["end"], "end": word.start,
+                    gap = (None, None) if untimed else (items[-1]["end"], word.start)
+                    items.append({"text": " ", "start": gap[0], "end": gap[1],
                                   "type": "spacing", "speaker_id": speaker, "logprob": 0.0})
                 items.append({"text": word.text, "start": word.start, "end": word.end, "type": "word",
                               "speaker_id": speaker, "logprob": 0.0})

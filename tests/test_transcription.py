@@ -219,6 +219,17 @@ def test_elevenlabs_groups_words_by_speaker(stt, media):
     assert request.headers["xi-api-key"] == stt.elevenlabs_key and "authorization" not in request.headers
 
 
+def test_elevenlabs_untimed_items_are_placed_between_their_neighbours(stt, media):
+    """Word start/end are optional in the official SDK: an untimed item is no malformed answer."""
+    stt.untimed_items = True
+    transcript = T.transcribe_media(media["tones.wav"], elevenlabs_transcriber(stt))
+    assert stt.server.count(ELEVENLABS_PATH) == 1
+    assert transcript.segments[0].text.startswith("(music)")
+    assert [s.text.removeprefix("(music) ") for s in transcript.segments] == TONE_TEXTS
+    starts = [s.start for s in transcript.segments]
+    assert starts == sorted(starts) and all(s.end >= s.start for s in transcript.segments)
+
+
 def test_every_chunk_goes_through_call_and_the_workdir_is_removed(stt, media, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     seen = []
