@@ -296,6 +296,29 @@ class UnitMismatchError(RetryableError):
         super().__init__(f"unit count mismatch: sent {sent}, got {received}")
         self.usage = usage or {}
 
+    def unsplittable(self) -> ProviderError:
+        """What a single unit answered this way raises (a mismatch may come out right next time)."""
+        return self
+
+
+class IncompleteAnswerError(UnitMismatchError):
+    """The model stopped at its token limit (``finish_reason == "length"``, openai-python
+    ``types/chat/chat_completion.py``: "the maximum number of tokens ... was reached"): the answer
+    is cut, whatever it looks like. Split like a mismatch; a single unit cut short cannot be split."""
+
+    error_class = "incomplete"
+
+    def __init__(self, sent: int, *, usage: dict | None = None):
+        super().__init__(sent, sent, usage=usage)
+        self.message = f"answer cut at the token limit (finish_reason length) for {sent} unit(s)"
+
+    def __str__(self) -> str:
+        return self.message
+
+    def unsplittable(self) -> ProviderError:
+        return PermanentError(f"{self.message}: the model's context is too small for this unit",
+                              error_class="incomplete")
+
 
 class Translator(ABC):
     """One provider. ``translate_units`` does one request; instances are shared by worker threads."""
@@ -377,7 +400,8 @@ class _HttpTranslator(Translator):
         except requests.RequestException as exc:
             raise from_requests_exception(exc, provider=self.name) from exc
         if response.status_code != 200:
-            raise classify_http(response.status_code, response.text, response.headers, provider=self.name)
+            raise classify_http(response.status_code, response.text, response.headers, provider=self.name,
+                                media=False)
         try:
             return response.json()
         except ValueError as exc:
@@ -514,14 +538,17 @@ class OpenAIChatTranslator(Translator):
             response = self._client.chat.completions.create(
                 model=self.model, temperature=0,
                 messages=self.messages(texts, source=source, target=target, context=context))
-            content = response.choices[0].message.content or ""
+            choice = response.choices[0]
+            content = choice.message.content or ""
             usage = {"characters": sum(map(len, texts)),
                      "prompt_tokens": getattr(response.usage, "prompt_tokens", 0) or 0,
                      "completion_tokens": getattr(response.usage, "completion_tokens", 0) or 0}
         except (openai.OpenAIError, ValueError) as exc:  # ValueError: a body that is not JSON
-            raise from_openai_exception(exc, provider=self.name) from exc
+            raise from_openai_exception(exc, provider=self.name, media=False) from exc
         except (AttributeError, IndexError, TypeError) as exc:
             raise self._invalid(f"no message ({type(exc).__name__})") from exc
+        if choice.finish_reason == "length":
+            raise IncompleteAnswerError(len(texts), usage=usage)
         numbered = _parse_numbered(content)
         if not numbered and len(texts) == 1 and content.strip():
             numbered = [(1, " ".join(content.split()))]  # a lone line often comes back without "[1]"
@@ -691,7 +718,7 @@ class _DocumentRun:
         self.spend.add(self.translator, result.usage)
         if isinstance(result, UnitMismatchError):
             if len(indices) == 1:
-                raise result
+                raise result.unsplittable()
             middle = len(indices) // 2
             log.info("%s: %s; retrying %d units as %d + %d", self.translator.name, result,
                      len(indices), middle, len(indices) - middle)

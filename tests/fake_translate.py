@@ -119,6 +119,7 @@ class _FakeTranslator:
             self.drop_units = 0
             self.overloaded = 0         # DeepL: answer this many requests 529 "Too many requests"
             self.free_quota_used = False  # Microsoft: answer 403001, the free tier's quota is used up
+            self.max_answer_chars = None  # chat: a small context cuts longer answers, finish_reason "length"
             self.batches: list[dict] = []   # {"texts", "target", "source", "context", "headers"}
             self.server.fault = None
             self.server.requests.clear()
@@ -249,11 +250,13 @@ class FakeOpenAIChat(_FakeTranslator):
         context = user.split("\n\n")[0] if user.startswith("Context") else None
         self._record(request, numbered, target, context=context)
         lines = [f"[{n}] {text}" for n, text in enumerate(self._answer(numbered, target), 1)]
-        content = "\n".join(lines)
+        content, finish = "\n".join(lines), "stop"
+        if self.max_answer_chars is not None and len(content) > self.max_answer_chars:
+            content, finish = content[:self.max_answer_chars], "length"
         return json_response({
             "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
             "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": "stop"}],
+                         "finish_reason": finish}],
             "usage": {"prompt_tokens": len(system + user) // 4, "completion_tokens": len(content) // 4,
                       "total_tokens": len(system + user) // 4 + len(content) // 4}})

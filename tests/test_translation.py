@@ -214,6 +214,25 @@ def test_single_unit_mismatch_is_retryable(fakes, tmp_path, monkeypatch):
     assert [len(t) for t in fake.sent_texts()] == [2, 1]
 
 
+def test_an_answer_cut_at_the_token_limit_is_split_never_accepted(fakes, tmp_path):
+    """finish_reason "length" with every line present (the last one cut short): not a translation."""
+    payload = make_transcript(24, "de", 6)
+    expected = [fake_translate(s["text"], "en") for s in payload["segments"]]
+    full = "\n".join(f"[{n}] {text}" for n, text in enumerate(expected, 1))
+    fake, translator = fakes("openai", max_answer_chars=len(full) - 3)
+    result = tr.translate_document(document(payload, tmp_path), "en", translator)
+    assert [len(texts) for texts in fake.sent_texts()] == [6, 3, 3]
+    assert [u.text for u in result.units] == expected
+
+
+def test_a_single_unit_cut_at_the_token_limit_is_not_accepted(fakes, tmp_path):
+    fake, translator = fakes("openai", max_answer_chars=20)
+    with pytest.raises(PermanentError) as caught:
+        tr.translate_document(document(make_transcript(25, "de", 1), tmp_path), "en", translator)
+    assert caught.value.error_class == "incomplete"
+    assert [len(texts) for texts in fake.sent_texts()] == [1]
+
+
 def test_mismatch_never_reaches_the_call_wrapper(fakes, tmp_path):
     """The runner's call wrapper retries provider errors; a mismatch is the splitter's business."""
     _, translator = fakes("microsoft", drop_units=1)
