@@ -517,6 +517,17 @@ class OpenAIChatTranslator(Translator):
         # worker thread at the same moment of the first wave.
         self._client.chat.completions  # noqa: B018
 
+    # Reasoning models take only the default temperature: a 400 "'temperature' does not support 0 with
+    # this model. Only the default (1) value is supported." is reported for o1, o3 and gpt-5
+    # (github.com/OpenHands/OpenHands/issues/4131, github.com/tmc/langchaingo/issues/1355).
+    REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+    def sampling(self) -> dict:
+        """Sampling parameters this model accepts: temperature 0 (the most literal translation)
+        except for reasoning models, which get none."""
+        name = self.model.rsplit("/", 1)[-1]  # "openai/gpt-5" on routers
+        return {} if name.startswith(self.REASONING_PREFIXES) else {"temperature": 0}
+
     def cost(self, usage: dict) -> float:
         per_input, per_output = self.PRICES.get(self.model, self.price)
         return (usage.get("prompt_tokens", 0) * per_input + usage.get("completion_tokens", 0) * per_output) / 1e6
@@ -536,8 +547,8 @@ class OpenAIChatTranslator(Translator):
 
         try:
             response = self._client.chat.completions.create(
-                model=self.model, temperature=0,
-                messages=self.messages(texts, source=source, target=target, context=context))
+                model=self.model, messages=self.messages(texts, source=source, target=target, context=context),
+                **self.sampling())
             choice = response.choices[0]
             content = choice.message.content or ""
             usage = {"characters": sum(map(len, texts)),

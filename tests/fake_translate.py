@@ -58,6 +58,7 @@ _TOKEN_RE = re.compile(r"\w+|\W+")
 _NUMBERED_RE = re.compile(r"^\[(\d+)\] ?(.*)$")
 _TARGET_RE = re.compile(r"into [A-Za-z]+ \((\w+)\)")
 
+REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 DEEPL_TARGETS = {"EN-US": "en", "EN-GB": "en", "DE": "de", "HE": "he", "FR": "fr"}
 
 
@@ -142,7 +143,7 @@ class _FakeTranslator:
     def _record(self, request: Request, texts, target, source=None, context=None) -> None:
         with self.lock:
             self.batches.append({"texts": list(texts), "target": target, "source": source,
-                                 "context": context, "headers": request.headers})
+                                 "context": context, "headers": request.headers, "body": request.body})
 
     def _answer(self, texts: list[str], target: str) -> list[str]:
         """Translate a batch, applying the misbehaviour switches."""
@@ -244,6 +245,12 @@ class FakeOpenAIChat(_FakeTranslator):
                 "message": f"Incorrect API key provided: {given[:3]}***{given[-2:]}.",
                 "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}, 401)
         body = request.json()
+        if body["model"].startswith(REASONING_PREFIXES) and body.get("temperature", 1) != 1:
+            # As reported for o1/o3/gpt-5 (e.g. github.com/tmc/langchaingo/issues/1355).
+            return json_response({"error": {
+                "message": f"Unsupported value: 'temperature' does not support {body['temperature']} with this "
+                           "model. Only the default (1) value is supported.",
+                "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"}}, 400)
         system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
         target = _TARGET_RE.search(system).group(1)
         numbered = [m.group(2) for m in map(_NUMBERED_RE.match, user.splitlines()) if m]

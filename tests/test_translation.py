@@ -233,6 +233,26 @@ def test_a_single_unit_cut_at_the_token_limit_is_not_accepted(fakes, tmp_path):
     assert [len(texts) for texts in fake.sent_texts()] == [1]
 
 
+@pytest.mark.parametrize("model, sends_temperature", [("gpt-5-mini", False), ("o3-mini", False),
+                                                      ("gpt-4o-mini", True)])
+def test_reasoning_models_get_only_parameters_they_accept(fakes, tmp_path, model, sends_temperature):
+    fake, _ = fakes("openai")
+    translator = tr.OpenAIChatTranslator.from_env(fake.env(), model=model)
+    result = tr.translate_document(document(make_transcript(26, "de", 2), tmp_path), "en", translator)
+    assert result.model == model
+    assert all(("temperature" in json.loads(b["body"])) == sends_temperature for b in fake.batches)
+
+
+def test_a_rejected_chat_request_is_bad_request_not_a_media_error(fakes, tmp_path):
+    fake, translator = fakes("openai")
+    fake.server.fault = lambda request: Fault("status", 400, {"error": {
+        "message": "Unsupported value: 'logprobs' is not supported.", "type": "invalid_request_error",
+        "param": None, "code": None}})
+    with pytest.raises(PermanentError) as caught:
+        tr.translate_document(document(make_transcript(27, "de", 2), tmp_path), "en", translator)
+    assert caught.value.error_class == "bad_request"
+
+
 def test_mismatch_never_reaches_the_call_wrapper(fakes, tmp_path):
     """The runner's call wrapper retries provider errors; a mismatch is the splitter's business."""
     _, translator = fakes("microsoft", drop_units=1)
