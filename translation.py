@@ -332,6 +332,11 @@ class Translator(ABC):
     max_items: int
     max_chars: int
     price: float | tuple[float, float]  # USD per 1M characters sent (list price, an estimate)
+    targets: frozenset[str] | None = None  # target languages it has (ISO 639-1); None: any
+
+    @classmethod
+    def supports(cls, language: str) -> bool:
+        return cls.targets is None or language in cls.targets
 
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 120.0):
@@ -418,6 +423,9 @@ class DeepLTranslator(_HttpTranslator):
     # The limit is 128 KiB of request body; 40,000 characters fit even at 3 UTF-8 bytes each.
     max_chars = 40_000
     price = 25.0  # DeepL API Pro, per 1M characters
+    # Target languages among ours, from DeepLcom/api-docs docs/getting-started/supported-languages.mdx
+    # (Hebrew: text translation only, which is what we use). No Yiddish.
+    targets = frozenset({"ar", "cs", "de", "en", "es", "fr", "he", "hu", "it", "nl", "pl", "ru", "uk"})
 
     def _default_base(self, api_key: str) -> str:
         return self.free_base_url if api_key.endswith(":fx") else self.default_base_url
@@ -447,6 +455,9 @@ class MicrosoftTranslator(_HttpTranslator):
     max_items = 1000
     max_chars = 50_000
     price = 10.0  # Azure Translator S1, per 1M characters
+    # Target languages among ours, from the language list (https://docs.azure.cn/ai-services/translator/
+    # language-support, the same table as learn.microsoft.com): Hebrew `he` yes, Yiddish not listed.
+    targets = frozenset({"ar", "cs", "de", "en", "es", "fr", "he", "hu", "it", "nl", "pl", "ru", "uk"})
 
     def __init__(self, *, region: str | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -595,23 +606,48 @@ def _translator_class(name: str) -> type[Translator]:
 def choose_translator(language: str, name: str | None = None, env=os.environ,
                       model: str | None = None) -> Translator:
     """``name``, else VERBATIM_TRANSLATION_PROVIDER_<LANG>, VERBATIM_TRANSLATION_PROVIDER, else the
-    first provider (openai, deepl, microsoft) whose key is set."""
+    first provider (openai, deepl, microsoft) whose key is set and that has ``language``. A named
+    provider without the language gives way to the configured fallback if that has it; otherwise
+    the run is refused here, before any job is claimed."""
     name = (name or env.get(f"VERBATIM_TRANSLATION_PROVIDER_{language.upper()}")
             or env.get("VERBATIM_TRANSLATION_PROVIDER"))
     if name:
-        return _translator_class(name).from_env(env, model=model)
-    for cls in TRANSLATORS.values():
-        if env.get(cls.key_env_var):
+        cls = _translator_class(name)
+        if cls.supports(language):
             return cls.from_env(env, model=model)
+        fallback = _fallback_name(language, env)
+        if fallback and _translator_class(fallback).supports(language):
+            log.info("%s cannot translate into %s; using the fallback %s", cls.name, _language_name(language),
+                     fallback)
+            return _translator_class(fallback).from_env(env, model=model)
+        raise ConfigError(_unsupported(cls, language))
+    for cls in TRANSLATORS.values():
+        if env.get(cls.key_env_var) and cls.supports(language):
+            return cls.from_env(env, model=model)
+    keyed = [cls for cls in TRANSLATORS.values() if env.get(cls.key_env_var)]
+    if keyed:
+        raise ConfigError(_unsupported(keyed[0], language))
     keys = ", ".join(cls.key_env_var for cls in TRANSLATORS.values())
     raise ConfigError(f"no translation provider configured for {language}: set one of {keys} "
                       "(and optionally VERBATIM_TRANSLATION_PROVIDER)")
 
 
+def _unsupported(cls: type[Translator], language: str) -> str:
+    able = ", ".join(c.name for c in TRANSLATORS.values() if c.supports(language)) or "none"
+    return (f"{cls.name} cannot translate into {_language_name(language)} ({language}); providers that can: "
+            f"{able}. Set VERBATIM_TRANSLATION_PROVIDER_{language.upper()} or "
+            f"VERBATIM_TRANSLATION_FALLBACK_{language.upper()} to one of them")
+
+
+def _fallback_name(language: str, env) -> str | None:
+    return env.get(f"VERBATIM_TRANSLATION_FALLBACK_{language.upper()}") or env.get("VERBATIM_TRANSLATION_FALLBACK")
+
+
 def choose_fallback(language: str, env, primary_name: str) -> Translator | None:
-    """The translator named by VERBATIM_TRANSLATION_FALLBACK_<LANG> or _FALLBACK, unless it is the primary."""
-    name = env.get(f"VERBATIM_TRANSLATION_FALLBACK_{language.upper()}") or env.get("VERBATIM_TRANSLATION_FALLBACK")
-    if not name or name.strip().lower() == primary_name:
+    """The translator named by VERBATIM_TRANSLATION_FALLBACK_<LANG> or _FALLBACK, unless it is the
+    primary or lacks the language."""
+    name = _fallback_name(language, env)
+    if not name or name.strip().lower() == primary_name or not _translator_class(name).supports(language):
         return None
     return _translator_class(name).from_env(env)
 

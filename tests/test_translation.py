@@ -520,6 +520,24 @@ def test_choose_translator_order_and_errors():
     assert tr.choose_fallback("he", {**env, "VERBATIM_TRANSLATION_FALLBACK": "deepl"}, "deepl") is None
 
 
+def test_a_language_the_provider_lacks_goes_to_the_fallback_or_is_refused():
+    env = {"MS_TRANSLATOR_KEY": "ms-abcdef", "DEEPL_API_KEY": "abcdefgh", "OPENAI_API_KEY": "sk-abcdef"}
+    with pytest.raises(ConfigError, match="microsoft cannot translate into Yiddish"):
+        tr.choose_translator("yi", "microsoft", env=env)
+    with pytest.raises(ConfigError, match="deepl cannot translate into Yiddish"):
+        tr.choose_translator("yi", env={**env, "VERBATIM_TRANSLATION_PROVIDER": "deepl"})
+    routed = tr.choose_translator("yi", env={**env, "VERBATIM_TRANSLATION_PROVIDER": "microsoft",
+                                             "VERBATIM_TRANSLATION_FALLBACK_YI": "openai"})
+    assert routed.name == "openai"
+    # chosen by key order, a provider without the language is passed over; none left: refused
+    no_chat = {"DEEPL_API_KEY": "abcdefgh", "MS_TRANSLATOR_KEY": "ms-abcdef"}
+    with pytest.raises(ConfigError, match="Yiddish"):
+        tr.choose_translator("yi", env=no_chat)
+    assert tr.choose_translator("he", env=no_chat).name == "deepl"
+    assert tr.choose_translator("he", "microsoft", env=env).name == "microsoft"
+    assert tr.choose_fallback("yi", {**env, "VERBATIM_TRANSLATION_FALLBACK": "deepl"}, "openai") is None
+
+
 def test_translators_are_shared_by_threads(fakes, tmp_path):
     _, deepl_translator = fakes("deepl")
     _, chat_translator = fakes("openai")
