@@ -44,6 +44,7 @@ from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
                              make_parser, parse_languages, setup_logging)
 from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, classify_http,
                              from_openai_exception, from_requests_exception, register_secret)
+from pipeline.limiter import RateLimitInfo, expect_rate_limit_headers, report_rate_limit
 from pipeline.outputs import WrittenFile, write_files
 from pipeline.subtitles import RTL_LANGUAGES, Cue, format_srt, format_vtt
 
@@ -265,6 +266,7 @@ class OpenAITranscriber(Transcriber):
         # The SDK imports its audio resources on first use; do it here, once, rather than in every
         # worker thread at the same moment of the first wave.
         self._client.audio.transcriptions.with_raw_response  # noqa: B018
+        expect_rate_limit_headers(self.name)
 
     def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
         import openai
@@ -281,8 +283,10 @@ class OpenAITranscriber(Transcriber):
             try:
                 response = self._client.audio.transcriptions.with_raw_response.create(
                     file=(_upload_name(audio_path), handle), **params)
+                report_rate_limit(RateLimitInfo.from_headers(response.headers))
                 data = json.loads(response.content)
             except (openai.OpenAIError, ValueError) as exc:
+                report_rate_limit(RateLimitInfo.from_headers(getattr(getattr(exc, "response", None), "headers", None)))
                 raise from_openai_exception(exc, provider=self.name) from exc
         return self._parse(data, language, text_only)
 
@@ -453,6 +457,7 @@ class ElevenLabsTranscriber(Transcriber):
                     f"{self.base_url}/v1/speech-to-text", data=body,
                     headers={"xi-api-key": self._api_key, "Content-Type": body.content_type},
                     timeout=(CONNECT_TIMEOUT, self.timeout))
+            report_rate_limit(RateLimitInfo.from_headers(response.headers))
             if response.status_code != 200:
                 raise classify_http(response.status_code, response.text, response.headers, provider=self.name)
             data = response.json()

@@ -44,6 +44,7 @@ from pipeline.config import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, SUPPORTED_LANGUAG
 from pipeline.errors import (MAX_INLINE_WAIT_SECONDS, AccountError, PermanentError, ProviderError,
                              RetryableError, classify_http, from_openai_exception, from_requests_exception,
                              register_secret, retry_delay)
+from pipeline.limiter import RateLimitInfo, expect_rate_limit_headers, report_rate_limit
 from pipeline.outputs import WrittenFile, write_files
 from pipeline.subtitles import RTL_LANGUAGES, Cue, SubtitleError, format_srt, format_vtt, parse_srt, parse_vtt
 
@@ -404,6 +405,7 @@ class _HttpTranslator(Translator):
                                             headers={"Content-Type": "application/json; charset=UTF-8", **headers})
         except requests.RequestException as exc:
             raise from_requests_exception(exc, provider=self.name) from exc
+        report_rate_limit(RateLimitInfo.from_headers(response.headers))
         if response.status_code != 200:
             raise classify_http(response.status_code, response.text, response.headers, provider=self.name,
                                 media=False)
@@ -527,6 +529,7 @@ class OpenAIChatTranslator(Translator):
         # The SDK imports its chat resources on first use; do it here, once, rather than in every
         # worker thread at the same moment of the first wave.
         self._client.chat.completions  # noqa: B018
+        expect_rate_limit_headers(self.name)
 
     # Reasoning models take only the default temperature: a 400 "'temperature' does not support 0 with
     # this model. Only the default (1) value is supported." is reported for o1, o3 and gpt-5
@@ -557,15 +560,18 @@ class OpenAIChatTranslator(Translator):
         import openai
 
         try:
-            response = self._client.chat.completions.create(
+            raw = self._client.chat.completions.with_raw_response.create(
                 model=self.model, messages=self.messages(texts, source=source, target=target, context=context),
                 **self.sampling())
+            report_rate_limit(RateLimitInfo.from_headers(raw.headers))
+            response = raw.parse()
             choice = response.choices[0]
             content = choice.message.content or ""
             usage = {"characters": sum(map(len, texts)),
                      "prompt_tokens": getattr(response.usage, "prompt_tokens", 0) or 0,
                      "completion_tokens": getattr(response.usage, "completion_tokens", 0) or 0}
         except (openai.OpenAIError, ValueError) as exc:  # ValueError: a body that is not JSON
+            report_rate_limit(RateLimitInfo.from_headers(getattr(getattr(exc, "response", None), "headers", None)))
             raise from_openai_exception(exc, provider=self.name, media=False) from exc
         except (AttributeError, IndexError, TypeError) as exc:
             raise self._invalid(f"no message ({type(exc).__name__})") from exc

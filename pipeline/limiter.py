@@ -24,6 +24,16 @@ evenly spaced; after each ``RATE_PROBE_SECONDS`` without such a 429 it raises th
 a whole-second ``Retry-After``, which every thread waits out, so each 429 costs a second of work;
 paced, they stay rare.
 
+Providers that say their budget in response headers (OpenAI's ``x-ratelimit-limit-requests``,
+``-remaining-requests``, ``-reset-requests``) report it after every answer (``report_rate_limit``,
+a provider-neutral ``RateLimitInfo``), and then the budget paces the starts: of the newest report
+(by when its request started), ``remaining`` may start before its reset and ``limit`` after it,
+less the requests started since. That holds for a fixed window (the count is back to ``limit`` at
+the reset) and for a token bucket (full at the reset, topped up before it: the next answers say
+so), so ``remaining`` is never driven to 0 before the reset. Until the first answer of such a
+provider is in, its first request goes alone: the budget is unknown, and a first wave of every
+worker at once is exactly what would be refused.
+
 Rate-limit waits do not spend job attempts; they are bounded by ``patience`` seconds per call,
 after which (or when the server asks for more than ``MAX_INLINE_WAIT_SECONDS``) the error is
 raised so the runner requeues the job for later instead of holding a thread.
@@ -31,8 +41,10 @@ raised so the runner requeues the job for later instead of holding a thread.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import random
+import re
 import threading
 import time
 from collections import deque
@@ -59,6 +71,89 @@ CONCURRENCY_RETRY_BASE = 0.05
 CONCURRENCY_RETRY_CAP = 2.0
 # Seconds a provider may still count a request it has answered (see the module docstring).
 SLOT_GRACE = 0.1
+
+
+# A reported reset is trusted this much later than it says: the report's clock starts when its request
+# was sent, a little before the provider counted it.
+RESET_GUARD = 0.05
+
+
+@dataclass(frozen=True)
+class RateLimitInfo:
+    """A provider's word on its request budget, from one answer: at most ``limit`` per window,
+    ``remaining`` of them left, all back in ``reset_seconds``."""
+
+    limit: int
+    remaining: int
+    reset_seconds: float
+
+    @classmethod
+    def from_headers(cls, headers) -> "RateLimitInfo | None":
+        """OpenAI's headers (https://platform.openai.com/docs/guides/rate-limits, "Rate limits in
+        headers": ``x-ratelimit-limit-requests: 60``, ``-remaining-requests: 59``,
+        ``-reset-requests: 1s``); None when an answer carries none (DeepL, ElevenLabs, local servers)."""
+        if not headers:
+            return None
+        try:
+            limit = int(headers.get("x-ratelimit-limit-requests"))
+            remaining = int(headers.get("x-ratelimit-remaining-requests"))
+        except (TypeError, ValueError):
+            return None
+        reset = parse_duration(headers.get("x-ratelimit-reset-requests"))
+        if reset is None or limit <= 0:
+            return None
+        return cls(limit, max(0, remaining), reset)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text) -> float | None:
+    """Seconds from OpenAI's reset format: ``20ms``, ``1s``, ``6m0s``, ``1h2m3.5s``."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    text = text.strip()
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+@dataclass(frozen=True)
+class _Budget:
+    sent_at: float      # when the request whose answer said it started (monotonic)
+    remaining: int
+    reset_at: float     # monotonic
+    limit: int
+    unseen: int         # requests started before it, still unanswered: maybe not counted in it yet
+
+
+# The call in progress on this thread: (limiter, start time, [reported?]), for report_rate_limit.
+_current_call: contextvars.ContextVar = contextvars.ContextVar("verbatim_limiter_call", default=None)
+# Providers that send rate-limit headers (they say so when built), by limiter name.
+_header_providers: set[str] = set()
+
+
+def expect_rate_limit_headers(provider: str) -> None:
+    """A provider that reports its budget in headers says so once, when it is built: its limiter
+    then sends the first request alone."""
+    _header_providers.add(provider)
+    with _registry_lock:
+        limiter = _registry.get(provider)
+    if limiter is not None:
+        limiter.expect_headers()
+
+
+def report_rate_limit(info: RateLimitInfo | None) -> None:
+    """Called by a provider right after an answer (success or error) with what its headers said;
+    reaches the limiter running this request on this thread, if any."""
+    current = _current_call.get()
+    if current is None or info is None:
+        return
+    limiter, started, reported = current
+    reported[0] = True
+    limiter.observe(info, started)
 
 
 class Stopping(Exception):
@@ -102,6 +197,15 @@ class ProviderLimiter:
         self._rate_probed = 0.0
         self._tokens = self._burst()
         self._refilled = time.monotonic()
+        # header budget
+        self._budget: _Budget | None = None
+        self._starts: deque[float] = deque(maxlen=100_000)  # start times since the newest report
+        self._probing = name in _header_providers
+
+    def expect_headers(self) -> None:
+        with self._cond:
+            if self._budget is None:
+                self._probing = True
 
     # -- the public entry point -----------------------------------------------------------
     def call(self, fn, stop: threading.Event | None = None):
@@ -110,9 +214,12 @@ class ProviderLimiter:
         refused = 0
         while True:
             started = self._acquire(stop, deadline)
+            reported = [False]
+            token = _current_call.set((self, started, reported))
             try:
                 result = fn()
             except errors.RateLimitError as exc:
+                _current_call.reset(token)
                 self._release(started)
                 if exc.concurrency:
                     refused += 1
@@ -128,9 +235,11 @@ class ProviderLimiter:
                         raise Stopping(f"{self.name}: run is stopping") from None
                 continue
             except BaseException:
+                _current_call.reset(token)
                 self._release(started)
                 raise
-            self._release(started, success=True)
+            _current_call.reset(token)
+            self._release(started, success=True, reported=reported[0])
             return result
 
     # -- acquiring and releasing a slot ---------------------------------------------------
@@ -150,15 +259,14 @@ class ProviderLimiter:
                 if wait <= 0 and self._episode is not None:
                     self._learn_rate(now)
                 if wait <= 0:
-                    wait = self._slot_free_in(now)
+                    wait = self._start_wait(now)
                     if wait == 0.0:
-                        wait = self._take_token(now)
-                        if wait <= 0:
-                            break
+                        break
                 waited = True
                 self._cond.wait(timeout=min(max(wait, 0.01), 0.5) if wait is not None and wait > 0 else 0.5)
             self._in_flight += 1
             self._running.append(now)
+            self._starts.append(now)
             if self._first_start is None:
                 self._first_start = now
             self.stats.requests += 1
@@ -167,10 +275,12 @@ class ProviderLimiter:
                 self.stats.wait_seconds += now - started
         return now
 
-    def _release(self, started: float, success: bool = False) -> None:
+    def _release(self, started: float, success: bool = False, reported: bool = False) -> None:
         with self._cond:
             self._in_flight -= 1
             self._running.remove(started)
+            if success and not reported:
+                self._probing = False  # answered without a budget: the provider sends none
             if success:
                 now = time.monotonic()
                 self._consecutive_429 = 0
@@ -189,6 +299,49 @@ class ProviderLimiter:
                         and now - self._rate_probed > RATE_PROBE_SECONDS):
                     self._set_learned(self._learned_rps * RATE_PROBE_STEP)
                     self._rate_probed = now
+            self._cond.notify_all()
+
+    def _start_wait(self, now: float) -> float | None:
+        """0 when a request may start now (a pacing token is then taken); else seconds to wait, or
+        None to wait for a request to end."""
+        for gate in (self._slot_free_in, self._probe_wait, self._budget_wait, self._take_token):
+            wait = gate(now)
+            if wait != 0.0:
+                return wait
+        return 0.0
+
+    def _probe_wait(self, now: float) -> float | None:
+        """While the budget of a provider that reports one is unknown, one request at a time."""
+        return None if self._probing and self._in_flight > 0 else 0.0
+
+    def _budget_wait(self, now: float) -> float | None:
+        """0 when the newest reported budget has a request left for now; else until its reset,
+        or None (wait for an answer) when the reset is past and its whole limit is already out."""
+        budget = self._budget
+        if budget is None:
+            return 0.0
+        since = budget.unseen + sum(1 for t in self._starts if t > budget.sent_at)
+        allowed = budget.limit if now >= budget.reset_at else budget.remaining
+        if allowed - since >= 1:
+            return 0.0
+        if now < budget.reset_at:
+            return budget.reset_at - now
+        return None if self._in_flight else 0.0  # nothing out: no newer report will come
+
+    def observe(self, info: RateLimitInfo, started: float) -> None:
+        """A provider's report from the answer to the request started at ``started``; the newest
+        request's report wins (answers overtake each other)."""
+        with self._cond:
+            self._probing = False
+            if self._budget is not None and started < self._budget.sent_at:
+                return
+            # Answers overtake each other on the way in as well: requests started before this one and
+            # not yet answered may have reached the provider after it, uncounted in ``remaining``.
+            unseen = sum(1 for t in self._running if t < started)
+            self._budget = _Budget(started, info.remaining, started + info.reset_seconds + RESET_GUARD, info.limit,
+                                   unseen)
+            while self._starts and self._starts[0] <= started:
+                self._starts.popleft()
             self._cond.notify_all()
 
     def _slot_free_in(self, now: float) -> float | None:
