@@ -42,8 +42,8 @@ import requests
 from pipeline import audio
 from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, load_env,
                              make_parser, parse_languages, setup_logging)
-from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, classify_http,
-                             from_openai_exception, from_requests_exception, register_secret)
+from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, TooLongError,
+                             classify_http, from_openai_exception, from_requests_exception, register_secret)
 from pipeline.limiter import RateLimitInfo, expect_rate_limit_headers, report_rate_limit
 from pipeline.outputs import WrittenFile, write_files
 from pipeline.subtitles import RTL_LANGUAGES, Cue, format_srt, format_vtt
@@ -250,8 +250,16 @@ class OpenAITranscriber(Transcriber):
     default_base_url = "https://api.openai.com/v1"
     default_model = "whisper-1"
     models = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
-    max_upload_bytes = 26214400  # "Maximum content size limit (26214400)"
-    max_chunk_seconds = {"gpt-4o-transcribe": 1500.0, "gpt-4o-mini-transcribe": 1500.0}
+    # "Maximum content size limit (26214400)" counts the whole request body, so the file gets that
+    # less room for the multipart boundaries and form fields (prompt included: at most 224 tokens).
+    REQUEST_LIMIT_BYTES = 26214400
+    MULTIPART_RESERVE_BYTES = 64 * 1024
+    max_upload_bytes = REQUEST_LIMIT_BYTES - MULTIPART_RESERVE_BYTES
+    # gpt-4o models refuse audio "longer than 1400 seconds which is the maximum for this model"
+    # (reported: github.com/rishikanthc/Scriberr/issues/477, github.com/fastrepl/anarlog/pull/7135;
+    # OpenAI's help centre says only that they "may use different validation, such as duration").
+    # Chunks are planned 10 s below it; a refusal all the same makes the chunk smaller (TooLongError).
+    max_chunk_seconds = {"gpt-4o-transcribe": 1390.0, "gpt-4o-mini-transcribe": 1390.0}
     price_per_minute = {"whisper-1": 0.006, "gpt-4o-transcribe": 0.006, "gpt-4o-mini-transcribe": 0.003}
     text_only_models = frozenset({"gpt-4o-transcribe", "gpt-4o-mini-transcribe"})
 
@@ -618,9 +626,40 @@ def transcribe_media(path, transcriber: Transcriber, *, language: str | None = N
                                max_chunk_seconds=transcriber.max_chunk_seconds.get(transcriber.model),
                                info=info)
         log.debug("%d chunk(s) for %s/%s", len(chunks), transcriber.name, transcriber.model)
-        parts = [call(functools.partial(transcriber.transcribe_chunk, chunk.path,
-                                        language=language, prompt=prompt)) for chunk in chunks]
-    return merge_chunks(list(zip(chunks, parts)), duration=info.duration, language=language)
+        send = functools.partial(_send_chunk, transcriber, call, workdir, language=language, prompt=prompt)
+        pieces = [pair for chunk in chunks for pair in send(chunk)]
+    return merge_chunks(pieces, duration=info.duration, language=language)
+
+
+# A chunk refused as too long is cut again at most this often (each cut at most halves it).
+MAX_RESPLITS = 4
+
+
+def _send_chunk(transcriber: Transcriber, call: Callable, workdir: str, chunk: audio.Chunk, *,
+                language: str | None, prompt: str | None, depth: int = 0) -> list[tuple[audio.Chunk, Transcript]]:
+    """One chunk's transcript; when the provider says the chunk is too long, the chunk is cut
+    shorter and each piece sent instead (and the model's chunks stay that short from then on)."""
+    try:
+        return [(chunk, call(functools.partial(transcriber.transcribe_chunk, chunk.path,
+                                                language=language, prompt=prompt)))]
+    except TooLongError as exc:
+        shorter = _shorter(chunk.duration, exc.max_seconds)
+        if depth >= MAX_RESPLITS or shorter < audio.MIN_CHUNK_SECONDS:
+            raise
+        log.info("%s/%s: %.0f s chunk refused as too long; cutting to %.0f s", transcriber.name,
+                 transcriber.model, chunk.duration, shorter)
+        transcriber.max_chunk_seconds = {**transcriber.max_chunk_seconds, transcriber.model: shorter}
+        pieces = audio.resplit(chunk, os.path.join(workdir, f"resplit-{uuid.uuid4().hex}"), shorter,
+                               max_upload_bytes=transcriber.max_upload_bytes)
+        return [pair for piece in pieces
+                for pair in _send_chunk(transcriber, call, workdir, piece, language=language, prompt=prompt,
+                                        depth=depth + 1)]
+
+
+def _shorter(seconds: float, provider_max: float | None) -> float:
+    """Half the refused length, and below the maximum the provider named (5% off for cutting slack)."""
+    limit = seconds / 2
+    return min(limit, provider_max * 0.95) if provider_max else limit
 
 
 def merge_chunks(pieces: list[tuple[audio.Chunk, Transcript]], *, duration: float | None,

@@ -413,6 +413,15 @@ def prepare(path: str | bytes | os.PathLike, workdir: str | os.PathLike, *,
     return _split(path, workdir, duration, silences, limits)
 
 
+def resplit(chunk: Chunk, folder: str | os.PathLike, max_seconds: float, *,
+            max_upload_bytes: int | None = None) -> list[Chunk]:
+    """``chunk`` cut again into pieces of at most ``max_seconds`` (at silences, as ``prepare``
+    cuts), offsets counted from the start of the original recording. ``folder`` must not exist."""
+    Path(folder).mkdir()
+    pieces = prepare(chunk.path, folder, max_upload_bytes=max_upload_bytes, max_chunk_seconds=max_seconds)
+    return [Chunk(piece.path, chunk.offset + piece.offset, piece.duration) for piece in pieces]
+
+
 @dataclass(frozen=True)
 class _Limits:
     max_bytes: int | None

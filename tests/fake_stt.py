@@ -159,6 +159,9 @@ class FakeSTT:
         # ElevenLabs: spacing items and an audio event without times, as the official SDK allows
         # (SpeechToTextWordResponseModel.start/end are Optional).
         self.untimed_items = False
+        # OpenAI: the longest audio a model takes, in seconds. gpt-4o models refuse more than 1400 s
+        # (reported: github.com/rishikanthc/Scriberr/issues/477); whisper-1 has no cap.
+        self.duration_caps = {model: 1400.0 for model in OPENAI_MODELS if model != "whisper-1"}
         server.route("POST", OPENAI_PATH)(self._openai)
         server.route("POST", ELEVENLABS_PATH)(self._elevenlabs)
 
@@ -201,6 +204,11 @@ class FakeSTT:
                                       "'mp4', 'mpeg', 'mpga', 'oga', 'ogg', 'wav', 'webm']",
                                  "invalid_request_error")
         upload.duration = len(samples) / RATE
+        cap = self.duration_caps.get(model)
+        if cap is not None and upload.duration > cap:
+            return _openai_error(400, f"audio duration {upload.duration} seconds is longer than {cap:g} seconds "
+                                      "which is the maximum for this model", "invalid_request_error",
+                                 "invalid_value")
         return self._openai_answer(analyse(samples), upload, fmt)
 
     def _openai_answer(self, runs: list[Run], upload: Upload, fmt: str) -> Response:

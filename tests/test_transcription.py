@@ -192,6 +192,33 @@ def test_gpt4o_length_limit_splits_per_model(stt, media):
     assert [round(s.start, 1) for s in transcript.segments] == [0.0, 3.5, 7.5]
 
 
+def test_gpt4o_chunks_stay_under_the_reported_1400_second_cap():
+    for model in ("gpt-4o-transcribe", "gpt-4o-mini-transcribe"):
+        assert T.OpenAITranscriber.max_chunk_seconds[model] < 1400
+
+
+def test_a_too_long_answer_splits_the_chunk_smaller_instead_of_failing(stt, media):
+    """The provider's "longer than N seconds which is the maximum" is a reason to cut smaller."""
+    stt.duration_caps["gpt-4o-transcribe"] = 5.0
+    transcriber = openai_transcriber(stt, model="gpt-4o-transcribe")
+    transcript = T.transcribe_media(media["tones.wav"], transcriber)
+    assert [round(u.duration, 1) for u in stt.uploads] == [11.0, 3.5, 4.0, 3.5]  # one refusal, then 3 pieces
+    assert [s.text for s in transcript.segments] == TONE_TEXTS
+    assert [round(s.start, 1) for s in transcript.segments] == [0.0, 3.5, 7.5]
+    assert transcriber.max_chunk_seconds["gpt-4o-transcribe"] < 5.0  # the next file is cut small at once
+
+
+def test_an_upload_at_the_limit_fits_the_request_with_its_form_fields(stt, tmp_path):
+    """OpenAI's 25 MiB is the whole request: the multipart overhead must fit inside it."""
+    transcriber = openai_transcriber(stt)
+    at_limit = tmp_path / "at_limit.ogg"
+    with open(at_limit, "wb") as handle:
+        handle.truncate(transcriber.max_upload_bytes)
+    with pytest.raises(PermanentError) as caught:  # refused for its content, not for its size
+        transcriber.transcribe_chunk(str(at_limit), language="de", prompt="Zeitzeugen, Namen " * 20)
+    assert caught.value.status == 400 and caught.value.error_class == "unsupported_media"
+
+
 def test_split_and_merged_equals_unsplit(stt, media):
     whole = T.transcribe_media(media["tones.wav"], T.choose_transcriber("openai", env_for(stt)))
     env = env_for(stt, VERBATIM_OPENAI_MAX_UPLOAD_BYTES="25000")
