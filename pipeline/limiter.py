@@ -74,8 +74,9 @@ SLOT_GRACE = 0.1
 
 
 # A reported reset is trusted this much later than it says: the report's clock starts when its request
-# was sent, a little before the provider counted it.
+# was sent, a little before the provider counted it. A 429 all the same doubles it, up to the cap.
 RESET_GUARD = 0.05
+RESET_GUARD_CAP = 0.5
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ class ProviderLimiter:
         self._budget: _Budget | None = None
         self._starts: deque[float] = deque(maxlen=100_000)  # start times since the newest report
         self._probing = name in _header_providers
+        self._reset_guard = RESET_GUARD
 
     def expect_headers(self) -> None:
         with self._cond:
@@ -338,8 +340,13 @@ class ProviderLimiter:
             # Answers overtake each other on the way in as well: requests started before this one and
             # not yet answered may have reached the provider after it, uncounted in ``remaining``.
             unseen = sum(1 for t in self._running if t < started)
-            self._budget = _Budget(started, info.remaining, started + info.reset_seconds + RESET_GUARD, info.limit,
-                                   unseen)
+            reset_at = started + info.reset_seconds + self._reset_guard
+            if self._budget is not None and self._budget.reset_at > started:
+                # The same period seen from an earlier request: its end never comes sooner (a window
+                # ends where it ends; a bucket is full later with every request, never earlier), and
+                # the latest estimate is the one least early.
+                reset_at = max(reset_at, self._budget.reset_at)
+            self._budget = _Budget(started, info.remaining, reset_at, info.limit, unseen)
             while self._starts and self._starts[0] <= started:
                 self._starts.popleft()
             self._cond.notify_all()
@@ -400,7 +407,11 @@ class ProviderLimiter:
             self._last_429 = now
             # ``_in_flight`` no longer counts this request: it is what the provider did accept.
             self.limit = max(1, min(self.limit, self._in_flight))
-            if self._episode is None and started >= self._learned_at:
+            if self._budget is not None:
+                # The provider states its budget: a refusal means its reset came later than we
+                # reckoned, not that the rate is unknown. Trust resets a little later from now on.
+                self._reset_guard = min(RESET_GUARD_CAP, self._reset_guard * 2)
+            elif self._episode is None and started >= self._learned_at:
                 # Up to now, not to this request's start: requests race, and whichever the
                 # provider took before it refused this one started around the same time.
                 window = now - RATE_WINDOW
