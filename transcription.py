@@ -220,9 +220,14 @@ class Transcriber(ABC):
     def load(self) -> None:
         """Get ready before the first file (the local engine loads its model); HTTP providers: nothing."""
 
-    def estimate_cost(self, audio_seconds: float) -> float:
-        """Estimated USD for ``audio_seconds`` of audio (list prices; see ``price_per_minute``)."""
+    def estimate_cost(self, audio_seconds: float, prompt: str | None = None) -> float:
+        """Estimated USD for ``audio_seconds`` of audio (list prices; see ``price_per_minute``), with
+        what ``prompt`` adds where a provider bills it."""
         return audio_seconds / 60.0 * self.price_per_minute.get(self.model, 0.0)
+
+    def cost_notes(self, prompt: str | None) -> list[str]:
+        """What the estimate leaves out or how ``prompt`` is used, for ``--dry-run`` to say."""
+        return []
 
     @abstractmethod
     def transcribe_chunk(self, audio_path: str, *, language: str | None = None,
@@ -390,10 +395,12 @@ class _MultipartFile:
     known length avoids chunked transfer encoding.
     """
 
-    def __init__(self, fields: Mapping[str, str], filename: str, path):
+    def __init__(self, fields: Mapping[str, str | list[str]], filename: str, path):
         boundary = uuid.uuid4().hex
+        pairs = [(name, item) for name, value in fields.items()
+                 for item in (value if isinstance(value, list) else [value])]  # a list: one part per item
         head = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-                        f"{value}\r\n".encode() for name, value in fields.items())
+                        f"{value}\r\n".encode() for name, value in pairs)
         head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
                  "Content-Type: application/octet-stream\r\n\r\n").encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
@@ -440,11 +447,63 @@ class ElevenLabsTranscriber(Transcriber):
     max_upload_bytes = None  # 3 GB / 10 h per file: never split
     price_per_minute = {"scribe_v1": 0.40 / 60, "scribe_v2": 0.40 / 60}  # about USD 0.40 per hour
     diarize = True
+    # Keyterms bias recognition towards names and places. "Keyterm prompting is available with the
+    # Scribe v2 model ... and comes at an additional cost" (elevenlabs.io/docs/eleven-api/guides/how-to/
+    # speech-to-text/batch/keyterm-prompting). Limits, the stricter of that page (1000 per batch
+    # request, 50 characters) and the official SDK (elevenlabs-python src/elevenlabs/speech_to_text/
+    # raw_client.py: "cannot exceed 100", "less than 50 characters", "at most 5 words").
+    keyterm_models = frozenset({"scribe_v2"})
+    MAX_KEYTERMS = 100
+    MAX_KEYTERM_CHARS = 49
+    MAX_KEYTERM_WORDS = 5
+    # The surcharge is priced on ElevenLabs' pricing page, not in its API docs: unknown unless set
+    # (VERBATIM_ELEVENLABS_KEYTERMS_USD_PER_HOUR).
+    keyterm_price_per_hour: float | None = None
 
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 600.0):
         super().__init__(api_key=api_key, base_url=base_url, model=model, timeout=timeout)
         self._local = threading.local()
+
+    @classmethod
+    def from_env(cls, env=None, model=None, **engine) -> "Transcriber":
+        env = os.environ if env is None else env
+        transcriber = super().from_env(env, model, **engine)
+        price = env.get("VERBATIM_ELEVENLABS_KEYTERMS_USD_PER_HOUR")
+        if price:
+            try:
+                transcriber.keyterm_price_per_hour = float(price)
+            except ValueError:
+                raise ConfigError(f"VERBATIM_ELEVENLABS_KEYTERMS_USD_PER_HOUR must be a number, not {price!r}") from None
+        return transcriber
+
+    @classmethod
+    def keyterms(cls, prompt: str | None) -> list[str]:
+        """Names and places from ``--prompt`` (separated by commas, semicolons or lines) within the
+        documented limits; a term too long for them is left out."""
+        terms: list[str] = []
+        for term in re.split(r"[,;\n]", prompt or ""):
+            term = " ".join(term.split())
+            if term and len(term) <= cls.MAX_KEYTERM_CHARS and len(term.split()) <= cls.MAX_KEYTERM_WORDS \
+                    and term not in terms:
+                terms.append(term)
+        return terms[:cls.MAX_KEYTERMS]
+
+    def cost_notes(self, prompt: str | None) -> list[str]:
+        if not self.keyterms(prompt):
+            return []
+        if self.model not in self.keyterm_models:
+            return [f"--prompt is not sent: keyterms need scribe_v2 (this run uses {self.model}; --model scribe_v2)"]
+        if self.keyterm_price_per_hour is None:
+            return ["keyterms bill extra, not included in this estimate (ElevenLabs prices them on its pricing "
+                    "page; set VERBATIM_ELEVENLABS_KEYTERMS_USD_PER_HOUR to include them)"]
+        return [f"includes keyterms at ${self.keyterm_price_per_hour:g} per hour of audio"]
+
+    def estimate_cost(self, audio_seconds: float, prompt: str | None = None) -> float:
+        cost = super().estimate_cost(audio_seconds)
+        if self.keyterm_price_per_hour and self.model in self.keyterm_models and self.keyterms(prompt):
+            cost += audio_seconds / 3600.0 * self.keyterm_price_per_hour
+        return cost
 
     def _session(self) -> requests.Session:
         """A Session per thread: requests does not promise that one Session is thread-safe."""
@@ -454,11 +513,13 @@ class ElevenLabsTranscriber(Transcriber):
         return session
 
     def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
-        """``prompt`` is not sent: Scribe takes no vocabulary prompt."""
-        fields = {"model_id": self.model, "diarize": "true" if self.diarize else "false",
-                  "timestamps_granularity": "word"}
+        """``prompt``: names and places, sent as ``keyterms`` (scribe_v2 only; see ``cost_notes``)."""
+        fields: dict[str, str | list[str]] = {"model_id": self.model, "diarize": "true" if self.diarize else "false",
+                                              "timestamps_granularity": "word"}
         if language:
             fields["language_code"] = language
+        if self.model in self.keyterm_models and self.keyterms(prompt):
+            fields["keyterms"] = self.keyterms(prompt)
         try:
             with _MultipartFile(fields, _upload_name(audio_path), audio_path) as body:
                 response = self._session().post(
@@ -730,7 +791,8 @@ def build_parser():
                         "or a CTranslate2 model folder (default: the provider's default)")
     add_local_arguments(parser)
     parser.add_argument("--language", help="spoken language, ISO 639-1 (default: detected)")
-    parser.add_argument("--prompt", help="vocabulary hint: names and terms (OpenAI and local)")
+    parser.add_argument("--prompt", help="vocabulary hint: names and terms, comma-separated (OpenAI, local; "
+                                         "ElevenLabs scribe_v2 as keyterms, billed extra)")
     parser.add_argument("--format", choices=sorted(RENDERERS), default="txt", help="output format (default: txt)")
     parser.add_argument("--env-file", metavar="PATH", help="settings file to load (default: ./.env)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")

@@ -257,6 +257,30 @@ def test_elevenlabs_untimed_items_are_placed_between_their_neighbours(stt, media
     assert starts == sorted(starts) and all(s.end >= s.start for s in transcript.segments)
 
 
+def test_elevenlabs_sends_names_and_places_as_keyterms(stt, media):
+    """Scribe v2 takes ``keyterms`` (a repeated form field); the prompt is no longer dropped."""
+    transcriber = elevenlabs_transcriber(stt, model="scribe_v2")
+    transcriber.transcribe_chunk(media["short.ogg"], prompt="Theresienstadt, Rywka Lipszyc; Łódź\n" + "x" * 60)
+    assert stt.uploads[0].fields["keyterms"] == ["Theresienstadt", "Rywka Lipszyc", "Łódź"]
+
+
+def test_keyterms_follow_the_documented_limits():
+    terms = T.ElevenLabsTranscriber.keyterms(", ".join(f"name{n}" for n in range(150)) + ", a b c d e f")
+    assert len(terms) == T.ElevenLabsTranscriber.MAX_KEYTERMS and all(len(t) < 50 for t in terms)
+    assert "a b c d e f" not in terms  # more than five words
+    assert T.ElevenLabsTranscriber.keyterms(None) == []
+
+
+def test_keyterm_surcharge_is_said_in_the_estimate():
+    v2 = T.ElevenLabsTranscriber(api_key="el-test-a1b2c3", model="scribe_v2")
+    assert v2.cost_notes("Theresienstadt") and "keyterm" in v2.cost_notes("Theresienstadt")[0]
+    assert v2.cost_notes(None) == []
+    v2.keyterm_price_per_hour = 0.05
+    assert v2.estimate_cost(3600, prompt="Theresienstadt") == pytest.approx(v2.estimate_cost(3600) + 0.05)
+    v1 = T.ElevenLabsTranscriber(api_key="el-test-a1b2c3")
+    assert "scribe_v2" in v1.cost_notes("Theresienstadt")[0]  # v1 takes no keyterms: said, not dropped
+
+
 def test_every_chunk_goes_through_call_and_the_workdir_is_removed(stt, media, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     seen = []
