@@ -254,7 +254,7 @@ class OpenAITranscriber(Transcriber):
     base_url_env_var = "OPENAI_BASE_URL"
     default_base_url = "https://api.openai.com/v1"
     default_model = "whisper-1"
-    models = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+    models = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-transcribe-diarize")
     # "Maximum content size limit (26214400)" counts the whole request body, so the file gets that
     # less room for the multipart boundaries and form fields (prompt included: at most 224 tokens).
     REQUEST_LIMIT_BYTES = 26214400
@@ -264,9 +264,15 @@ class OpenAITranscriber(Transcriber):
     # (reported: github.com/rishikanthc/Scriberr/issues/477, github.com/fastrepl/anarlog/pull/7135;
     # OpenAI's help centre says only that they "may use different validation, such as duration").
     # Chunks are planned 10 s below it; a refusal all the same makes the chunk smaller (TooLongError).
-    max_chunk_seconds = {"gpt-4o-transcribe": 1390.0, "gpt-4o-mini-transcribe": 1390.0}
-    price_per_minute = {"whisper-1": 0.006, "gpt-4o-transcribe": 0.006, "gpt-4o-mini-transcribe": 0.003}
+    # The diarize model has the same 1400 s cap (github.com/fastrepl/anarlog/pull/7135).
+    max_chunk_seconds = {"gpt-4o-transcribe": 1390.0, "gpt-4o-mini-transcribe": 1390.0,
+                         "gpt-4o-transcribe-diarize": 1390.0}
+    # Diarize: "priced the same (estimated) cost of regular gpt-4o-transcribe" (ndurner.github.io,
+    # 2025-10-24, "Transcription and Diarization with new GPT-4o").
+    price_per_minute = {"whisper-1": 0.006, "gpt-4o-transcribe": 0.006, "gpt-4o-mini-transcribe": 0.003,
+                        "gpt-4o-transcribe-diarize": 0.006}
     text_only_models = frozenset({"gpt-4o-transcribe", "gpt-4o-mini-transcribe"})
+    diarize_models = frozenset({"gpt-4o-transcribe-diarize"})
 
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 600.0):
@@ -285,13 +291,7 @@ class OpenAITranscriber(Transcriber):
         import openai
 
         text_only = self.model in self.text_only_models
-        params = {"model": self.model, "response_format": "json" if text_only else "verbose_json"}
-        if not text_only:
-            params["timestamp_granularities"] = ["segment"]
-        if language:
-            params["language"] = language
-        if prompt:
-            params["prompt"] = prompt
+        params = self._params(language, prompt)
         with open(audio_path, "rb") as handle:
             try:
                 response = self._client.audio.transcriptions.with_raw_response.create(
@@ -303,11 +303,29 @@ class OpenAITranscriber(Transcriber):
                 raise from_openai_exception(exc, provider=self.name) from exc
         return self._parse(data, language, text_only)
 
+    def _params(self, language: str | None, prompt: str | None) -> dict:
+        """Request parameters the model takes (openai-python types/audio/transcription_create_params.py):
+        the diarize model needs ``diarized_json`` "to receive speaker annotations" and
+        ``chunking_strategy`` for "inputs longer than 30 seconds", and takes no ``prompt`` nor
+        ``timestamp_granularities``; gpt-4o models answer ``json`` only."""
+        if self.model in self.diarize_models:
+            params = {"model": self.model, "response_format": "diarized_json", "chunking_strategy": "auto"}
+        elif self.model in self.text_only_models:
+            params = {"model": self.model, "response_format": "json"}
+        else:
+            params = {"model": self.model, "response_format": "verbose_json", "timestamp_granularities": ["segment"]}
+        if language:
+            params["language"] = language
+        if prompt and self.model not in self.diarize_models:
+            params["prompt"] = prompt
+        return params
+
     def _parse(self, data, language: str | None, text_only: bool) -> Transcript:
         if not isinstance(data, dict) or not isinstance(data.get("text"), str):
             raise _invalid_response(self.name, "no text")
-        try:
-            segments = [Segment(float(s["start"]), float(s["end"]), str(s["text"]).strip())
+        try:  # diarized segments (TranscriptionDiarizedSegment) carry a speaker label: A, B, ...
+            segments = [Segment(float(s["start"]), float(s["end"]), str(s["text"]).strip(),
+                                f"speaker_{s['speaker']}" if s.get("speaker") else None)
                         for s in data.get("segments") or []]
         except (KeyError, TypeError, ValueError) as exc:
             raise _invalid_response(self.name, "malformed segments") from exc
@@ -730,9 +748,10 @@ def merge_chunks(pieces: list[tuple[audio.Chunk, Transcript]], *, duration: floa
     segments (translation) still get all text; ``has_timestamps`` stays False for them."""
     parts = [part for _chunk, part in pieces]
     segments = []
-    for chunk, part in pieces:
+    for number, (chunk, part) in enumerate(pieces, 1):
         if part.has_timestamps:
-            segments += [Segment(s.start + chunk.offset, s.end + chunk.offset, s.text, s.speaker)
+            segments += [Segment(s.start + chunk.offset, s.end + chunk.offset, s.text,
+                                 _chunk_speaker(s.speaker, number, len(pieces)))
                          for s in part.segments if s.text]
         elif part.text:
             segments.append(Segment(chunk.offset, chunk.offset + chunk.duration, part.text))
@@ -744,6 +763,12 @@ def merge_chunks(pieces: list[tuple[audio.Chunk, Transcript]], *, duration: floa
         note=parts[0].note,
         raw_responses=[{"offset": chunk.offset, "duration": chunk.duration, "response": raw}
                        for chunk, part in pieces for raw in part.raw_responses])
+
+
+def _chunk_speaker(speaker: str | None, number: int, chunks: int) -> str | None:
+    """A provider labels speakers per request: with several chunks, "speaker_A" of one chunk need
+    not be "speaker_A" of the next, so the label says its chunk."""
+    return f"{speaker}_part{number}" if speaker and chunks > 1 else speaker
 
 
 def _sum_usage(pieces) -> dict:

@@ -27,7 +27,8 @@ from tests.fakeserver import FakeServer, Request, Response, json_response
 OPENAI_PATH = "/v1/audio/transcriptions"
 ELEVENLABS_PATH = "/v1/speech-to-text"
 OPENAI_MAX_BYTES = 26214400
-OPENAI_MODELS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+OPENAI_MODELS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-transcribe-diarize")
+DIARIZE_MODEL = "gpt-4o-transcribe-diarize"
 ELEVENLABS_MODELS = ("scribe_v1", "scribe_v2")
 
 RATE = 16000
@@ -193,7 +194,10 @@ class FakeSTT:
         model, fmt = upload.fields.get("model"), upload.fields.get("response_format", "json")
         if model not in OPENAI_MODELS or data is None:
             return _openai_error(400, f"Invalid model or missing file: {model!r}", "invalid_request_error")
-        if model != "whisper-1" and fmt not in ("json", "text"):
+        refusal = self._diarize_refusal(upload.fields) if model == DIARIZE_MODEL else None
+        if refusal is not None:
+            return refusal
+        if model not in ("whisper-1", DIARIZE_MODEL) and fmt not in ("json", "text"):
             return _openai_error(400, f"response_format '{fmt}' is not compatible with model '{model}'. "
                                       "Use 'json' or 'text' instead.", "invalid_request_error",
                                  "unsupported_value")
@@ -209,7 +213,36 @@ class FakeSTT:
             return _openai_error(400, f"audio duration {upload.duration} seconds is longer than {cap:g} seconds "
                                       "which is the maximum for this model", "invalid_request_error",
                                  "invalid_value")
+        if model == DIARIZE_MODEL and upload.duration > 30 and upload.fields.get("chunking_strategy") is None:
+            return _openai_error(400, "chunking_strategy is required for diarization models when the input "
+                                      "is longer than 30 seconds", "invalid_request_error", "invalid_value")
+        if fmt == "diarized_json":
+            return self._diarized_answer(analyse(samples), upload)
         return self._openai_answer(analyse(samples), upload, fmt)
+
+    @staticmethod
+    def _diarize_refusal(fields: dict) -> Response | None:
+        """What openai-python's transcription_create_params.py says the diarize model does not take."""
+        fmt = fields.get("response_format", "json")
+        if fmt not in ("json", "text", "diarized_json"):
+            return _openai_error(400, f"response_format '{fmt}' is not compatible with model "
+                                      f"'{DIARIZE_MODEL}'.", "invalid_request_error", "unsupported_value")
+        for name in ("prompt", "timestamp_granularities[]", "timestamp_granularities"):
+            if name in fields:
+                return _openai_error(400, f"Unsupported parameter: '{name}' is not supported with this model.",
+                                     "invalid_request_error", "unsupported_parameter")
+        return None
+
+    @staticmethod
+    def _diarized_answer(runs: list[Run], upload: Upload) -> Response:
+        """``TranscriptionDiarized``: segments with speakers labelled A, B, ... (alternating here)."""
+        segments = [{"type": "transcript.text.segment", "id": f"seg_{i}", "start": run.start, "end": run.end,
+                     "text": run.text, "speaker": "AB"[i % 2]} for i, run in enumerate(runs)]
+        tokens = 10 + 5 * sum(len(run.words) for run in runs)
+        return json_response({"task": "transcribe", "duration": upload.duration,
+                              "text": " ".join(run.text for run in runs), "segments": segments,
+                              "usage": {"type": "tokens", "input_tokens": tokens, "output_tokens": tokens // 2,
+                                        "total_tokens": tokens + tokens // 2}})
 
     def _openai_answer(self, runs: list[Run], upload: Upload, fmt: str) -> Response:
         text = " ".join(run.text for run in runs)

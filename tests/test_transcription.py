@@ -183,6 +183,18 @@ def test_openai_gpt4o_is_text_only(stt, media):
     assert stt.uploads[0].fields == {"model": "gpt-4o-transcribe", "response_format": "json"}
 
 
+def test_openai_diarize_model_gives_speaker_labelled_segments(stt, media):
+    transcriber = openai_transcriber(stt, model="gpt-4o-transcribe-diarize")
+    transcript = T.transcribe_media(media["tones.wav"], transcriber, language="de", prompt="Zeitzeugen")
+    assert [(s.start, s.end, s.text, s.speaker) for s in transcript.segments] == [
+        (0.0, 3.0, TONE_TEXTS[0], "speaker_A"), (4.0, 7.0, TONE_TEXTS[1], "speaker_B"),
+        (8.0, 11.0, TONE_TEXTS[2], "speaker_A")]
+    assert transcript.has_timestamps and transcript.to_txt().startswith(f"speaker_A: {TONE_TEXTS[0]}\n\nspeaker_B:")
+    assert stt.uploads[0].fields == {"model": "gpt-4o-transcribe-diarize", "response_format": "diarized_json",
+                                     "chunking_strategy": "auto", "language": "de"}  # no prompt: not taken
+    assert transcript.usage["tokens"] > 0
+
+
 def test_gpt4o_length_limit_splits_per_model(stt, media):
     transcriber = openai_transcriber(stt, model="gpt-4o-mini-transcribe")
     transcriber.max_chunk_seconds = {"gpt-4o-mini-transcribe": 5.0}
