@@ -42,6 +42,7 @@ raised so the runner requeues the job for later instead of holding a thread.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import os
 import random
 import re
@@ -331,22 +332,26 @@ class ProviderLimiter:
         return None if self._in_flight else 0.0  # nothing out: no newer report will come
 
     def observe(self, info: RateLimitInfo, started: float) -> None:
-        """A provider's report from the answer to the request started at ``started``; the newest
-        request's report wins (answers overtake each other)."""
+        """A provider's report from the answer to the request started at ``started``. Answers
+        overtake each other, on the way out and on the way in, so within one period (the same
+        reset, give or take) the lowest count left is the latest word and the latest reset the
+        least early; the newest request's report gives the period and the start of the count."""
         with self._cond:
             self._probing = False
-            if self._budget is not None and started < self._budget.sent_at:
+            budget, guard = self._budget, self._reset_guard
+            reset_at = started + info.reset_seconds + guard
+            same = budget is not None and reset_at <= budget.reset_at + 2 * guard and started < budget.reset_at
+            remaining = min(info.remaining, budget.remaining) if same else info.remaining
+            if budget is not None and started < budget.sent_at:
+                if same and remaining < budget.remaining:
+                    self._budget = dataclasses.replace(budget, remaining=remaining)
                 return
-            # Answers overtake each other on the way in as well: requests started before this one and
-            # not yet answered may have reached the provider after it, uncounted in ``remaining``.
+            if same:
+                reset_at = max(reset_at, budget.reset_at)
+            # Requests started before this one and not yet answered may have reached the provider
+            # after it, uncounted in ``remaining``.
             unseen = sum(1 for t in self._running if t < started)
-            reset_at = started + info.reset_seconds + self._reset_guard
-            if self._budget is not None and self._budget.reset_at > started:
-                # The same period seen from an earlier request: its end never comes sooner (a window
-                # ends where it ends; a bucket is full later with every request, never earlier), and
-                # the latest estimate is the one least early.
-                reset_at = max(reset_at, self._budget.reset_at)
-            self._budget = _Budget(started, info.remaining, reset_at, info.limit, unseen)
+            self._budget = _Budget(started, remaining, reset_at, info.limit, unseen)
             while self._starts and self._starts[0] <= started:
                 self._starts.popleft()
             self._cond.notify_all()
