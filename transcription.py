@@ -2,8 +2,9 @@
 
 ``transcribe_media`` is the whole job for one file: probe and prepare the audio in a private
 temporary folder (``pipeline.audio``), send each chunk to a ``Transcriber`` through the caller's
-``call`` wrapper (the runner's shared rate limiter; nothing here retries), and merge the chunk
-results into one ``Transcript`` with continuous timestamps. ``write_transcript_outputs`` writes it
+``call`` wrapper (the runner's shared rate limiter; nothing here retries; a chunk the provider
+calls too long is cut shorter and its pieces sent instead), and merge the chunk results into one
+``Transcript`` with continuous timestamps. ``write_transcript_outputs`` writes it
 atomically as ``transcript.txt/.json/.srt/.vtt`` plus the raw provider answers.
 
 Providers are ``Transcriber`` subclasses registered in ``PROVIDERS``: one abstract method,

@@ -4,8 +4,9 @@
 A transcript (``transcript.json``, a ``.txt`` or an ``.srt``/``.vtt``) becomes a list of units,
 one per segment, cue or line. Units are sent in batches within each provider's limits, cut only
 between units, with the preceding text as context, and reassembled in order. A provider that
-answers a different number of units than it was sent is never trusted to be aligned: that batch
-is sent again in halves, down to single units.
+answers a different number of units than it was sent, or stops at its token limit
+(``finish_reason`` "length"), is never trusted: that batch is sent again in halves, down to single
+units. A translator that lacks the target language is refused (or replaced by the fallback) at start.
 
 A translation is accepted only after ``validate_translation``: every non-empty unit has a
 non-empty translation, the total length is plausible, and the text is provably in the target

@@ -1,8 +1,9 @@
 """Audio preparation with ffmpeg: probe a recording, extract and compact its audio, split it to fit.
 
 Speech-to-text APIs take one audio file per request, with an upload limit (OpenAI: 25 MiB) and for
-some models a length limit (1500 s). An interview is hours of audio or video, so ``prepare`` turns
-any input into a list of ``Chunk`` files inside a per-job working folder:
+some models a length limit (gpt-4o: 1400 s, reported). An interview is hours of audio or video, so
+``prepare`` turns any input into a list of ``Chunk`` files inside a per-job working folder (and
+``resplit`` cuts one again, shorter, when a provider still finds it too long):
 
 - the audio track is extracted from video;
 - audio is re-encoded to 16 kHz mono Ogg/Opus at 24 kbit/s (about 11 MB per hour) when that is

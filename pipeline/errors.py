@@ -8,9 +8,12 @@ Every provider turns whatever went wrong into exactly one of three kinds, and wo
   asking us to slow down, so it waits on the shared limiter and does not spend a job attempt.
 - ``PermanentError``: this input will never work (undecodable audio, other 4xx, unsupported
   language, output that fails validation after the fallbacks). The job fails at once.
+  ``TooLongError`` is the exception: the chunk was too long for the model, and is cut shorter.
 - ``AccountError``: the key or the account is the problem (401/403 auth, ``insufficient_quota``,
   DeepL 456). Nothing is the file's fault: the run stops and jobs stay not_started.
 
+``classify_http`` decides on the provider's structured code first (one function per provider family,
+``FAMILIES``), then on the HTTP status, and on the message words only as a last resort.
 ``error_class`` is a short stable word stored in the database and counted by ``tools/status.py``.
 """
 
