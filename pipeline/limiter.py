@@ -30,9 +30,9 @@ a provider-neutral ``RateLimitInfo``), and then the budget paces the starts: of 
 (by when its request started), ``remaining`` may start before its reset and ``limit`` after it,
 less the requests started since. That holds for a fixed window (the count is back to ``limit`` at
 the reset) and for a token bucket (full at the reset, topped up before it: the next answers say
-so), so ``remaining`` is never driven to 0 before the reset. Until the first answer of such a
-provider is in, its first request goes alone: the budget is unknown, and a first wave of every
-worker at once is exactly what would be refused.
+so), so ``remaining`` is never driven to 0 before the reset. Such a provider's requests start in slow
+start: one alone (its budget is unknown, and a first wave of every worker at once is exactly what
+would be refused), then one more in flight per answer, as the concurrency limit grows anyway.
 
 Rate-limit waits do not spend job attempts; they are bounded by ``patience`` seconds per call,
 after which (or when the server asks for more than ``MAX_INLINE_WAIT_SECONDS``) the error is
@@ -131,7 +131,7 @@ class _Budget:
     unseen: int         # requests started before it, still unanswered: maybe not counted in it yet
 
 
-# The call in progress on this thread: (limiter, start time, [reported?]), for report_rate_limit.
+# The call in progress on this thread: (limiter, start time), for report_rate_limit.
 _current_call: contextvars.ContextVar = contextvars.ContextVar("verbatim_limiter_call", default=None)
 # Providers that send rate-limit headers (they say so when built), by limiter name.
 _header_providers: set[str] = set()
@@ -139,7 +139,7 @@ _header_providers: set[str] = set()
 
 def expect_rate_limit_headers(provider: str) -> None:
     """A provider that reports its budget in headers says so once, when it is built: its limiter
-    then sends the first request alone."""
+    then starts in slow start."""
     _header_providers.add(provider)
     with _registry_lock:
         limiter = _registry.get(provider)
@@ -153,8 +153,7 @@ def report_rate_limit(info: RateLimitInfo | None) -> None:
     current = _current_call.get()
     if current is None or info is None:
         return
-    limiter, started, reported = current
-    reported[0] = True
+    limiter, started = current
     limiter.observe(info, started)
 
 
@@ -202,13 +201,15 @@ class ProviderLimiter:
         # header budget
         self._budget: _Budget | None = None
         self._starts: deque[float] = deque(maxlen=100_000)  # start times since the newest report
-        self._probing = name in _header_providers
         self._reset_guard = RESET_GUARD
+        if name in _header_providers:
+            self.limit = 1
 
     def expect_headers(self) -> None:
+        """Start in slow start (see the module docstring), unless a budget is known already."""
         with self._cond:
-            if self._budget is None:
-                self._probing = True
+            if self._budget is None and self.limit == self.ceiling:
+                self.limit = 1
 
     # -- the public entry point -----------------------------------------------------------
     def call(self, fn, stop: threading.Event | None = None):
@@ -217,8 +218,7 @@ class ProviderLimiter:
         refused = 0
         while True:
             started = self._acquire(stop, deadline)
-            reported = [False]
-            token = _current_call.set((self, started, reported))
+            token = _current_call.set((self, started))
             try:
                 result = fn()
             except errors.RateLimitError as exc:
@@ -242,7 +242,7 @@ class ProviderLimiter:
                 self._release(started)
                 raise
             _current_call.reset(token)
-            self._release(started, success=True, reported=reported[0])
+            self._release(started, success=True)
             return result
 
     # -- acquiring and releasing a slot ---------------------------------------------------
@@ -278,12 +278,10 @@ class ProviderLimiter:
                 self.stats.wait_seconds += now - started
         return now
 
-    def _release(self, started: float, success: bool = False, reported: bool = False) -> None:
+    def _release(self, started: float, success: bool = False) -> None:
         with self._cond:
             self._in_flight -= 1
             self._running.remove(started)
-            if success and not reported:
-                self._probing = False  # answered without a budget: the provider sends none
             if success:
                 now = time.monotonic()
                 self._consecutive_429 = 0
@@ -307,15 +305,11 @@ class ProviderLimiter:
     def _start_wait(self, now: float) -> float | None:
         """0 when a request may start now (a pacing token is then taken); else seconds to wait, or
         None to wait for a request to end."""
-        for gate in (self._slot_free_in, self._probe_wait, self._budget_wait, self._take_token):
+        for gate in (self._slot_free_in, self._budget_wait, self._take_token):
             wait = gate(now)
             if wait != 0.0:
                 return wait
         return 0.0
-
-    def _probe_wait(self, now: float) -> float | None:
-        """While the budget of a provider that reports one is unknown, one request at a time."""
-        return None if self._probing and self._in_flight > 0 else 0.0
 
     def _budget_wait(self, now: float) -> float | None:
         """0 when the newest reported budget has a request left for now; else until its reset,
@@ -337,7 +331,6 @@ class ProviderLimiter:
         reset, give or take) the lowest count left is the latest word and the latest reset the
         least early; the newest request's report gives the period and the start of the count."""
         with self._cond:
-            self._probing = False
             budget, guard = self._budget, self._reset_guard
             reset_at = started + info.reset_seconds + guard
             same = budget is not None and reset_at <= budget.reset_at + 2 * guard and started < budget.reset_at
