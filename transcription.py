@@ -483,6 +483,7 @@ class ElevenLabsTranscriber(Transcriber):
                  timeout: float = 600.0):
         super().__init__(api_key=api_key, base_url=base_url, model=model, timeout=timeout)
         self._local = threading.local()
+        self._warned_no_keyterms = False
 
     @classmethod
     def from_env(cls, env=None, model=None, **engine) -> "Transcriber":
@@ -539,6 +540,9 @@ class ElevenLabsTranscriber(Transcriber):
             fields["language_code"] = language
         if self.model in self.keyterm_models and self.keyterms(prompt):
             fields["keyterms"] = self.keyterms(prompt)
+        elif prompt and not self._warned_no_keyterms:
+            self._warned_no_keyterms = True  # once per run, not once per chunk
+            log.warning("%s: --prompt is not sent: keyterms need scribe_v2 (this run uses %s)", self.name, self.model)
         try:
             with _MultipartFile(fields, _upload_name(audio_path), audio_path) as body:
                 response = self._session().post(
