@@ -540,7 +540,7 @@ class ElevenLabsTranscriber(Transcriber):
             fields["language_code"] = language
         if self.model in self.keyterm_models and self.keyterms(prompt):
             fields["keyterms"] = self.keyterms(prompt)
-        elif prompt and not self._warned_no_keyterms:
+        elif prompt and self.model not in self.keyterm_models and not self._warned_no_keyterms:
             self._warned_no_keyterms = True  # once per run, not once per chunk
             log.warning("%s: --prompt is not sent: keyterms need scribe_v2 (this run uses %s)", self.name, self.model)
         try:
