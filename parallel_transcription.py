@@ -116,7 +116,7 @@ def transcription_plan(db, transcriber, stop: StopSignal, *, output_root: str, w
     return Plan(options, work, limiter)
 
 
-def dry_run(db, transcriber, limit, as_json: bool) -> int:
+def dry_run(db, transcriber, limit, as_json: bool, prompt: str | None = None) -> int:
     """What would run: jobs, audio hours (probed locally where unknown), estimated cost."""
     from pipeline.audio import probe
 
@@ -133,17 +133,18 @@ def dry_run(db, transcriber, limit, as_json: bool) -> int:
             unknown += 1
         else:
             seconds += duration
-    cost = transcriber.estimate_cost(seconds) if transcriber else None
+    cost = transcriber.estimate_cost(seconds, prompt=prompt) if transcriber else None
     plan = {"jobs": len(rows), "audio_seconds": round(seconds, 1), "audio_hours": round(seconds / 3600, 3),
             "unknown_duration": unknown,
             "provider": getattr(transcriber, "name", None), "model": getattr(transcriber, "model", None),
-            "estimated_cost_usd": None if cost is None else round(cost, 4)}
+            "estimated_cost_usd": None if cost is None else round(cost, 4),
+            "notes": transcriber.cost_notes(prompt) if transcriber else []}
     if as_json:
         print(json.dumps(plan))
     else:
         print(f"would transcribe {plan['jobs']} file(s), {plan['audio_hours']:.2f} h of audio"
               f"{f' ({unknown} of unknown length)' if unknown else ''} with {plan['provider']} {plan['model']},"
-              f" estimated cost ${cost or 0:.2f}")
+              f" estimated cost ${cost or 0:.2f}" + "".join(f"; {note}" for note in plan["notes"]))
     return config.EXIT_OK
 
 
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
                                          device=args.device, compute_type=args.compute_type)
         check_language(transcriber, args.language)
         if args.dry_run:
-            return dry_run(db, transcriber, args.limit, args.json)
+            return dry_run(db, transcriber, args.limit, args.json, args.prompt)
         prepare_output_root(db, config.output_dir(args), adopt=args.adopt_output_dir)
         transcriber.load()
         if args.retry_failed:

@@ -2,8 +2,9 @@
 
 ``transcribe_media`` is the whole job for one file: probe and prepare the audio in a private
 temporary folder (``pipeline.audio``), send each chunk to a ``Transcriber`` through the caller's
-``call`` wrapper (the runner's shared rate limiter; nothing here retries), and merge the chunk
-results into one ``Transcript`` with continuous timestamps. ``write_transcript_outputs`` writes it
+``call`` wrapper (the runner's shared rate limiter; nothing here retries; a chunk the provider
+calls too long is cut shorter and its pieces sent instead), and merge the chunk results into one
+``Transcript`` with continuous timestamps. ``write_transcript_outputs`` writes it
 atomically as ``transcript.txt/.json/.srt/.vtt`` plus the raw provider answers.
 
 Providers are ``Transcriber`` subclasses registered in ``PROVIDERS``: one abstract method,
@@ -41,9 +42,10 @@ import requests
 from pipeline import audio, httpbounds
 from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, check_header_value,
                              load_env, make_parser, parse_languages, run_main, setup_logging, with_env_note)
-from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, classify_http,
-                             from_openai_exception, from_requests_exception, redact, register_secret)
+from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, TooLongError,
+                             classify_http, from_openai_exception, from_requests_exception, redact, register_secret)
 from pipeline.httpbounds import DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream
+from pipeline.limiter import RateLimitInfo, expect_rate_limit_headers, report_rate_limit
 from pipeline.outputs import WrittenFile, write_files
 from pipeline.subtitles import RTL_LANGUAGES, Cue, format_srt, format_vtt
 
@@ -239,9 +241,14 @@ class Transcriber(ABC):
     def load(self) -> None:
         """Get ready before the first file (the local engine loads its model); HTTP providers: nothing."""
 
-    def estimate_cost(self, audio_seconds: float) -> float:
-        """Estimated USD for ``audio_seconds`` of audio (list prices; see ``price_per_minute``)."""
+    def estimate_cost(self, audio_seconds: float, prompt: str | None = None) -> float:
+        """Estimated USD for ``audio_seconds`` of audio (list prices; see ``price_per_minute``), with
+        what ``prompt`` adds where a provider bills it."""
         return audio_seconds / 60.0 * self.price_per_minute.get(self.model, 0.0)
+
+    def cost_notes(self, prompt: str | None) -> list[str]:
+        """What the estimate leaves out or how ``prompt`` is used, for ``--dry-run`` to say."""
+        return []
 
     @abstractmethod
     def transcribe_chunk(self, audio_path: str, *, language: str | None = None,
@@ -268,11 +275,25 @@ class OpenAITranscriber(Transcriber):
     base_url_env_var = "OPENAI_BASE_URL"
     default_base_url = "https://api.openai.com/v1"
     default_model = "whisper-1"
-    models = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
-    max_upload_bytes = 26214400  # "Maximum content size limit (26214400)"
-    max_chunk_seconds = {"gpt-4o-transcribe": 1500.0, "gpt-4o-mini-transcribe": 1500.0}
-    price_per_minute = {"whisper-1": 0.006, "gpt-4o-transcribe": 0.006, "gpt-4o-mini-transcribe": 0.003}
+    models = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-transcribe-diarize")
+    # "Maximum content size limit (26214400)" counts the whole request body, so the file gets that
+    # less room for the multipart boundaries and form fields (prompt included: at most 224 tokens).
+    REQUEST_LIMIT_BYTES = 26214400
+    MULTIPART_RESERVE_BYTES = 64 * 1024
+    max_upload_bytes = REQUEST_LIMIT_BYTES - MULTIPART_RESERVE_BYTES
+    # gpt-4o models refuse audio "longer than 1400 seconds which is the maximum for this model"
+    # (reported: github.com/rishikanthc/Scriberr/issues/477, github.com/fastrepl/anarlog/pull/7135;
+    # OpenAI's help centre says only that they "may use different validation, such as duration").
+    # Chunks are planned 10 s below it; a refusal all the same makes the chunk smaller (TooLongError).
+    # The diarize model has the same 1400 s cap (github.com/fastrepl/anarlog/pull/7135).
+    max_chunk_seconds = {"gpt-4o-transcribe": 1390.0, "gpt-4o-mini-transcribe": 1390.0,
+                         "gpt-4o-transcribe-diarize": 1390.0}
+    # Diarize: "priced the same (estimated) cost of regular gpt-4o-transcribe" (ndurner.github.io,
+    # 2025-10-24, "Transcription and Diarization with new GPT-4o").
+    price_per_minute = {"whisper-1": 0.006, "gpt-4o-transcribe": 0.006, "gpt-4o-mini-transcribe": 0.003,
+                        "gpt-4o-transcribe-diarize": 0.006}
     text_only_models = frozenset({"gpt-4o-transcribe", "gpt-4o-mini-transcribe"})
+    diarize_models = frozenset({"gpt-4o-transcribe-diarize"})
 
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 600.0):
@@ -285,18 +306,13 @@ class OpenAITranscriber(Transcriber):
         # The SDK imports its audio resources on first use; do it here, once, rather than in every
         # worker thread at the same moment of the first wave.
         self._client.audio.transcriptions.with_streaming_response  # noqa: B018
+        expect_rate_limit_headers(self.name)
 
     def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
         import openai
 
         text_only = self.model in self.text_only_models
-        params = {"model": self.model, "response_format": "json" if text_only else "verbose_json"}
-        if not text_only:
-            params["timestamp_granularities"] = ["segment"]
-        if language:
-            params["language"] = language
-        if prompt:
-            params["prompt"] = prompt
+        params = self._params(language, prompt)
         deadline = self.deadline(audio_path)
         with httpbounds.UploadFile(audio_path, deadline) as handle:
             try:
@@ -305,18 +321,38 @@ class OpenAITranscriber(Transcriber):
                         file=(_upload_name(audio_path), handle),
                         timeout=openai.Timeout(min(self.timeout, left), connect=min(CONNECT_TIMEOUT, left)),
                         **params) as response:
+                    report_rate_limit(RateLimitInfo.from_headers(response.headers))
                     data = json.loads(read_sdk_stream(response, deadline=deadline, limit=self.max_response_bytes))
             except (openai.OpenAIError, ValueError) as exc:
+                report_rate_limit(RateLimitInfo.from_headers(getattr(getattr(exc, "response", None), "headers", None)))
                 if isinstance(exc.__cause__, ProviderError):  # the upload's deadline, wrapped by the SDK
                     raise exc.__cause__ from exc
                 raise from_openai_exception(exc, provider=self.name) from exc
         return self._parse(data, language, text_only)
 
+    def _params(self, language: str | None, prompt: str | None) -> dict:
+        """Request parameters the model takes (openai-python types/audio/transcription_create_params.py):
+        the diarize model needs ``diarized_json`` "to receive speaker annotations" and
+        ``chunking_strategy`` for "inputs longer than 30 seconds", and takes no ``prompt`` nor
+        ``timestamp_granularities``; gpt-4o models answer ``json`` only."""
+        if self.model in self.diarize_models:
+            params = {"model": self.model, "response_format": "diarized_json", "chunking_strategy": "auto"}
+        elif self.model in self.text_only_models:
+            params = {"model": self.model, "response_format": "json"}
+        else:
+            params = {"model": self.model, "response_format": "verbose_json", "timestamp_granularities": ["segment"]}
+        if language:
+            params["language"] = language
+        if prompt and self.model not in self.diarize_models:
+            params["prompt"] = prompt
+        return params
+
     def _parse(self, data, language: str | None, text_only: bool) -> Transcript:
         if not isinstance(data, dict) or not isinstance(data.get("text"), str):
             raise _invalid_response(self.name, "no text")
-        try:
-            segments = [Segment(float(s["start"]), float(s["end"]), str(s["text"]).strip())
+        try:  # diarized segments (TranscriptionDiarizedSegment) carry a speaker label: A, B, ...
+            segments = [Segment(float(s["start"]), float(s["end"]), str(s["text"]).strip(),
+                                f"speaker_{s['speaker']}" if s.get("speaker") else None)
                         for s in data.get("segments") or []]
         except (KeyError, TypeError, ValueError) as exc:
             raise _invalid_response(self.name, "malformed segments") from exc
@@ -357,11 +393,32 @@ def _breaks_before(segment: Segment, start: float, end: float, speaker, text: st
             or len(body) + 1 + len(text) > MAX_SEGMENT_CHARS)
 
 
+def _timed(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def place_untimed(words: list[dict]) -> list[dict]:
+    """Words with ``start`` and ``end`` filled in: an item without times (the official SDK types them
+    optional: elevenlabs-python ``src/elevenlabs/types/speech_to_text_word_response_model.py``)
+    starts where the previous timed item ended and ends where the next one starts."""
+    placed = [dict(item, start=_timed(item.get("start")), end=_timed(item.get("end"))) for item in words]
+    previous_end = 0.0
+    for index, item in enumerate(placed):
+        if item["start"] is None:
+            item["start"] = previous_end
+        if item["end"] is None:
+            following = next((w["start"] for w in placed[index + 1:] if w["start"] is not None), None)
+            item["end"] = max(item["start"], following if following is not None else item["start"])
+        previous_end = max(previous_end, item["end"])
+    return placed
+
+
 def group_words(words: list[dict]) -> list[Segment]:
     """Segments from Scribe's word list: a new one at a speaker change, a pause, a sentence end once
-    the segment has some length, or at the length limits. Spacing items join words as sent."""
+    the segment has some length, or at the length limits. Spacing items join words as sent; items
+    without times are placed between their neighbours."""
     segments: list[Segment] = []
-    for item in words:
+    for item in place_untimed(words):
         text = str(item.get("text") or "")
         if item.get("type") == "spacing":
             if segments:
@@ -383,10 +440,12 @@ class _MultipartFile:
     known length avoids chunked transfer encoding.
     """
 
-    def __init__(self, fields: Mapping[str, str], filename: str, path, deadline: Deadline | None = None):
+    def __init__(self, fields: Mapping[str, str | list[str]], filename: str, path, deadline: Deadline | None = None):
         boundary = uuid.uuid4().hex
+        pairs = [(name, item) for name, value in fields.items()
+                 for item in (value if isinstance(value, list) else [value])]  # a list: one part per item
         head = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-                        f"{value}\r\n".encode() for name, value in fields.items())
+                        f"{value}\r\n".encode() for name, value in pairs)
         head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
                  "Content-Type: application/octet-stream\r\n\r\n").encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
@@ -433,11 +492,64 @@ class ElevenLabsTranscriber(Transcriber):
     max_upload_bytes = None  # 3 GB / 10 h per file: never split
     price_per_minute = {"scribe_v1": 0.40 / 60, "scribe_v2": 0.40 / 60}  # about USD 0.40 per hour
     diarize = True
+    # Keyterms bias recognition towards names and places. "Keyterm prompting is available with the
+    # Scribe v2 model ... and comes at an additional cost" (elevenlabs.io/docs/eleven-api/guides/how-to/
+    # speech-to-text/batch/keyterm-prompting). Limits, the stricter of that page (1000 per batch
+    # request, 50 characters) and the official SDK (elevenlabs-python src/elevenlabs/speech_to_text/
+    # raw_client.py: "cannot exceed 100", "less than 50 characters", "at most 5 words").
+    keyterm_models = frozenset({"scribe_v2"})
+    MAX_KEYTERMS = 100
+    MAX_KEYTERM_CHARS = 49
+    MAX_KEYTERM_WORDS = 5
+    # The surcharge is priced on ElevenLabs' pricing page, not in its API docs: unknown unless set
+    # (VERBATIM_ELEVENLABS_KEYTERMS_USD_PER_HOUR).
+    keyterm_price_per_hour: float | None = None
 
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 600.0):
         super().__init__(api_key=api_key, base_url=base_url, model=model, timeout=timeout)
         self._local = threading.local()
+        self._warned_no_keyterms = False
+
+    @classmethod
+    def from_env(cls, env=None, model=None, **engine) -> "Transcriber":
+        env = os.environ if env is None else env
+        transcriber = super().from_env(env, model, **engine)
+        price = env.get("VERBATIM_ELEVENLABS_KEYTERMS_USD_PER_HOUR")
+        if price:
+            try:
+                transcriber.keyterm_price_per_hour = float(price)
+            except ValueError:
+                raise ConfigError(f"VERBATIM_ELEVENLABS_KEYTERMS_USD_PER_HOUR must be a number, not {price!r}") from None
+        return transcriber
+
+    @classmethod
+    def keyterms(cls, prompt: str | None) -> list[str]:
+        """Names and places from ``--prompt`` (separated by commas, semicolons or lines) within the
+        documented limits; a term too long for them is left out."""
+        terms: list[str] = []
+        for term in re.split(r"[,;\n]", prompt or ""):
+            term = " ".join(term.split())
+            if term and len(term) <= cls.MAX_KEYTERM_CHARS and len(term.split()) <= cls.MAX_KEYTERM_WORDS \
+                    and term not in terms:
+                terms.append(term)
+        return terms[:cls.MAX_KEYTERMS]
+
+    def cost_notes(self, prompt: str | None) -> list[str]:
+        if not self.keyterms(prompt):
+            return []
+        if self.model not in self.keyterm_models:
+            return [f"--prompt is not sent: keyterms need scribe_v2 (this run uses {self.model}; --model scribe_v2)"]
+        if self.keyterm_price_per_hour is None:
+            return ["keyterms bill extra, not included in this estimate (ElevenLabs prices them on its pricing "
+                    "page; set VERBATIM_ELEVENLABS_KEYTERMS_USD_PER_HOUR to include them)"]
+        return [f"includes keyterms at ${self.keyterm_price_per_hour:g} per hour of audio"]
+
+    def estimate_cost(self, audio_seconds: float, prompt: str | None = None) -> float:
+        cost = super().estimate_cost(audio_seconds)
+        if self.keyterm_price_per_hour and self.model in self.keyterm_models and self.keyterms(prompt):
+            cost += audio_seconds / 3600.0 * self.keyterm_price_per_hour
+        return cost
 
     def _session(self) -> requests.Session:
         """A Session per thread: requests does not promise that one Session is thread-safe."""
@@ -447,11 +559,16 @@ class ElevenLabsTranscriber(Transcriber):
         return session
 
     def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
-        """``prompt`` is not sent: Scribe takes no vocabulary prompt."""
-        fields = {"model_id": self.model, "diarize": "true" if self.diarize else "false",
-                  "timestamps_granularity": "word"}
+        """``prompt``: names and places, sent as ``keyterms`` (scribe_v2 only; see ``cost_notes``)."""
+        fields: dict[str, str | list[str]] = {"model_id": self.model, "diarize": "true" if self.diarize else "false",
+                                              "timestamps_granularity": "word"}
         if language:
             fields["language_code"] = language
+        if self.model in self.keyterm_models and self.keyterms(prompt):
+            fields["keyterms"] = self.keyterms(prompt)
+        elif prompt and self.model not in self.keyterm_models and not self._warned_no_keyterms:
+            self._warned_no_keyterms = True  # once per run, not once per chunk
+            log.warning("%s: --prompt is not sent: keyterms need scribe_v2 (this run uses %s)", self.name, self.model)
         deadline = self.deadline(audio_path)
         try:
             with _MultipartFile(fields, _upload_name(audio_path), audio_path, deadline) as body:
@@ -459,6 +576,7 @@ class ElevenLabsTranscriber(Transcriber):
                     self._session(), f"{self.base_url}/v1/speech-to-text", data=body,
                     headers={"xi-api-key": self._api_key, "Content-Type": body.content_type},
                     deadline=deadline, limit=self.max_response_bytes, read_timeout=self.timeout)
+            report_rate_limit(RateLimitInfo.from_headers(headers))
             if status != 200:
                 raise classify_http(status, content.decode("utf-8", "replace"), headers, provider=self.name)
             data = json.loads(content)
@@ -643,9 +761,42 @@ def transcribe_media(path, transcriber: Transcriber, *, language: str | None = N
                                max_chunk_seconds=transcriber.max_chunk_seconds.get(transcriber.model),
                                info=info)
         log.debug("%d chunk(s) for %s/%s", len(chunks), transcriber.name, transcriber.model)
-        parts = [call(functools.partial(transcriber.transcribe_chunk, chunk.path, language=language, prompt=prompt),
-                      key=key(chunk)) for chunk in chunks]
-    return merge_chunks(list(zip(chunks, parts)), duration=info.duration, language=language)
+        send = functools.partial(_send_chunk, transcriber, call, workdir, language=language, prompt=prompt, key=key)
+        pieces = [pair for chunk in chunks for pair in send(chunk)]
+    return merge_chunks(pieces, duration=info.duration, language=language)
+
+
+# A chunk refused as too long is cut again at most this often (each cut at most halves it).
+MAX_RESPLITS = 4
+
+
+def _send_chunk(transcriber: Transcriber, call: Callable, workdir: str, chunk: audio.Chunk, *,
+                language: str | None, prompt: str | None, key: Callable,
+                depth: int = 0) -> list[tuple[audio.Chunk, Transcript]]:
+    """One chunk's transcript; when the provider says the chunk is too long, the chunk is cut
+    shorter and each piece sent instead (and the model's chunks stay that short from then on).
+    ``key(chunk)``: the request's identity, for the spool."""
+    try:
+        return [(chunk, call(functools.partial(transcriber.transcribe_chunk, chunk.path,
+                                                language=language, prompt=prompt), key=key(chunk)))]
+    except TooLongError as exc:
+        shorter = _shorter(chunk.duration, exc.max_seconds)
+        if depth >= MAX_RESPLITS or shorter < audio.MIN_CHUNK_SECONDS:
+            raise
+        log.info("%s/%s: %.0f s chunk refused as too long; cutting to %.0f s", transcriber.name,
+                 transcriber.model, chunk.duration, shorter)
+        transcriber.max_chunk_seconds = {**transcriber.max_chunk_seconds, transcriber.model: shorter}
+        pieces = audio.resplit(chunk, os.path.join(workdir, f"resplit-{uuid.uuid4().hex}"), shorter,
+                               max_upload_bytes=transcriber.max_upload_bytes)
+        return [pair for piece in pieces
+                for pair in _send_chunk(transcriber, call, workdir, piece, language=language, prompt=prompt,
+                                        key=key, depth=depth + 1)]
+
+
+def _shorter(seconds: float, provider_max: float | None) -> float:
+    """Half the refused length, and below the maximum the provider named (5% off for cutting slack)."""
+    limit = seconds / 2
+    return min(limit, provider_max * 0.95) if provider_max else limit
 
 
 def merge_chunks(pieces: list[tuple[audio.Chunk, Transcript]], *, duration: float | None,
@@ -655,9 +806,10 @@ def merge_chunks(pieces: list[tuple[audio.Chunk, Transcript]], *, duration: floa
     segments (translation) still get all text; ``has_timestamps`` stays False for them."""
     parts = [part for _chunk, part in pieces]
     segments = []
-    for chunk, part in pieces:
+    for number, (chunk, part) in enumerate(pieces, 1):
         if part.has_timestamps:
-            segments += [Segment(s.start + chunk.offset, s.end + chunk.offset, s.text, s.speaker)
+            segments += [Segment(s.start + chunk.offset, s.end + chunk.offset, s.text,
+                                 _chunk_speaker(s.speaker, number, len(pieces)))
                          for s in part.segments if s.text]
         elif part.text:
             segments.append(Segment(chunk.offset, chunk.offset + chunk.duration, part.text))
@@ -669,6 +821,12 @@ def merge_chunks(pieces: list[tuple[audio.Chunk, Transcript]], *, duration: floa
         note=parts[0].note,
         raw_responses=[{"offset": chunk.offset, "duration": chunk.duration, "response": raw}
                        for chunk, part in pieces for raw in part.raw_responses])
+
+
+def _chunk_speaker(speaker: str | None, number: int, chunks: int) -> str | None:
+    """A provider labels speakers per request: with several chunks, "speaker_A" of one chunk need
+    not be "speaker_A" of the next, so the label says its chunk."""
+    return f"{speaker}_part{number}" if speaker and chunks > 1 else speaker
 
 
 def _sum_usage(pieces) -> dict:
@@ -718,7 +876,8 @@ def build_parser():
                         "or a CTranslate2 model folder (default: the provider's default)")
     add_local_arguments(parser)
     parser.add_argument("--language", help="spoken language, ISO 639-1 (default: detected)")
-    parser.add_argument("--prompt", help="vocabulary hint: names and terms (OpenAI and local)")
+    parser.add_argument("--prompt", help="vocabulary hint: names and terms, comma-separated (OpenAI, local; "
+                                         "ElevenLabs scribe_v2 as keyterms, billed extra)")
     parser.add_argument("--format", choices=sorted(RENDERERS), default="txt", help="output format (default: txt)")
     parser.add_argument("--env-file", metavar="PATH", help="settings file to load (default: ./.env)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")

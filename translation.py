@@ -4,8 +4,9 @@
 A transcript (``transcript.json``, a ``.txt`` or an ``.srt``/``.vtt``) becomes a list of units,
 one per segment, cue or line. Units are sent in batches within each provider's limits, cut only
 between units, with the preceding text as context, and reassembled in order. A provider that
-answers a different number of units than it was sent is never trusted to be aligned: that batch
-is sent again in halves, down to single units.
+answers a different number of units than it was sent, or stops at its token limit
+(``finish_reason`` "length"), is never trusted: that batch is sent again in halves, down to single
+units. A translator that lacks the target language is refused (or replaced by the fallback) at start.
 
 A translation is accepted only after ``validate_translation``: every non-empty unit has a
 non-empty translation, the total length is plausible, and the text is provably in the target
@@ -46,6 +47,7 @@ from pipeline.errors import (MAX_INLINE_WAIT_SECONDS, AccountError, PermanentErr
                              RetryableError, classify_http, from_openai_exception, from_requests_exception,
                              register_secret, retry_delay)
 from pipeline.httpbounds import DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream
+from pipeline.limiter import RateLimitInfo, expect_rate_limit_headers, report_rate_limit
 from pipeline.outputs import WrittenFile, write_files
 from pipeline.subtitles import RTL_LANGUAGES, Cue, SubtitleError, format_srt, format_vtt, parse_srt, parse_vtt
 
@@ -298,6 +300,29 @@ class UnitMismatchError(RetryableError):
         super().__init__(f"unit count mismatch: sent {sent}, got {received}")
         self.usage = usage or {}
 
+    def unsplittable(self) -> ProviderError:
+        """What a single unit answered this way raises (a mismatch may come out right next time)."""
+        return self
+
+
+class IncompleteAnswerError(UnitMismatchError):
+    """The model stopped at its token limit (``finish_reason == "length"``, openai-python
+    ``types/chat/chat_completion.py``: "the maximum number of tokens ... was reached"): the answer
+    is cut, whatever it looks like. Split like a mismatch; a single unit cut short cannot be split."""
+
+    error_class = "incomplete"
+
+    def __init__(self, sent: int, *, usage: dict | None = None):
+        super().__init__(sent, sent, usage=usage)
+        self.message = f"answer cut at the token limit (finish_reason length) for {sent} unit(s)"
+
+    def __str__(self) -> str:
+        return self.message
+
+    def unsplittable(self) -> ProviderError:
+        return PermanentError(f"{self.message}: the model's context is too small for this unit",
+                              error_class="incomplete")
+
 
 class Translator(ABC):
     """One provider. ``translate_units`` does one request; instances are shared by worker threads."""
@@ -312,6 +337,11 @@ class Translator(ABC):
     max_chars: int
     price: float | tuple[float, float]  # USD per 1M characters sent (list price, an estimate)
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    targets: frozenset[str] | None = None  # target languages it has (ISO 639-1); None: any
+
+    @classmethod
+    def supports(cls, language: str) -> bool:
+        return cls.targets is None or language in cls.targets
 
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 120.0):
@@ -386,8 +416,10 @@ class _HttpTranslator(Translator):
                 headers={"Content-Type": "application/json; charset=UTF-8", **headers})
         except requests.RequestException as exc:
             raise from_requests_exception(exc, provider=self.name) from exc
+        report_rate_limit(RateLimitInfo.from_headers(answer_headers))
         if status != 200:
-            raise classify_http(status, content.decode("utf-8", "replace"), answer_headers, provider=self.name)
+            raise classify_http(status, content.decode("utf-8", "replace"), answer_headers, provider=self.name,
+                                media=False)
         try:
             return json.loads(content)
         except ValueError as exc:
@@ -404,6 +436,9 @@ class DeepLTranslator(_HttpTranslator):
     # The limit is 128 KiB of request body; 40,000 characters fit even at 3 UTF-8 bytes each.
     max_chars = 40_000
     price = 25.0  # DeepL API Pro, per 1M characters
+    # Target languages among ours, from DeepLcom/api-docs docs/getting-started/supported-languages.mdx
+    # (Hebrew: text translation only, which is what we use). No Yiddish.
+    targets = frozenset({"ar", "cs", "de", "en", "es", "fr", "he", "hu", "it", "nl", "pl", "ru", "uk"})
 
     def _default_base(self, api_key: str) -> str:
         return self.free_base_url if api_key.endswith(":fx") else self.default_base_url
@@ -433,6 +468,9 @@ class MicrosoftTranslator(_HttpTranslator):
     max_items = 1000
     max_chars = 50_000
     price = 10.0  # Azure Translator S1, per 1M characters
+    # Target languages among ours, from the language list (https://docs.azure.cn/ai-services/translator/
+    # language-support, the same table as learn.microsoft.com): Hebrew `he` yes, Yiddish not listed.
+    targets = frozenset({"ar", "cs", "de", "en", "es", "fr", "he", "hu", "it", "nl", "pl", "ru", "uk"})
 
     def __init__(self, *, region: str | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -502,6 +540,18 @@ class OpenAIChatTranslator(Translator):
         # The SDK imports its chat resources on first use; do it here, once, rather than in every
         # worker thread at the same moment of the first wave.
         self._client.chat.completions.with_streaming_response  # noqa: B018
+        expect_rate_limit_headers(self.name)
+
+    # Reasoning models take only the default temperature: a 400 "'temperature' does not support 0 with
+    # this model. Only the default (1) value is supported." is reported for o1, o3 and gpt-5
+    # (github.com/OpenHands/OpenHands/issues/4131, github.com/tmc/langchaingo/issues/1355).
+    REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+    def sampling(self) -> dict:
+        """Sampling parameters this model accepts: temperature 0 (the most literal translation)
+        except for reasoning models, which get none."""
+        name = self.model.rsplit("/", 1)[-1]  # "openai/gpt-5" on routers
+        return {} if name.startswith(self.REASONING_PREFIXES) else {"temperature": 0}
 
     def cost(self, usage: dict) -> float:
         per_input, per_output = self.PRICES.get(self.model, self.price)
@@ -523,14 +573,18 @@ class OpenAIChatTranslator(Translator):
         try:
             data = self._complete(texts, source=source, target=target, context=context)
         except (openai.OpenAIError, ValueError) as exc:  # ValueError: a body that is not JSON
-            raise from_openai_exception(exc, provider=self.name) from exc
+            report_rate_limit(RateLimitInfo.from_headers(getattr(getattr(exc, "response", None), "headers", None)))
+            raise from_openai_exception(exc, provider=self.name, media=False) from exc
         try:
-            content = data["choices"][0]["message"]["content"] or ""
+            choice = data["choices"][0]
+            content = choice["message"]["content"] or ""
             tokens = data.get("usage") or {}
             usage = {"characters": sum(map(len, texts)), "prompt_tokens": tokens.get("prompt_tokens") or 0,
                      "completion_tokens": tokens.get("completion_tokens") or 0}
         except (AttributeError, IndexError, KeyError, TypeError) as exc:
             raise self._invalid(f"no message ({type(exc).__name__})") from exc
+        if choice.get("finish_reason") == "length":
+            raise IncompleteAnswerError(len(texts), usage=usage)
         numbered = _parse_numbered(content)
         if not numbered and len(texts) == 1 and content.strip():
             numbered = [(1, " ".join(content.split()))]  # a lone line often comes back without "[1]"
@@ -543,8 +597,9 @@ class OpenAIChatTranslator(Translator):
         """One chat completion, its answer read within the total deadline and the size cap."""
         deadline = Deadline(self.timeout, self.name)
         with self._client.chat.completions.with_streaming_response.create(
-                model=self.model, temperature=0, timeout=deadline.remaining(),
+                model=self.model, timeout=deadline.remaining(), **self.sampling(),
                 messages=self.messages(texts, source=source, target=target, context=context)) as response:
+            report_rate_limit(RateLimitInfo.from_headers(response.headers))
             return json.loads(read_sdk_stream(response, deadline=deadline, limit=self.max_response_bytes))
 
 
@@ -575,23 +630,48 @@ def _translator_class(name: str) -> type[Translator]:
 def choose_translator(language: str, name: str | None = None, env=os.environ,
                       model: str | None = None) -> Translator:
     """``name``, else VERBATIM_TRANSLATION_PROVIDER_<LANG>, VERBATIM_TRANSLATION_PROVIDER, else the
-    first provider (openai, deepl, microsoft) whose key is set."""
+    first provider (openai, deepl, microsoft) whose key is set and that has ``language``. A named
+    provider without the language gives way to the configured fallback if that has it; otherwise
+    the run is refused here, before any job is claimed."""
     name = (name or env.get(f"VERBATIM_TRANSLATION_PROVIDER_{language.upper()}")
             or env.get("VERBATIM_TRANSLATION_PROVIDER"))
     if name:
-        return _translator_class(name).from_env(env, model=model)
-    for cls in TRANSLATORS.values():
-        if env.get(cls.key_env_var):
+        cls = _translator_class(name)
+        if cls.supports(language):
             return cls.from_env(env, model=model)
+        fallback = _fallback_name(language, env)
+        if fallback and _translator_class(fallback).supports(language):
+            log.info("%s cannot translate into %s; using the fallback %s", cls.name, _language_name(language),
+                     fallback)
+            return _translator_class(fallback).from_env(env, model=model)
+        raise ConfigError(_unsupported(cls, language))
+    for cls in TRANSLATORS.values():
+        if env.get(cls.key_env_var) and cls.supports(language):
+            return cls.from_env(env, model=model)
+    keyed = [cls for cls in TRANSLATORS.values() if env.get(cls.key_env_var)]
+    if keyed:
+        raise ConfigError(_unsupported(keyed[0], language))
     keys = ", ".join(cls.key_env_var for cls in TRANSLATORS.values())
     raise ConfigError(f"no translation provider configured for {language}: set one of {keys} "
                       "(and optionally VERBATIM_TRANSLATION_PROVIDER)")
 
 
+def _unsupported(cls: type[Translator], language: str) -> str:
+    able = ", ".join(c.name for c in TRANSLATORS.values() if c.supports(language)) or "none"
+    return (f"{cls.name} cannot translate into {_language_name(language)} ({language}); providers that can: "
+            f"{able}. Set VERBATIM_TRANSLATION_PROVIDER_{language.upper()} or "
+            f"VERBATIM_TRANSLATION_FALLBACK_{language.upper()} to one of them")
+
+
+def _fallback_name(language: str, env) -> str | None:
+    return env.get(f"VERBATIM_TRANSLATION_FALLBACK_{language.upper()}") or env.get("VERBATIM_TRANSLATION_FALLBACK")
+
+
 def choose_fallback(language: str, env, primary_name: str) -> Translator | None:
-    """The translator named by VERBATIM_TRANSLATION_FALLBACK_<LANG> or _FALLBACK, unless it is the primary."""
-    name = env.get(f"VERBATIM_TRANSLATION_FALLBACK_{language.upper()}") or env.get("VERBATIM_TRANSLATION_FALLBACK")
-    if not name or name.strip().lower() == primary_name:
+    """The translator named by VERBATIM_TRANSLATION_FALLBACK_<LANG> or _FALLBACK, unless it is the
+    primary or lacks the language."""
+    name = _fallback_name(language, env)
+    if not name or name.strip().lower() == primary_name or not _translator_class(name).supports(language):
         return None
     return _translator_class(name).from_env(env)
 
@@ -712,7 +792,7 @@ class _DocumentRun:
         self.spend.add(self.translator, result.usage)
         if isinstance(result, UnitMismatchError):
             if len(indices) == 1:
-                raise result
+                raise result.unsplittable()
             middle = len(indices) // 2
             log.info("%s: %s; retrying %d units as %d + %d", self.translator.name, result,
                      len(indices), middle, len(indices) - middle)

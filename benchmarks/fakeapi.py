@@ -11,9 +11,13 @@ is verbatim. It speaks two wire formats:
 
 Limits, as providers enforce them:
 
-- ``rate``: requests per second, a token bucket holding one second of burst; a request over it is
-  answered at once with 429, ``Retry-After`` (whole seconds, at least 1, as HTTP allows) and
-  OpenAI's ``x-ratelimit-*-requests`` headers; ``retry_after_ms`` adds the exact ``retry-after-ms``.
+- ``rate``: requests per second, in one of two shapes: ``shape="bucket"`` a token bucket holding
+  one second of the rate, refilled continuously; ``shape="window"`` a fixed one-second window
+  holding ``rate`` requests, the count reset at each window's end. A request over it is answered
+  at once with 429 and ``Retry-After`` (whole seconds, at least 1, as HTTP allows);
+  ``retry_after_ms`` adds the exact ``retry-after-ms``. Every answer, 200 or 429, carries OpenAI's
+  ``x-ratelimit-limit-requests``, ``-remaining-requests`` and ``-reset-requests`` (the time until
+  the budget is whole again, in OpenAI's format: ``20ms``, ``1s``, ``6m0s``).
 - ``concurrency``: requests in flight; over it, 429 at once with a ``too_many_concurrent_requests``
   body (ElevenLabs' wording) and no Retry-After.
 
@@ -67,15 +71,17 @@ class Stats:
 
 class FakeAPI:
     def __init__(self, *, latency: float = 0.0, rate: float | None = None, concurrency: int | None = None,
-                 retry_after_ms: bool = False):
+                 retry_after_ms: bool = False, shape: str = "bucket"):
         self.latency = latency
         self.rate = rate
+        self.shape = shape
         self.concurrency = concurrency
         self.retry_after_ms = retry_after_ms
         self.stats = Stats()
         self.lock = threading.Lock()
         self._tokens = float(rate or 0)
         self._refilled = time.monotonic()
+        self._window = (0, 0)  # (window number, requests counted in it)
         self._accepted_in_flight = 0
         self._httpd = None
 
@@ -107,6 +113,7 @@ class FakeAPI:
             self.stats = Stats()
             self._tokens = float(self.rate or 0)
             self._refilled = time.monotonic()
+            self._window = (0, 0)
 
     def openai_env(self) -> dict:
         return {"OPENAI_API_KEY": FAKE_OPENAI_KEY, "OPENAI_BASE_URL": self.url + "/v1",
@@ -117,18 +124,40 @@ class FakeAPI:
                 "VERBATIM_TRANSLATION_PROVIDER": "deepl"}
 
     # -- limits -----------------------------------------------------------------------------
-    def _admit(self, now: float) -> tuple[str | None, float]:
-        """(None, 0) to serve; ("rate", wait) or ("concurrency", 0) to refuse. Holds ``self.lock``."""
+    def _admit(self, now: float) -> tuple[str | None, float, dict]:
+        """(None, 0, headers) to serve; ("rate", wait, headers) or ("concurrency", 0, {}) to refuse.
+        Holds ``self.lock``."""
         if self.concurrency is not None and self._accepted_in_flight >= self.concurrency:
-            return "concurrency", 0.0
+            return "concurrency", 0.0, {}
+        headers = {}
         if self.rate:
-            self._tokens = min(self.rate, self._tokens + (now - self._refilled) * self.rate)
-            self._refilled = now
-            if self._tokens < 1.0:
-                return "rate", (1.0 - self._tokens) / self.rate
-            self._tokens -= 1.0
+            take = self._take_window if self.shape == "window" else self._take_bucket
+            admitted, wait, remaining, reset = take(now)
+            headers = _ratelimit_headers(int(self.rate), remaining, reset)
+            if not admitted:
+                return "rate", wait, headers
         self._accepted_in_flight += 1
-        return None, 0.0
+        return None, 0.0, headers
+
+    def _take_bucket(self, now: float) -> tuple[bool, float, int, float]:
+        """(admitted, wait for a token, tokens left, seconds until the bucket is full again)."""
+        self._tokens = min(self.rate, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        admitted = self._tokens >= 1.0
+        if admitted:
+            self._tokens -= 1.0
+        wait = 0.0 if admitted else (1.0 - self._tokens) / self.rate
+        return admitted, wait, math.floor(self._tokens), (self.rate - self._tokens) / self.rate
+
+    def _take_window(self, now: float) -> tuple[bool, float, int, float]:
+        """(admitted, wait for the next window, requests left in this one, seconds to its end)."""
+        number = math.floor(now)  # one-second windows on the monotonic clock
+        used = self._window[1] if self._window[0] == number else 0
+        admitted = used < self.rate
+        used += admitted
+        self._window = (number, used)
+        reset = number + 1.0 - now
+        return admitted, 0.0 if admitted else reset, int(self.rate) - used, reset
 
     # -- serving ----------------------------------------------------------------------------
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
@@ -142,15 +171,15 @@ class FakeAPI:
                 stats.first_request = now
             stats.in_flight += 1
             stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
-            refused, wait = self._admit(now)
+            refused, wait, limits = self._admit(now)
         try:
             if refused:
-                self._refuse(handler, refused, wait)
+                self._refuse(handler, refused, wait, limits)
                 return
             try:
                 time.sleep(self.latency)
                 status, payload, upload_name = self._answer(handler.path, handler.headers, body)
-                self._send(handler, status, payload)
+                self._send(handler, status, payload, limits)
             finally:
                 with self.lock:
                     self._accepted_in_flight -= 1
@@ -170,7 +199,7 @@ class FakeAPI:
             with self.lock:
                 stats.in_flight -= 1
 
-    def _refuse(self, handler, kind: str, wait: float) -> None:
+    def _refuse(self, handler, kind: str, wait: float, limits: dict) -> None:
         with self.lock:
             self.stats.refusals.append(time.monotonic())
             if kind == "rate":
@@ -182,9 +211,7 @@ class FakeAPI:
             self._send(handler, 429, {"error": {"message": message, "type": "requests",
                                                 "code": "too_many_concurrent_requests"}})
             return
-        headers = {"Retry-After": str(max(1, math.ceil(wait))),
-                   "x-ratelimit-limit-requests": str(int(self.rate)), "x-ratelimit-remaining-requests": "0",
-                   "x-ratelimit-reset-requests": f"{max(1, round(wait * 1000))}ms"}
+        headers = {"Retry-After": str(max(1, math.ceil(wait))), **limits}
         if self.retry_after_ms:
             headers["retry-after-ms"] = str(max(1, round(wait * 1000)))
         self._send(handler, 429, {"error": {"message": "Rate limit reached for requests", "type": "requests",
@@ -222,6 +249,19 @@ class FakeAPI:
         handler.wfile.flush()
 
 
+def _ratelimit_headers(limit: int, remaining: int, reset: float) -> dict:
+    return {"x-ratelimit-limit-requests": str(limit), "x-ratelimit-remaining-requests": str(max(0, remaining)),
+            "x-ratelimit-reset-requests": openai_duration(reset)}
+
+
+def openai_duration(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms`` under a second, else ``1.5s`` or ``6m0s``."""
+    if seconds < 1.0:
+        return f"{max(1, math.ceil(seconds * 1000))}ms"
+    minutes, rest = divmod(round(seconds, 3), 60)
+    return f"{int(minutes)}m{rest:g}s" if minutes else f"{rest:g}s"
+
+
 def _upload_name(body: bytes) -> str | None:
     """The file name of the multipart ``file`` part, found without parsing the whole body."""
     marker = body.find(b'name="file"; filename="')
@@ -241,8 +281,9 @@ def main(argv=None) -> int:
     parser.add_argument("--latency", type=float, default=1.0)
     parser.add_argument("--rate", type=float)
     parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--shape", choices=("bucket", "window"), default="bucket")
     args = parser.parse_args(argv)
-    api = FakeAPI(latency=args.latency, rate=args.rate, concurrency=args.concurrency).start()
+    api = FakeAPI(latency=args.latency, rate=args.rate, concurrency=args.concurrency, shape=args.shape).start()
     print(api.url, flush=True)
     try:
         while True:

@@ -1,8 +1,9 @@
 """Audio preparation with ffmpeg: probe a recording, extract and compact its audio, split it to fit.
 
 Speech-to-text APIs take one audio file per request, with an upload limit (OpenAI: 25 MiB) and for
-some models a length limit (1500 s). An interview is hours of audio or video, so ``prepare`` turns
-any input into a list of ``Chunk`` files inside a per-job working folder:
+some models a length limit (gpt-4o: 1400 s, reported). An interview is hours of audio or video, so
+``prepare`` turns any input into a list of ``Chunk`` files inside a per-job working folder (and
+``resplit`` cuts one again, shorter, when a provider still finds it too long):
 
 - the audio track is extracted from video;
 - audio is re-encoded to 16 kHz mono Ogg/Opus at 24 kbit/s (about 11 MB per hour) when that is
@@ -439,6 +440,15 @@ def prepare(path: str | bytes | os.PathLike, workdir: str | os.PathLike, *,
     if compact is not None and limits.fits(compact.stat().st_size, duration):
         return [Chunk(str(compact), 0.0, duration)]
     return _split(path, workdir, duration, silences, limits)
+
+
+def resplit(chunk: Chunk, folder: str | os.PathLike, max_seconds: float, *,
+            max_upload_bytes: int | None = None) -> list[Chunk]:
+    """``chunk`` cut again into pieces of at most ``max_seconds`` (at silences, as ``prepare``
+    cuts), offsets counted from the start of the original recording. ``folder`` must not exist."""
+    Path(folder).mkdir()
+    pieces = prepare(chunk.path, folder, max_upload_bytes=max_upload_bytes, max_chunk_seconds=max_seconds)
+    return [Chunk(piece.path, chunk.offset + piece.offset, piece.duration) for piece in pieces]
 
 
 @dataclass(frozen=True)

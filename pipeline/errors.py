@@ -8,9 +8,12 @@ Every provider turns whatever went wrong into exactly one of three kinds, and wo
   asking us to slow down, so it waits on the shared limiter and does not spend a job attempt.
 - ``PermanentError``: this input will never work (undecodable audio, other 4xx, unsupported
   language, output that fails validation after the fallbacks). The job fails at once.
+  ``TooLongError`` is the exception: the chunk was too long for the model, and is cut shorter.
 - ``AccountError``: the key or the account is the problem (401/403 auth, ``insufficient_quota``,
   DeepL 456). Nothing is the file's fault: the run stops and jobs stay not_started.
 
+``classify_http`` decides on the provider's structured code first (one function per provider family,
+``FAMILIES``), then on the HTTP status, and on the message words only as a last resort.
 ``error_class`` is a short stable word stored in the database and counted by ``tools/status.py``.
 """
 
@@ -20,6 +23,7 @@ import email.utils
 import errno
 import json
 import random
+import re
 import time
 import urllib.parse
 
@@ -182,16 +186,121 @@ def _body_text(body) -> str:
     return str(body)[:2000]
 
 
-def classify_http(status: int, body=None, headers=None, *, provider: str = "") -> ProviderError:
-    """Map an HTTP error response to the one error kind the workers act on."""
+def _structured(body) -> dict:
+    """The error body as a dict (parsed from text when it is JSON), else {}."""
+    if isinstance(body, (bytes, str)):
+        try:
+            body = json.loads(body)
+        except (TypeError, ValueError):
+            return {}
+    return body if isinstance(body, dict) else {}
+
+
+class TooLongError(PermanentError):
+    """The provider refused a chunk for its duration: cut it smaller and send it again.
+    ``max_seconds`` is the limit the provider named, if it named one."""
+
+    error_class = "too_long"
+
+    def __init__(self, message: str, *, max_seconds: float | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.max_seconds = max_seconds
+
+
+# OpenAI gpt-4o transcription models: "audio duration 1830.5 seconds is longer than 1400 seconds which is
+# the maximum for this model" (400, code invalid_value), reported in
+# https://github.com/murtaza-nasir/speakr/issues/168 and https://github.com/rishikanthc/Scriberr/issues/477.
+_TOO_LONG_RE = re.compile(r"longer than ([\d.]+) seconds which is the maximum", re.I)
+
+
+def _openai(http: int, data: dict, text: str, where: str, **kw) -> ProviderError | None:
+    """OpenAI and compatible servers: ``{"error": {"message", "type", "param", "code"}}`` (the SDK
+    passes the inner object). Codes from https://developers.openai.com/docs/guides/error-codes."""
+    err = data.get("error") if isinstance(data.get("error"), dict) else data
+    code, kind, param = (str(err.get(k) or "") for k in ("code", "type", "param"))
+    message = str(err.get("message") or "")
+    if "insufficient_quota" in (code, kind):
+        return AccountError(f"{where}quota exhausted: {message}", error_class="quota", **kw)
+    if code == "invalid_api_key" or http == 401:
+        return AccountError(f"{where}the API key was rejected: {message}", error_class="auth", **kw)
+    if http == 429:
+        return RateLimitError(f"{where}rate limited: {message or code}", concurrency="concurren" in text.lower(), **kw)
+    too_long = _TOO_LONG_RE.search(message)
+    if http == 400 and too_long:
+        return TooLongError(f"{where}chunk too long: {message}", max_seconds=float(too_long.group(1)), **kw)
+    if http == 400 and param:  # a request parameter the model refuses (e.g. temperature): not the input's fault
+        return PermanentError(f"{where}request rejected ({param}): {message}", error_class="bad_request", **kw)
+    return None
+
+
+def _elevenlabs(http: int, data: dict, text: str, where: str, **kw) -> ProviderError | None:
+    """ElevenLabs: ``{"detail": {"status", "message"}}``. ``quota_exceeded`` comes as 400 or 401
+    (https://help.elevenlabs.io/hc/en-us/articles/19572237925521-API-Error-Code-400-or-401), so
+    the code decides, not the HTTP status."""
+    detail = data.get("detail") if isinstance(data.get("detail"), dict) else {}
+    code, message = str(detail.get("status") or ""), str(detail.get("message") or "")
+    if code == "quota_exceeded":
+        return AccountError(f"{where}quota exceeded: {message}", error_class="quota", **kw)
+    if code == "invalid_api_key":
+        return AccountError(f"{where}the API key was rejected: {message}", error_class="auth", **kw)
+    if code in ("too_many_concurrent_requests", "system_busy"):
+        return RateLimitError(f"{where}{code}: {message}", concurrency=code == "too_many_concurrent_requests", **kw)
+    return None
+
+
+def _deepl(http: int, data: dict, text: str, where: str, **kw) -> ProviderError | None:
+    """DeepL answers with status codes and ``{"message"}``: 429 and 529 are both "Too many
+    requests" in its OpenAPI spec (https://developers.deepl.com/api-reference/openapi.yaml), 456
+    is the used-up quota (https://developers.deepl.com/docs/best-practices/error-handling)."""
+    message = str(data.get("message") or text.strip()[:300])
+    if http in (429, 529):
+        return RateLimitError(f"{where}too many requests ({http}): {message}", **kw)
+    if http == 456:
+        return AccountError(f"{where}quota exceeded: {message}", error_class="quota", **kw)
+    if http == 403:
+        return AccountError(f"{where}the API key was rejected: {message}", error_class="auth", **kw)
+    return None
+
+
+def _microsoft(http: int, data: dict, text: str, where: str, **kw) -> ProviderError | None:
+    """Microsoft Translator: ``{"error": {"code": 403001, "message"}}``, six digits, the HTTP status
+    first. 403001 is the free tier's used-up quota, not a rejected key
+    (https://learn.microsoft.com/azure/ai-services/translator/text-translation/reference/status-response-codes)."""
+    err = data.get("error") if isinstance(data.get("error"), dict) else {}
+    code, message = err.get("code"), str(err.get("message") or "")
+    if code == 403001:
+        return AccountError(f"{where}the free tier's translation quota is used up (403001): {message}",
+                            error_class="quota", **kw)
+    if isinstance(code, int) and code // 1000 == 401:
+        return AccountError(f"{where}the API key was rejected ({code}): {message}", error_class="auth", **kw)
+    if isinstance(code, int) and code // 1000 == 429:
+        return RateLimitError(f"{where}rate limited ({code}): {message}", **kw)
+    return None
+
+
+# One classifier per provider family, keyed by the provider names the providers use.
+FAMILIES = {"openai": _openai, "elevenlabs": _elevenlabs, "deepl": _deepl, "microsoft": _microsoft}
+
+
+def classify_http(status: int, body=None, headers=None, *, provider: str = "", media: bool = True) -> ProviderError:
+    """Map an HTTP error response to the one error kind the workers act on: the provider's structured
+    code first, the status and message text only as a fallback. ``media=False`` (text requests):
+    nothing the provider says makes it a media error."""
     text = _body_text(body)
-    lowered = text.lower()
     retry_after = parse_retry_after(headers)
     where = f"{provider}: " if provider else ""
+    family = FAMILIES.get(provider)
+    decided = family(status, _structured(body), text, where, status=status, retry_after=retry_after) if family else None
+    return decided or _by_status(status, text, retry_after, where, media)
+
+
+def _by_status(status: int, text: str, retry_after, where: str, media: bool) -> ProviderError:
+    """The fallback: HTTP status, then words in the message."""
+    lowered = text.lower()
     short = text.strip().replace("\n", " ")[:300] or "(empty body)"
+    if "insufficient_quota" in lowered or "quota_exceeded" in lowered:
+        return AccountError(f"{where}quota exhausted: {short}", status=status, error_class="quota")
     if status == 429:
-        if "insufficient_quota" in lowered or "quota_exceeded" in lowered:
-            return AccountError(f"{where}quota exhausted: {short}", status=status, error_class="quota")
         return RateLimitError(f"{where}rate limited: {short}", status=status, retry_after=retry_after,
                               concurrency="concurren" in lowered)
     if status == 456:  # DeepL: character quota for the billing period is used up
@@ -205,8 +314,8 @@ def classify_http(status: int, body=None, headers=None, *, provider: str = "") -
                               error_class="timeout" if status == 408 else "server_error")
     if status == 413:
         return PermanentError(f"{where}request too large: {short}", status=status, error_class="too_large")
-    if status in (415, 422) or "decod" in lowered or "invalid file format" in lowered \
-            or "could not be decoded" in lowered or "unsupported" in lowered:
+    if media and (status in (415, 422) or "decod" in lowered or "invalid file format" in lowered
+                  or "unsupported" in lowered):
         return PermanentError(f"{where}input rejected: {short}", status=status, error_class="unsupported_media")
     return PermanentError(f"{where}request rejected: {short}", status=status, error_class="bad_request")
 
@@ -226,14 +335,14 @@ def from_requests_exception(exc: Exception, *, provider: str = "") -> ProviderEr
     return RetryableError(f"{where}request failed ({type(exc).__name__})", error_class="connection")
 
 
-def from_openai_exception(exc: Exception, *, provider: str = "openai") -> ProviderError:
+def from_openai_exception(exc: Exception, *, provider: str = "openai", media: bool = True) -> ProviderError:
     """Classify an exception raised by the ``openai`` SDK (its own retries are switched off)."""
     import openai
 
     if isinstance(exc, openai.APIStatusError):
         headers = getattr(exc.response, "headers", None)
         return classify_http(exc.status_code, exc.body if exc.body is not None else exc.message,
-                             headers, provider=provider)
+                             headers, provider=provider, media=media)
     if isinstance(exc, openai.APITimeoutError):
         return RetryableError(f"{provider}: request timed out", error_class="timeout")
     if isinstance(exc, openai.APIConnectionError):

@@ -24,6 +24,16 @@ evenly spaced; after each ``RATE_PROBE_SECONDS`` without such a 429 it raises th
 a whole-second ``Retry-After``, which every thread waits out, so each 429 costs a second of work;
 paced, they stay rare.
 
+Providers that say their budget in response headers (OpenAI's ``x-ratelimit-limit-requests``,
+``-remaining-requests``, ``-reset-requests``) report it after every answer (``report_rate_limit``,
+a provider-neutral ``RateLimitInfo``), and then the budget paces the starts: of the newest report
+(by when its request started), ``remaining`` may start before its reset and ``limit`` after it,
+less the requests started since. That holds for a fixed window (the count is back to ``limit`` at
+the reset) and for a token bucket (full at the reset, topped up before it: the next answers say
+so), so ``remaining`` is never driven to 0 before the reset. Such a provider's requests start in slow
+start: one alone (its budget is unknown, and a first wave of every worker at once is exactly what
+would be refused), then one more in flight per answer, as the concurrency limit grows anyway.
+
 Rate-limit waits do not spend job attempts; they are bounded by ``patience`` seconds per call,
 after which (or when the server asks for more than ``MAX_INLINE_WAIT_SECONDS``) the error is
 raised so the runner requeues the job for later instead of holding a thread. They also count
@@ -34,8 +44,11 @@ instead of asking for ever.
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import os
 import random
+import re
 import threading
 import time
 from collections import deque
@@ -62,6 +75,89 @@ CONCURRENCY_RETRY_BASE = 0.05
 CONCURRENCY_RETRY_CAP = 2.0
 # Seconds a provider may still count a request it has answered (see the module docstring).
 SLOT_GRACE = 0.1
+
+
+# A reported reset is trusted this much later than it says: the report's clock starts when its request
+# was sent, a little before the provider counted it. A 429 all the same doubles it, up to the cap.
+RESET_GUARD = 0.05
+RESET_GUARD_CAP = 0.5
+
+
+@dataclass(frozen=True)
+class RateLimitInfo:
+    """A provider's word on its request budget, from one answer: at most ``limit`` per window,
+    ``remaining`` of them left, all back in ``reset_seconds``."""
+
+    limit: int
+    remaining: int
+    reset_seconds: float
+
+    @classmethod
+    def from_headers(cls, headers) -> "RateLimitInfo | None":
+        """OpenAI's headers (https://platform.openai.com/docs/guides/rate-limits, "Rate limits in
+        headers": ``x-ratelimit-limit-requests: 60``, ``-remaining-requests: 59``,
+        ``-reset-requests: 1s``); None when an answer carries none (DeepL, ElevenLabs, local servers)."""
+        if not headers:
+            return None
+        try:
+            limit = int(headers.get("x-ratelimit-limit-requests"))
+            remaining = int(headers.get("x-ratelimit-remaining-requests"))
+        except (TypeError, ValueError):
+            return None
+        reset = parse_duration(headers.get("x-ratelimit-reset-requests"))
+        if reset is None or limit <= 0:
+            return None
+        return cls(limit, max(0, remaining), reset)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text) -> float | None:
+    """Seconds from OpenAI's reset format: ``20ms``, ``1s``, ``6m0s``, ``1h2m3.5s``."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    text = text.strip()
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+@dataclass(frozen=True)
+class _Budget:
+    sent_at: float      # when the request whose answer said it started (monotonic)
+    remaining: int
+    reset_at: float     # monotonic
+    limit: int
+    unseen: int         # requests started before it, still unanswered: maybe not counted in it yet
+
+
+# The call in progress on this thread: (limiter, start time), for report_rate_limit.
+_current_call: contextvars.ContextVar = contextvars.ContextVar("verbatim_limiter_call", default=None)
+# Providers that send rate-limit headers (they say so when built), by limiter name.
+_header_providers: set[str] = set()
+
+
+def expect_rate_limit_headers(provider: str) -> None:
+    """A provider that reports its budget in headers says so once, when it is built: its limiter
+    then starts in slow start."""
+    _header_providers.add(provider)
+    with _registry_lock:
+        limiter = _registry.get(provider)
+    if limiter is not None:
+        limiter.expect_headers()
+
+
+def report_rate_limit(info: RateLimitInfo | None) -> None:
+    """Called by a provider right after an answer (success or error) with what its headers said;
+    reaches the limiter running this request on this thread, if any."""
+    current = _current_call.get()
+    if current is None or info is None:
+        return
+    limiter, started = current
+    limiter.observe(info, started)
 
 
 class Stopping(Exception):
@@ -106,6 +202,18 @@ class ProviderLimiter:
         self._rate_probed = 0.0
         self._tokens = self._burst()
         self._refilled = time.monotonic()
+        # header budget
+        self._budget: _Budget | None = None
+        self._starts: deque[float] = deque(maxlen=100_000)  # start times since the newest report
+        self._reset_guard = RESET_GUARD
+        if name in _header_providers:
+            self.limit = 1
+
+    def expect_headers(self) -> None:
+        """Start in slow start (see the module docstring), unless a budget is known already."""
+        with self._cond:
+            if self._budget is None and self.limit == self.ceiling:
+                self.limit = 1
 
     # -- the public entry point -----------------------------------------------------------
     def call(self, fn, stop: threading.Event | None = None):
@@ -114,9 +222,11 @@ class ProviderLimiter:
         refused = 0
         while True:
             started = self._acquire(stop, deadline)
+            token = _current_call.set((self, started))
             try:
                 result = fn()
             except errors.RateLimitError as exc:
+                _current_call.reset(token)
                 self._release(started)
                 if exc.concurrency:
                     refused += 1
@@ -133,8 +243,10 @@ class ProviderLimiter:
                         raise Stopping(f"{self.name}: run is stopping") from None
                 continue
             except BaseException:
+                _current_call.reset(token)
                 self._release(started)
                 raise
+            _current_call.reset(token)
             self._release(started, success=True)
             return result
 
@@ -169,15 +281,14 @@ class ProviderLimiter:
                 if wait <= 0 and self._episode is not None:
                     self._learn_rate(now)
                 if wait <= 0:
-                    wait = self._slot_free_in(now)
+                    wait = self._start_wait(now)
                     if wait == 0.0:
-                        wait = self._take_token(now)
-                        if wait <= 0:
-                            break
+                        break
                 waited = True
                 self._cond.wait(timeout=min(max(wait, 0.01), 0.5) if wait is not None and wait > 0 else 0.5)
             self._in_flight += 1
             self._running.append(now)
+            self._starts.append(now)
             if self._first_start is None:
                 self._first_start = now
             self.stats.requests += 1
@@ -209,6 +320,53 @@ class ProviderLimiter:
                         and now - self._rate_probed > RATE_PROBE_SECONDS):
                     self._set_learned(self._learned_rps * RATE_PROBE_STEP)
                     self._rate_probed = now
+            self._cond.notify_all()
+
+    def _start_wait(self, now: float) -> float | None:
+        """0 when a request may start now (a pacing token is then taken); else seconds to wait, or
+        None to wait for a request to end."""
+        for gate in (self._slot_free_in, self._budget_wait, self._take_token):
+            wait = gate(now)
+            if wait != 0.0:
+                return wait
+        return 0.0
+
+    def _budget_wait(self, now: float) -> float | None:
+        """0 when the newest reported budget has a request left for now; else until its reset,
+        or None (wait for an answer) when the reset is past and its whole limit is already out."""
+        budget = self._budget
+        if budget is None:
+            return 0.0
+        since = budget.unseen + sum(1 for t in self._starts if t > budget.sent_at)
+        allowed = budget.limit if now >= budget.reset_at else budget.remaining
+        if allowed - since >= 1:
+            return 0.0
+        if now < budget.reset_at:
+            return budget.reset_at - now
+        return None if self._in_flight else 0.0  # nothing out: no newer report will come
+
+    def observe(self, info: RateLimitInfo, started: float) -> None:
+        """A provider's report from the answer to the request started at ``started``. Answers
+        overtake each other, on the way out and on the way in, so within one period (the same
+        reset, give or take) the lowest count left is the latest word and the latest reset the
+        least early; the newest request's report gives the period and the start of the count."""
+        with self._cond:
+            budget, guard = self._budget, self._reset_guard
+            reset_at = started + info.reset_seconds + guard
+            same = budget is not None and reset_at <= budget.reset_at + 2 * guard and started < budget.reset_at
+            remaining = min(info.remaining, budget.remaining) if same else info.remaining
+            if budget is not None and started < budget.sent_at:
+                if same and remaining < budget.remaining:
+                    self._budget = dataclasses.replace(budget, remaining=remaining)
+                return
+            if same:
+                reset_at = max(reset_at, budget.reset_at)
+            # Requests started before this one and not yet answered may have reached the provider
+            # after it, uncounted in ``remaining``.
+            unseen = sum(1 for t in self._running if t < started)
+            self._budget = _Budget(started, remaining, reset_at, info.limit, unseen)
+            while self._starts and self._starts[0] <= started:
+                self._starts.popleft()
             self._cond.notify_all()
 
     def _slot_free_in(self, now: float) -> float | None:
@@ -267,7 +425,11 @@ class ProviderLimiter:
             self._last_429 = now
             # ``_in_flight`` no longer counts this request: it is what the provider did accept.
             self.limit = max(1, min(self.limit, self._in_flight))
-            if self._episode is None and started >= self._learned_at:
+            if self._budget is not None:
+                # The provider states its budget: a refusal means its reset came later than we
+                # reckoned, not that the rate is unknown. Trust resets a little later from now on.
+                self._reset_guard = min(RESET_GUARD_CAP, self._reset_guard * 2)
+            elif self._episode is None and started >= self._learned_at:
                 # Up to now, not to this request's start: requests race, and whichever the
                 # provider took before it refused this one started around the same time.
                 window = now - RATE_WINDOW

@@ -27,7 +27,8 @@ from tests.fakeserver import FakeServer, Request, Response, json_response
 OPENAI_PATH = "/v1/audio/transcriptions"
 ELEVENLABS_PATH = "/v1/speech-to-text"
 OPENAI_MAX_BYTES = 26214400
-OPENAI_MODELS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+OPENAI_MODELS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-transcribe-diarize")
+DIARIZE_MODEL = "gpt-4o-transcribe-diarize"
 ELEVENLABS_MODELS = ("scribe_v1", "scribe_v2")
 
 RATE = 16000
@@ -156,6 +157,12 @@ class FakeSTT:
         self.openai_key = openai_key
         self.elevenlabs_key = elevenlabs_key
         self.uploads: list[Upload] = []
+        # ElevenLabs: spacing items and an audio event without times, as the official SDK allows
+        # (SpeechToTextWordResponseModel.start/end are Optional).
+        self.untimed_items = False
+        # OpenAI: the longest audio a model takes, in seconds. gpt-4o models refuse more than 1400 s
+        # (reported: github.com/rishikanthc/Scriberr/issues/477); whisper-1 has no cap.
+        self.duration_caps = {model: 1400.0 for model in OPENAI_MODELS if model != "whisper-1"}
         server.route("POST", OPENAI_PATH)(self._openai)
         server.route("POST", ELEVENLABS_PATH)(self._elevenlabs)
 
@@ -187,7 +194,10 @@ class FakeSTT:
         model, fmt = upload.fields.get("model"), upload.fields.get("response_format", "json")
         if model not in OPENAI_MODELS or data is None:
             return _openai_error(400, f"Invalid model or missing file: {model!r}", "invalid_request_error")
-        if model != "whisper-1" and fmt not in ("json", "text"):
+        refusal = self._diarize_refusal(upload.fields) if model == DIARIZE_MODEL else None
+        if refusal is not None:
+            return refusal
+        if model not in ("whisper-1", DIARIZE_MODEL) and fmt not in ("json", "text"):
             return _openai_error(400, f"response_format '{fmt}' is not compatible with model '{model}'. "
                                       "Use 'json' or 'text' instead.", "invalid_request_error",
                                  "unsupported_value")
@@ -198,7 +208,41 @@ class FakeSTT:
                                       "'mp4', 'mpeg', 'mpga', 'oga', 'ogg', 'wav', 'webm']",
                                  "invalid_request_error")
         upload.duration = len(samples) / RATE
+        cap = self.duration_caps.get(model)
+        if cap is not None and upload.duration > cap:
+            return _openai_error(400, f"audio duration {upload.duration} seconds is longer than {cap:g} seconds "
+                                      "which is the maximum for this model", "invalid_request_error",
+                                 "invalid_value")
+        if model == DIARIZE_MODEL and upload.duration > 30 and upload.fields.get("chunking_strategy") is None:
+            return _openai_error(400, "chunking_strategy is required for diarization models when the input "
+                                      "is longer than 30 seconds", "invalid_request_error", "invalid_value")
+        if fmt == "diarized_json":
+            return self._diarized_answer(analyse(samples), upload)
         return self._openai_answer(analyse(samples), upload, fmt)
+
+    @staticmethod
+    def _diarize_refusal(fields: dict) -> Response | None:
+        """What openai-python's transcription_create_params.py says the diarize model does not take."""
+        fmt = fields.get("response_format", "json")
+        if fmt not in ("json", "text", "diarized_json"):
+            return _openai_error(400, f"response_format '{fmt}' is not compatible with model "
+                                      f"'{DIARIZE_MODEL}'.", "invalid_request_error", "unsupported_value")
+        for name in ("prompt", "timestamp_granularities[]", "timestamp_granularities"):
+            if name in fields:
+                return _openai_error(400, f"Unsupported parameter: '{name}' is not supported with this model.",
+                                     "invalid_request_error", "unsupported_parameter")
+        return None
+
+    @staticmethod
+    def _diarized_answer(runs: list[Run], upload: Upload) -> Response:
+        """``TranscriptionDiarized``: segments with speakers labelled A, B, ... (alternating here)."""
+        segments = [{"type": "transcript.text.segment", "id": f"seg_{i}", "start": run.start, "end": run.end,
+                     "text": run.text, "speaker": "AB"[i % 2]} for i, run in enumerate(runs)]
+        tokens = 10 + 5 * sum(len(run.words) for run in runs)
+        return json_response({"task": "transcribe", "duration": upload.duration,
+                              "text": " ".join(run.text for run in runs), "segments": segments,
+                              "usage": {"type": "tokens", "input_tokens": tokens, "output_tokens": tokens // 2,
+                                        "total_tokens": tokens + tokens // 2}})
 
     def _openai_answer(self, runs: list[Run], upload: Upload, fmt: str) -> Response:
         text = " ".join(run.text for run in runs)
@@ -236,16 +280,20 @@ class FakeSTT:
         language = _LANGUAGE_NAMES.get(upload.fields.get("language_code", "de"), ("", "deu"))[1]
         return json_response({"language_code": language, "language_probability": 0.98,
                               "text": " ".join(run.text for run in runs),
-                              "words": self._elevenlabs_words(runs, diarize)})
+                              "words": self._elevenlabs_words(runs, diarize, self.untimed_items)})
 
     @staticmethod
-    def _elevenlabs_words(runs: list[Run], diarize: bool) -> list[dict]:
+    def _elevenlabs_words(runs: list[Run], diarize: bool, untimed: bool = False) -> list[dict]:
         items: list[dict] = []
+        if untimed:
+            items.append({"text": "(music)", "start": None, "end": None, "type": "audio_event",
+                          "speaker_id": "speaker_0" if diarize else None, "logprob": 0.0})
         for index, run in enumerate(runs):
             speaker = f"speaker_{index % 2}" if diarize else None
             for word in run.words:
                 if items:
-                    items.append({"text": " ", "start": items[-1]["end"], "end": word.start,
+                    gap = (None, None) if untimed else (items[-1]["end"], word.start)
+                    items.append({"text": " ", "start": gap[0], "end": gap[1],
                                   "type": "spacing", "speaker_id": speaker, "logprob": 0.0})
                 items.append({"text": word.text, "start": word.start, "end": word.end, "type": "word",
                               "speaker_id": speaker, "logprob": 0.0})

@@ -58,6 +58,7 @@ _TOKEN_RE = re.compile(r"\w+|\W+")
 _NUMBERED_RE = re.compile(r"^\[(\d+)\] ?(.*)$")
 _TARGET_RE = re.compile(r"into [A-Za-z]+ \((\w+)\)")
 
+REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 DEEPL_TARGETS = {"EN-US": "en", "EN-GB": "en", "DE": "de", "HE": "he", "FR": "fr"}
 
 
@@ -117,6 +118,9 @@ class _FakeTranslator:
             self.key = self.default_key
             self.wrong_language = False
             self.drop_units = 0
+            self.overloaded = 0         # DeepL: answer this many requests 529 "Too many requests"
+            self.free_quota_used = False  # Microsoft: answer 403001, the free tier's quota is used up
+            self.max_answer_chars = None  # chat: a small context cuts longer answers, finish_reason "length"
             self.batches: list[dict] = []   # {"texts", "target", "source", "context", "headers"}
             self.server.fault = None
             self.server.requests.clear()
@@ -139,7 +143,7 @@ class _FakeTranslator:
     def _record(self, request: Request, texts, target, source=None, context=None) -> None:
         with self.lock:
             self.batches.append({"texts": list(texts), "target": target, "source": source,
-                                 "context": context, "headers": request.headers})
+                                 "context": context, "headers": request.headers, "body": request.body})
 
     def _answer(self, texts: list[str], target: str) -> list[str]:
         """Translate a batch, applying the misbehaviour switches."""
@@ -166,6 +170,10 @@ class FakeDeepL(_FakeTranslator):
             return json_response({"message": "Forbidden"}, 403)
         if len(request.body) > 128 * 1024:
             return json_response({"message": "Request Entity Too Large"}, 413)
+        with self.lock:
+            overloaded, self.overloaded = self.overloaded > 0, max(0, self.overloaded - 1)
+        if overloaded:  # DeepL's OpenAPI spec lists 529 beside 429 as "Too many requests"
+            return json_response({"message": "Too many requests"}, 529)
         body = request.json()
         texts, target = body.get("text") or [], body.get("target_lang", "")
         if target == "EN":
@@ -199,6 +207,9 @@ class FakeMicrosoft(_FakeTranslator):
         if request.headers.get("ocp-apim-subscription-key") != self.key:
             return self._error(401, 401000, "The request is not authorized because credentials are "
                                             "missing or invalid.")
+        if self.free_quota_used:
+            return self._error(403, 403001, "The operation is not allowed because the subscription has "
+                                            "exceeded its free quota.")
         if request.query.get("api-version") != ["3.0"]:
             return self._error(400, 400021, "The API version parameter is missing or invalid.")
         targets = request.query.get("to") or []
@@ -234,17 +245,25 @@ class FakeOpenAIChat(_FakeTranslator):
                 "message": f"Incorrect API key provided: {given[:3]}***{given[-2:]}.",
                 "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}, 401)
         body = request.json()
+        if body["model"].startswith(REASONING_PREFIXES) and body.get("temperature", 1) != 1:
+            # As reported for o1/o3/gpt-5 (e.g. github.com/tmc/langchaingo/issues/1355).
+            return json_response({"error": {
+                "message": f"Unsupported value: 'temperature' does not support {body['temperature']} with this "
+                           "model. Only the default (1) value is supported.",
+                "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"}}, 400)
         system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
         target = _TARGET_RE.search(system).group(1)
         numbered = [m.group(2) for m in map(_NUMBERED_RE.match, user.splitlines()) if m]
         context = user.split("\n\n")[0] if user.startswith("Context") else None
         self._record(request, numbered, target, context=context)
         lines = [f"[{n}] {text}" for n, text in enumerate(self._answer(numbered, target), 1)]
-        content = "\n".join(lines)
+        content, finish = "\n".join(lines), "stop"
+        if self.max_answer_chars is not None and len(content) > self.max_answer_chars:
+            content, finish = content[:self.max_answer_chars], "length"
         return json_response({
             "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
             "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": "stop"}],
+                         "finish_reason": finish}],
             "usage": {"prompt_tokens": len(system + user) // 4, "completion_tokens": len(content) // 4,
                       "total_tokens": len(system + user) // 4 + len(content) // 4}})

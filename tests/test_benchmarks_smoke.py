@@ -38,8 +38,9 @@ def test_throughput(tmp_path):
 def test_ratelimit(tmp_path):
     data = run_benchmark("ratelimit", tmp_path, "--jobs", "6", "--workers", "3", "--rate", "20", "--cap", "2",
                          "--latency", "0.05")
-    assert {(r["limit"], r["configured"]) for r in data["rows"]} == {
-        ("rate", "no"), ("rate", "yes"), ("concurrency", "no"), ("concurrency", "yes")}
+    assert {(r["limit"], r["shape"], r["configured"]) for r in data["rows"]} == {
+        ("rate", "bucket", "no"), ("rate", "bucket", "yes"), ("rate", "window", "no"), ("rate", "window", "yes"),
+        ("concurrency", "-", "no"), ("concurrency", "-", "yes")}
     for row in data["rows"]:
         assert {"bound_per_s", "completed_per_s", "efficiency", "responses_429_per_job", "failed"} <= set(row)
         assert row["completed"] == 6 and row["failed"] == 0

@@ -223,6 +223,18 @@ def test_dry_run_sends_nothing(fake, tmp_path):
     assert status(tmp_path)["transcription"]["not_started"] == 3
 
 
+def test_dry_run_says_the_keyterm_surcharge(fake, tmp_path):
+    tone_files(tmp_path / "in", 2)
+    args = ("--input", str(tmp_path / "in"), "--provider", "elevenlabs", "--model", "scribe_v2",
+            "--prompt", "Theresienstadt, Łódź", "--dry-run", "--json")
+    unpriced = json.loads(run(fake, tmp_path, *args).stdout)
+    assert any("keyterms bill extra" in note for note in unpriced["notes"])
+    priced = json.loads(run(fake, tmp_path, *args, VERBATIM_ELEVENLABS_KEYTERMS_USD_PER_HOUR="3600").stdout)
+    assert priced["estimated_cost_usd"] == pytest.approx(unpriced["estimated_cost_usd"]
+                                                         + priced["audio_seconds"], abs=0.01)
+    assert fake.server.count() == 0
+
+
 def test_elevenlabs_provider_end_to_end_with_speakers(fake, tmp_path):
     media = tmp_path / "in" / "dialogue.wav"
     media.parent.mkdir()

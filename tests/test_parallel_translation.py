@@ -123,6 +123,18 @@ def test_the_fallback_provider_rescues_a_wrong_language_answer(tmp_path):
     assert {r["provider"] for r in translation_jobs(tmp_path, "he")} == {"openai"}
 
 
+def test_a_language_the_provider_lacks_is_refused_at_start(tmp_path):
+    """Microsoft Translator has no Yiddish: exit 2 with a clear message before any job is claimed."""
+    make_archive(tmp_path, n_german=2, n_english=0)
+    with FakeMicrosoft() as fake:
+        result = run(tmp_path, fake.env(), "--language", "yi")
+        assert fake.server.count() == 0
+    assert result.returncode == 2
+    assert "microsoft" in result.stderr and "Yiddish" in result.stderr
+    assert translation_jobs(tmp_path, "yi") == [] or all(r["status"] == "not_started"
+                                                         for r in translation_jobs(tmp_path, "yi"))
+
+
 def test_fewer_lines_are_retried_smaller_and_stay_aligned(tmp_path):
     docs = make_archive(tmp_path, n_german=2, n_english=0)
     with FakeOpenAIChat() as fake:

@@ -183,6 +183,18 @@ def test_openai_gpt4o_is_text_only(stt, media):
     assert stt.uploads[0].fields == {"model": "gpt-4o-transcribe", "response_format": "json"}
 
 
+def test_openai_diarize_model_gives_speaker_labelled_segments(stt, media):
+    transcriber = openai_transcriber(stt, model="gpt-4o-transcribe-diarize")
+    transcript = T.transcribe_media(media["tones.wav"], transcriber, language="de", prompt="Zeitzeugen")
+    assert [(s.start, s.end, s.text, s.speaker) for s in transcript.segments] == [
+        (0.0, 3.0, TONE_TEXTS[0], "speaker_A"), (4.0, 7.0, TONE_TEXTS[1], "speaker_B"),
+        (8.0, 11.0, TONE_TEXTS[2], "speaker_A")]
+    assert transcript.has_timestamps and transcript.to_txt().startswith(f"speaker_A: {TONE_TEXTS[0]}\n\nspeaker_B:")
+    assert stt.uploads[0].fields == {"model": "gpt-4o-transcribe-diarize", "response_format": "diarized_json",
+                                     "chunking_strategy": "auto", "language": "de"}  # no prompt: not taken
+    assert transcript.usage["tokens"] > 0
+
+
 def test_gpt4o_length_limit_splits_per_model(stt, media):
     transcriber = openai_transcriber(stt, model="gpt-4o-mini-transcribe")
     transcriber.max_chunk_seconds = {"gpt-4o-mini-transcribe": 5.0}
@@ -190,6 +202,33 @@ def test_gpt4o_length_limit_splits_per_model(stt, media):
     assert len(stt.uploads) == 3
     assert [s.text for s in transcript.segments] == TONE_TEXTS
     assert [round(s.start, 1) for s in transcript.segments] == [0.0, 3.5, 7.5]
+
+
+def test_gpt4o_chunks_stay_under_the_reported_1400_second_cap():
+    for model in ("gpt-4o-transcribe", "gpt-4o-mini-transcribe"):
+        assert T.OpenAITranscriber.max_chunk_seconds[model] < 1400
+
+
+def test_a_too_long_answer_splits_the_chunk_smaller_instead_of_failing(stt, media):
+    """The provider's "longer than N seconds which is the maximum" is a reason to cut smaller."""
+    stt.duration_caps["gpt-4o-transcribe"] = 5.0
+    transcriber = openai_transcriber(stt, model="gpt-4o-transcribe")
+    transcript = T.transcribe_media(media["tones.wav"], transcriber)
+    assert [round(u.duration, 1) for u in stt.uploads] == [11.0, 3.5, 4.0, 3.5]  # one refusal, then 3 pieces
+    assert [s.text for s in transcript.segments] == TONE_TEXTS
+    assert [round(s.start, 1) for s in transcript.segments] == [0.0, 3.5, 7.5]
+    assert transcriber.max_chunk_seconds["gpt-4o-transcribe"] < 5.0  # the next file is cut small at once
+
+
+def test_an_upload_at_the_limit_fits_the_request_with_its_form_fields(stt, tmp_path):
+    """OpenAI's 25 MiB is the whole request: the multipart overhead must fit inside it."""
+    transcriber = openai_transcriber(stt)
+    at_limit = tmp_path / "at_limit.ogg"
+    with open(at_limit, "wb") as handle:
+        handle.truncate(transcriber.max_upload_bytes)
+    with pytest.raises(PermanentError) as caught:  # refused for its content, not for its size
+        transcriber.transcribe_chunk(str(at_limit), language="de", prompt="Zeitzeugen, Namen " * 20)
+    assert caught.value.status == 400 and caught.value.error_class == "unsupported_media"
 
 
 def test_split_and_merged_equals_unsplit(stt, media):
@@ -217,6 +256,41 @@ def test_elevenlabs_groups_words_by_speaker(stt, media):
                                      "timestamps_granularity": "word", "language_code": "de"}
     [request] = stt.server.requests
     assert request.headers["xi-api-key"] == stt.elevenlabs_key and "authorization" not in request.headers
+
+
+def test_elevenlabs_untimed_items_are_placed_between_their_neighbours(stt, media):
+    """Word start/end are optional in the official SDK: an untimed item is no malformed answer."""
+    stt.untimed_items = True
+    transcript = T.transcribe_media(media["tones.wav"], elevenlabs_transcriber(stt))
+    assert stt.server.count(ELEVENLABS_PATH) == 1
+    assert transcript.segments[0].text.startswith("(music)")
+    assert [s.text.removeprefix("(music) ") for s in transcript.segments] == TONE_TEXTS
+    starts = [s.start for s in transcript.segments]
+    assert starts == sorted(starts) and all(s.end >= s.start for s in transcript.segments)
+
+
+def test_elevenlabs_sends_names_and_places_as_keyterms(stt, media):
+    """Scribe v2 takes ``keyterms`` (a repeated form field); the prompt is no longer dropped."""
+    transcriber = elevenlabs_transcriber(stt, model="scribe_v2")
+    transcriber.transcribe_chunk(media["short.ogg"], prompt="Theresienstadt, Rywka Lipszyc; Łódź\n" + "x" * 60)
+    assert stt.uploads[0].fields["keyterms"] == ["Theresienstadt", "Rywka Lipszyc", "Łódź"]
+
+
+def test_keyterms_follow_the_documented_limits():
+    terms = T.ElevenLabsTranscriber.keyterms(", ".join(f"name{n}" for n in range(150)) + ", a b c d e f")
+    assert len(terms) == T.ElevenLabsTranscriber.MAX_KEYTERMS and all(len(t) < 50 for t in terms)
+    assert "a b c d e f" not in terms  # more than five words
+    assert T.ElevenLabsTranscriber.keyterms(None) == []
+
+
+def test_keyterm_surcharge_is_said_in_the_estimate():
+    v2 = T.ElevenLabsTranscriber(api_key="el-test-a1b2c3", model="scribe_v2")
+    assert v2.cost_notes("Theresienstadt") and "keyterm" in v2.cost_notes("Theresienstadt")[0]
+    assert v2.cost_notes(None) == []
+    v2.keyterm_price_per_hour = 0.05
+    assert v2.estimate_cost(3600, prompt="Theresienstadt") == pytest.approx(v2.estimate_cost(3600) + 0.05)
+    v1 = T.ElevenLabsTranscriber(api_key="el-test-a1b2c3")
+    assert "scribe_v2" in v1.cost_notes("Theresienstadt")[0]  # v1 takes no keyterms: said, not dropped
 
 
 def test_every_chunk_goes_through_call_and_the_workdir_is_removed(stt, media, tmp_path, monkeypatch):
@@ -282,6 +356,25 @@ def test_quota_is_an_account_error(stt, media, provider, status):
     fault_always(stt, Fault("status", status, QUOTA[provider]))
     with pytest.raises(AccountError):
         MAKERS[provider](stt).transcribe_chunk(media["short.ogg"])
+
+
+@pytest.mark.parametrize("status", [400, 401])
+def test_elevenlabs_quota_exceeded_is_an_account_error_whatever_the_status(stt, media, status):
+    """ElevenLabs' help centre lists quota_exceeded under "API - Error Code 400 or 401"."""
+    fault_always(stt, Fault("status", status, QUOTA["elevenlabs"]))
+    with pytest.raises(AccountError) as caught:
+        elevenlabs_transcriber(stt).transcribe_chunk(media["short.ogg"])
+    assert caught.value.error_class == "quota"
+
+
+def test_structured_code_decides_before_the_message_text(stt, media):
+    """A 400 whose words say "unsupported" but whose code names a parameter is no media error."""
+    fault_always(stt, Fault("status", 400, {"error": {
+        "message": "Unsupported value: 'temperature' does not support 0 with this model.",
+        "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"}}))
+    with pytest.raises(PermanentError) as caught:
+        openai_transcriber(stt).transcribe_chunk(media["short.ogg"])
+    assert caught.value.error_class == "bad_request"
 
 
 @pytest.mark.parametrize("provider", ["openai", "elevenlabs"])

@@ -214,6 +214,45 @@ def test_single_unit_mismatch_is_retryable(fakes, tmp_path, monkeypatch):
     assert [len(t) for t in fake.sent_texts()] == [2, 1]
 
 
+def test_an_answer_cut_at_the_token_limit_is_split_never_accepted(fakes, tmp_path):
+    """finish_reason "length" with every line present (the last one cut short): not a translation."""
+    payload = make_transcript(24, "de", 6)
+    expected = [fake_translate(s["text"], "en") for s in payload["segments"]]
+    full = "\n".join(f"[{n}] {text}" for n, text in enumerate(expected, 1))
+    fake, translator = fakes("openai", max_answer_chars=len(full) - 3)
+    result = tr.translate_document(document(payload, tmp_path), "en", translator)
+    assert [len(texts) for texts in fake.sent_texts()] == [6, 3, 3]
+    assert [u.text for u in result.units] == expected
+
+
+def test_a_single_unit_cut_at_the_token_limit_is_not_accepted(fakes, tmp_path):
+    fake, translator = fakes("openai", max_answer_chars=20)
+    with pytest.raises(PermanentError) as caught:
+        tr.translate_document(document(make_transcript(25, "de", 1), tmp_path), "en", translator)
+    assert caught.value.error_class == "incomplete"
+    assert [len(texts) for texts in fake.sent_texts()] == [1]
+
+
+@pytest.mark.parametrize("model, sends_temperature", [("gpt-5-mini", False), ("o3-mini", False),
+                                                      ("gpt-4o-mini", True)])
+def test_reasoning_models_get_only_parameters_they_accept(fakes, tmp_path, model, sends_temperature):
+    fake, _ = fakes("openai")
+    translator = tr.OpenAIChatTranslator.from_env(fake.env(), model=model)
+    result = tr.translate_document(document(make_transcript(26, "de", 2), tmp_path), "en", translator)
+    assert result.model == model
+    assert all(("temperature" in json.loads(b["body"])) == sends_temperature for b in fake.batches)
+
+
+def test_a_rejected_chat_request_is_bad_request_not_a_media_error(fakes, tmp_path):
+    fake, translator = fakes("openai")
+    fake.server.fault = lambda request: Fault("status", 400, {"error": {
+        "message": "Unsupported value: 'logprobs' is not supported.", "type": "invalid_request_error",
+        "param": None, "code": None}})
+    with pytest.raises(PermanentError) as caught:
+        tr.translate_document(document(make_transcript(27, "de", 2), tmp_path), "en", translator)
+    assert caught.value.error_class == "bad_request"
+
+
 def test_mismatch_never_reaches_the_call_wrapper(fakes, tmp_path):
     """The runner's call wrapper retries provider errors; a mismatch is the splitter's business."""
     _, translator = fakes("microsoft", drop_units=1)
@@ -383,6 +422,21 @@ def test_deepl_456_and_openai_insufficient_quota_are_account_errors(fakes, tmp_p
         assert caught.value.error_class == "quota"
 
 
+def test_deepl_529_is_a_rate_limit_not_a_server_error(fakes, tmp_path):
+    deepl, translator = fakes("deepl", overloaded=1)
+    with pytest.raises(RateLimitError) as caught:
+        tr.translate_document(document(make_transcript(56, "de"), tmp_path), "en", translator)
+    assert caught.value.status == 529
+
+
+def test_microsoft_403001_says_the_free_quota_is_used_up(fakes, tmp_path):
+    _, translator = fakes("microsoft", free_quota_used=True)
+    with pytest.raises(AccountError) as caught:
+        tr.translate_document(document(make_transcript(57, "de"), tmp_path), "en", translator)
+    assert caught.value.error_class == "quota" and "quota" in str(caught.value)
+    assert "key was rejected" not in str(caught.value)
+
+
 def test_wrong_key_is_an_account_error_without_the_key(provider, tmp_path):
     _, translator = provider
     wrong = type(translator)(api_key=CANARY, base_url=translator.base_url)
@@ -464,6 +518,24 @@ def test_choose_translator_order_and_errors():
     assert tr.choose_fallback("he", env, "deepl") is None
     assert tr.choose_fallback("he", {**env, "VERBATIM_TRANSLATION_FALLBACK_HE": "microsoft"}, "deepl").name == "microsoft"
     assert tr.choose_fallback("he", {**env, "VERBATIM_TRANSLATION_FALLBACK": "deepl"}, "deepl") is None
+
+
+def test_a_language_the_provider_lacks_goes_to_the_fallback_or_is_refused():
+    env = {"MS_TRANSLATOR_KEY": "ms-abcdef", "DEEPL_API_KEY": "abcdefgh", "OPENAI_API_KEY": "sk-abcdef"}
+    with pytest.raises(ConfigError, match="microsoft cannot translate into Yiddish"):
+        tr.choose_translator("yi", "microsoft", env=env)
+    with pytest.raises(ConfigError, match="deepl cannot translate into Yiddish"):
+        tr.choose_translator("yi", env={**env, "VERBATIM_TRANSLATION_PROVIDER": "deepl"})
+    routed = tr.choose_translator("yi", env={**env, "VERBATIM_TRANSLATION_PROVIDER": "microsoft",
+                                             "VERBATIM_TRANSLATION_FALLBACK_YI": "openai"})
+    assert routed.name == "openai"
+    # chosen by key order, a provider without the language is passed over; none left: refused
+    no_chat = {"DEEPL_API_KEY": "abcdefgh", "MS_TRANSLATOR_KEY": "ms-abcdef"}
+    with pytest.raises(ConfigError, match="Yiddish"):
+        tr.choose_translator("yi", env=no_chat)
+    assert tr.choose_translator("he", env=no_chat).name == "deepl"
+    assert tr.choose_translator("he", "microsoft", env=env).name == "microsoft"
+    assert tr.choose_fallback("yi", {**env, "VERBATIM_TRANSLATION_FALLBACK": "deepl"}, "openai") is None
 
 
 def test_translators_are_shared_by_threads(fakes, tmp_path):
