@@ -179,10 +179,12 @@ class FakeAPI:
             try:
                 time.sleep(self.latency)
                 status, payload, upload_name = self._answer(handler.path, handler.headers, body)
-                self._send(handler, status, payload, limits)
             finally:
+                # The plan's slot is the work, not the socket write: free once the answer exists,
+                # as on a real server (where the answer then still travels for milliseconds).
                 with self.lock:
                     self._accepted_in_flight -= 1
+            self._send(handler, status, payload, limits)
             with self.lock:
                 if status == 200:
                     stats.answered += 1

@@ -11,9 +11,11 @@ the level that triggered it is remembered as a ceiling, and the limiter probes a
 ``PROBE_INTERVAL`` seconds without a 429, so 32 workers on a 5-request plan settle at 5. Such a
 429 is no request to slow down in time: the refused request waits for a free slot under the
 ceiling (and for its own ``Retry-After``, if one came), and nobody else is held up. A provider
-frees a slot a moment after it answers (its handler still finishes), so once a ceiling is learned
-a slot freed by an answer is handed on only after ``SLOT_GRACE``; a refusal that still comes at
-the ceiling, not above it, doubles that grace and leaves the ceiling where it is.
+may free a slot a moment after it answers (its handler still finishes), so once a ceiling is
+learned a slot freed by an answer is handed on only after a grace of ``SLOT_GRACE_SHARE`` of that
+request's duration (at most ``SLOT_GRACE_MAX``): a few milliseconds for a short request, nothing
+that matters for a long one. A refusal that still comes at the ceiling, not above it, doubles
+that grace and leaves the ceiling where it is.
 
 The request rate is learned too. After a 429 about the *rate*, once its cool-down is over (when
 the answers of the requests that raced it are in), the limiter counts the requests the provider
@@ -73,8 +75,12 @@ RATE_PROBE_SECONDS = 5.0
 # doubling per refusal of the same request) so that a provider freeing slots late is not hammered.
 CONCURRENCY_RETRY_BASE = 0.05
 CONCURRENCY_RETRY_CAP = 2.0
-# Seconds a provider may still count a request it has answered (see the module docstring).
-SLOT_GRACE = 0.1
+# How long a provider may still count a request it has answered: this share of the request's
+# duration, at most this many seconds; doubled (up to SLOT_GRACE_SCALE_MAX times) by each refusal
+# that shows the provider freeing slots later still (see the module docstring).
+SLOT_GRACE_SHARE = 0.05
+SLOT_GRACE_MAX = 1.0
+SLOT_GRACE_SCALE_MAX = 16.0
 
 
 # A reported reset is trusted this much later than it says: the report's clock starts when its request
@@ -194,9 +200,9 @@ class ProviderLimiter:
         self._first_start: float | None = None
         self._running: list[float] = []            # start times of the requests in flight
         self._accepted: deque[float] = deque()     # start times of recent successful requests
-        self._answered: deque[float] = deque()     # when recent successful requests ended
+        self._answered: deque[tuple[float, float]] = deque()  # (end, grace) of recent successes
         self._cap_learned = False                  # a concurrency 429 set the ceiling
-        self._grace = SLOT_GRACE
+        self._grace_scale = 1.0
         self._episode: tuple[float, float, bool] | None = None  # (429 at, window start, fresh)
         self._learned_at = 0.0
         self._rate_probed = 0.0
@@ -306,10 +312,12 @@ class ProviderLimiter:
                 self._consecutive_429 = 0
                 self._limited_since = None
                 self._accepted.append(started)
-                self._answered.append(now)
-                for recent in (self._accepted, self._answered):
-                    while recent and recent[0] < now - 2 * RATE_WINDOW:
-                        recent.popleft()
+                grace = min(SLOT_GRACE_MAX, SLOT_GRACE_SHARE * self._grace_scale * (now - started))
+                self._answered.append((now, grace))
+                while self._accepted and self._accepted[0] < now - 2 * RATE_WINDOW:
+                    self._accepted.popleft()
+                while self._answered and self._answered[0][0] < now - 2 * RATE_WINDOW:
+                    self._answered.popleft()
                 if self.limit < self.ceiling:
                     self.limit += 1
                 elif self.limit < self.max_concurrency and now - self._last_429 > PROBE_INTERVAL:
@@ -376,14 +384,14 @@ class ProviderLimiter:
             return None
         if not self._cap_learned:
             return 0.0
-        lingering = [t for t in self._answered if t > now - self._grace]
+        lingering = sorted(end + grace for end, grace in self._answered if end + grace > now)
         excess = self._in_flight + len(lingering) - self.limit
-        return 0.0 if excess < 0 else lingering[excess] + self._grace - now
+        return 0.0 if excess < 0 else lingering[excess] - now
 
     def _held_by_provider(self, since: float) -> int:
         """Requests the provider may have been holding at a moment after ``since``: those still
         out, and those answered from shortly before it on (their slot may not have been freed)."""
-        return self._in_flight + sum(1 for t in self._answered if t > since - self._grace)
+        return self._in_flight + sum(1 for end, grace in self._answered if end + grace > since)
 
     # -- pacing ---------------------------------------------------------------------------
     def _pace(self) -> float | None:
@@ -465,7 +473,7 @@ class ProviderLimiter:
             if self._cap_learned and held >= self.ceiling:
                 # Refused at the learned ceiling, not above it: the provider frees slots later
                 # than we allowed for. The ceiling stands; slots are handed on later.
-                self._grace = min(CONCURRENCY_RETRY_CAP, self._grace * 2)
+                self._grace_scale = min(SLOT_GRACE_SCALE_MAX, self._grace_scale * 2)
             self.limit = self.ceiling = max(1, min(self.limit, held))
             self._cap_learned = True
             self._cond.notify_all()

@@ -128,7 +128,6 @@ class FakeServer:
         self.accepted_in_flight = 0
         self.rejected_for_concurrency = 0
         # In order: ("accept" | "reject" | "done", requests accepted in flight after it, time).
-        # Like a real server, a request's slot is freed after its answer has been written.
         self.cap_log: list[tuple[str, int, float]] = []
         self._stopping = threading.Event()
         self._httpd = None
@@ -201,6 +200,9 @@ class FakeServer:
                 time.sleep(self.latency)
             func = self.routes.get((request.method, request.path))
             response = func(request) if func else Response(404, {"error": {"message": "no such route"}})
+            # The plan's slot is the work, not the socket write: it is free once the answer exists,
+            # as it is on a real server (where the answer then still travels for milliseconds).
+            accepted = self._free_slot(accepted)
             self._send(handler, response)
             with self.lock:
                 self.answered += 1
@@ -208,11 +210,17 @@ class FakeServer:
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:
+            self._free_slot(accepted)
             with self.lock:
                 self.in_flight -= 1
-                if accepted:
-                    self.accepted_in_flight -= 1
-                    self.cap_log.append(("done", self.accepted_in_flight, time.monotonic()))
+
+    def _free_slot(self, accepted: bool) -> bool:
+        """Give an accepted request's plan slot back (once); returns False, for the caller's flag."""
+        if accepted:
+            with self.lock:
+                self.accepted_in_flight -= 1
+                self.cap_log.append(("done", self.accepted_in_flight, time.monotonic()))
+        return False
 
     def _send(self, handler, response: Response):
         payload, ctype = response.encoded()
