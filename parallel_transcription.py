@@ -194,6 +194,8 @@ def main(argv=None) -> int:
             print(describe(scan), file=sys.stderr)
             if scan.missing_inputs:
                 raise config.ConfigError("input not found: " + ", ".join(map(repr, scan.missing_inputs)))
+        if not args.dry_run:  # the output folder is this database's and writable, or nothing runs
+            prepare_output_root(db, config.output_dir(args), adopt=args.adopt_output_dir)
         idle = None if args.dry_run else nothing_to_do(db, args.input, scan, args.retry_failed)
         if idle:  # said before any provider is chosen or model loaded
             why, code = idle
@@ -206,7 +208,6 @@ def main(argv=None) -> int:
         check_language(transcriber, args.language)
         if args.dry_run:
             return dry_run(db, transcriber, args.limit, args.json, args.prompt)
-        prepare_output_root(db, config.output_dir(args), adopt=args.adopt_output_dir)
         transcriber.load()
         if args.retry_failed:
             log.info("reset %d failed transcription job(s) for retry", len(db.reset_failed(TRANSCRIPTION)))
