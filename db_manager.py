@@ -64,6 +64,9 @@ STATUSES = (NOT_STARTED, IN_PROGRESS, COMPLETED, FAILED)
 # The note of a job completed with nothing to say: a transcript without any text (silence, or a
 # provider that heard no words), and each translation of it (made without any provider).
 NO_SPEECH_NOTE = "no speech found"
+# The start of a transcript's note when the language it was detected in is not one the archive
+# expects (VERBATIM_LANGUAGES): it is kept, shown for review, and not translated until redone.
+REVIEW_NOTE = "review: detected language"
 
 TRANSCRIPTION = "transcription"
 TRANSLATION = "translation"

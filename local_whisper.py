@@ -177,8 +177,11 @@ class LocalWhisperEngine:
                     raise ConfigError(_load_error(s, exc)) from exc
             return self._model
 
-    def transcribe(self, path, *, language: str | None = None, prompt: str | None = None) -> EngineResult:
-        """Transcribe one recording (any container PyAV reads), window by window, in one worker slot."""
+    def transcribe(self, path, *, language: str | None = None, prompt: str | None = None,
+                   expected: list[str] | None = None) -> EngineResult:
+        """Transcribe one recording (any container PyAV reads), window by window, in one worker slot.
+        Without ``language``, the language is detected in the first window, among ``expected``
+        only when the archive names the languages it expects."""
         model = self.load()
         with self._slots:
             segments: list[TimedText] = []
@@ -186,6 +189,8 @@ class LocalWhisperEngine:
             samples_seen = 0
             for offset, samples in decode_windows(path):
                 window_end = (offset + len(samples)) / SAMPLE_RATE
+                if language is None and expected:
+                    language = likeliest_expected(model, samples, expected)
                 pieces, info = model.transcribe(samples, language=language, initial_prompt=prompt,
                                                 **TRANSCRIBE_OPTIONS)
                 pieces = list(pieces)  # the generator does the work: run it here
@@ -194,6 +199,17 @@ class LocalWhisperEngine:
                 segments += _timed(pieces, offset / SAMPLE_RATE, window_end)
                 samples_seen = offset + len(samples)
         return EngineResult(_ordered(segments), language, samples_seen / SAMPLE_RATE, raw)
+
+
+def likeliest_expected(model, samples, expected: list[str]) -> str | None:
+    """Of the languages the archive expects, the one Whisper scores likeliest for this audio.
+    Whisper scores every language; left to itself it may pick one the archive never speaks (German
+    espeak speech was read as Latin, and came out as nonsense). None for an English-only model."""
+    if not getattr(getattr(model, "model", None), "is_multilingual", True):
+        return None
+    _best, _probability, scores = model.detect_language(samples)
+    probabilities = dict(scores)
+    return max(expected, key=lambda code: probabilities.get(code, 0.0))
 
 
 _engines: dict[EngineSettings, LocalWhisperEngine] = {}

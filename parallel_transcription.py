@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from db_manager import DEFAULT_LEASE_SECONDS, NO_SPEECH_NOTE, TRANSCRIPTION, Job, Outcome, display_path
+from db_manager import DEFAULT_LEASE_SECONDS, NO_SPEECH_NOTE, REVIEW_NOTE, TRANSCRIPTION, Job, Outcome, display_path
 from pipeline import config
 from pipeline.archive import prepare_output_root
 from pipeline.errors import PermanentError
@@ -36,8 +36,9 @@ class TranscriptionWork:
     write the outputs into the attempt's staging folder; the runner publishes them once committed."""
 
     def __init__(self, db, transcriber, call: RunRequests, output_root: str, *,
-                 language: str | None = None, prompt: str | None = None):
+                 language: str | None = None, prompt: str | None = None, expected_languages: list[str] | None = None):
         self.db = db
+        self.expected_languages = expected_languages
         self.transcriber = transcriber
         self.call = call
         self.output_root = output_root
@@ -53,6 +54,10 @@ class TranscriptionWork:
         crash_point("after_api")
         if not transcript.text.strip():  # silence, or a provider that heard no words: say so
             transcript.note = NO_SPEECH_NOTE
+        elif unexpected_language(transcript.language, self.expected_languages):
+            # Kept (it was paid for) but marked: a German interview heard as Latin is nonsense.
+            transcript.note = (f"{REVIEW_NOTE} {transcript.language}, not one of {', '.join(self.expected_languages)}:"
+                               " transcribe again with --language, or add it to VERBATIM_LANGUAGES")
         staged = staging_folder(self.output_root, job.id, job.claim)
         written = write_transcript_outputs(transcript, safe_join(self.output_root, job.folder), root=self.output_root,
                                            staging=staged)
@@ -101,15 +106,21 @@ def provider_limiter(transcriber):
     return limiter_for(transcriber.name, env)
 
 
+def unexpected_language(language: str | None, expected: list[str] | None) -> bool:
+    return bool(expected and language and language not in expected)
+
+
 def transcription_plan(db, transcriber, stop: StopSignal, *, output_root: str, workers: int, batch_size: int,
                        limit: int | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS, quiet: bool = False,
-                       language: str | None = None, prompt: str | None = None) -> Plan:
+                       language: str | None = None, prompt: str | None = None,
+                       expected_languages: list[str] | None = None) -> Plan:
     """The transcription stage as a runner plan (its limiter, work and options), for ``run_plans``:
     this script runs it alone, ``tools/process.py`` beside the translation plans."""
     limiter = provider_limiter(transcriber)
     workers = min(workers, transcriber.max_concurrency or workers)  # no idle threads holding jobs
     work = TranscriptionWork(db, transcriber, RunRequests(limiter, workers, stop.stop), output_root,
-                             language=language, prompt=prompt)
+                             language=language, prompt=prompt, expected_languages=expected_languages)
+    transcriber.expected_languages = expected_languages  # a provider that can restrict detection does
     options = RunOptions(TRANSCRIPTION, "", workers=workers, threads=thread_count(workers), batch_size=batch_size,
                          limit=limit, lease_seconds=lease_seconds, label="transcription", quiet=quiet,
                          output_root=output_root)
@@ -215,7 +226,8 @@ def main(argv=None) -> int:
         stop.install()
         plan = transcription_plan(db, transcriber, stop, output_root=config.output_dir(args), workers=args.workers,
                                   batch_size=args.batch_size, limit=args.limit, lease_seconds=args.lease_seconds,
-                                  quiet=args.quiet, language=args.language, prompt=args.prompt)
+                                  quiet=args.quiet, language=args.language, prompt=args.prompt,
+                                  expected_languages=config.expected_languages())
         summaries = run_plans(db, [plan], stop)
         return report(summaries, stop, as_json=args.json)
     finally:

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 
-from db_manager import COMPLETED, DEFAULT_LEASE_SECONDS, NO_SPEECH_NOTE, TRANSLATION, Job, Outcome
+from db_manager import COMPLETED, DEFAULT_LEASE_SECONDS, NO_SPEECH_NOTE, REVIEW_NOTE, TRANSCRIPTION, TRANSLATION, Job, Outcome
 from pipeline import config
 from pipeline.archive import prepare_output_root
 from pipeline.errors import AccountError, PermanentError
@@ -54,6 +54,7 @@ class TranslationWork:
         self.spool = Spool(output_root)
 
     def __call__(self, job: Job) -> Outcome:
+        self._not_under_review(job)
         source = load_source(self._transcript_path(job))
         if not source.text.strip():
             return self._no_speech(job, source)
@@ -85,6 +86,14 @@ class TranslationWork:
                                             staging=staged)
         return Outcome(outputs=as_recorded(written), cost=0.0, note=NO_SPEECH_NOTE, staged=str(staged),
                        source_sha256=empty.source_sha256)
+
+    def _not_under_review(self, job: Job) -> None:
+        """A transcript heard in a language the archive does not expect is never translated as if
+        it were right: the job fails with the reason until the transcript is redone."""
+        note = (self.db.jobs(stage=TRANSCRIPTION, file_id=job.file_id) or [{"note": None}])[0]["note"]
+        if note and note.startswith(REVIEW_NOTE):
+            raise PermanentError(f"not translated: the transcript is marked for review ({note}); redo it, then"
+                                 " run parallel_translation.py --retry-failed", error_class="language_review")
 
     def _transcript_path(self, job: Job) -> str:
         """The transcript this job's transcription recorded, verified against its recorded hash.

@@ -188,6 +188,9 @@ class Transcriber(ABC):
     max_concurrency: int | None = None        # requests it runs at once (None: no limit of its own)
     total_deadline: float | None = None       # seconds per request; None: scaled by the audio
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    # The languages the archive expects (VERBATIM_LANGUAGES): a provider that can restrict its
+    # detection to them does (the local engine); every answer is checked against them after.
+    expected_languages: list[str] | None = None
 
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 600.0):
@@ -661,7 +664,8 @@ class LocalWhisperTranscriber(Transcriber):
             self.load()
         except ConfigError as exc:  # in a worker: stop the run as for a rejected key; no file is at fault
             raise AccountError(str(exc), error_class="local_model") from exc
-        result = self._engine.transcribe(audio_path, language=language, prompt=prompt)
+        result = self._engine.transcribe(audio_path, language=language, prompt=prompt,
+                                         expected=self.expected_languages)
         segments = [Segment(s.start, s.end, s.text) for s in result.segments]
         return Transcript(text=" ".join(s.text for s in segments), segments=segments,
                           language=normalize_language(result.language) or language, duration=result.duration,

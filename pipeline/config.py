@@ -106,6 +106,14 @@ def target_languages(env=None) -> list[str]:
     return parse_languages(raw.replace(",", " ").split())
 
 
+def expected_languages(env=None) -> list[str] | None:
+    """The languages the archive expects to hear (``VERBATIM_LANGUAGES``, e.g. ``de,en``), or None:
+    detect freely. A transcript detected in another language is marked for review."""
+    env = os.environ if env is None else env
+    raw = (env.get("VERBATIM_LANGUAGES") or "").replace(",", " ").split()
+    return parse_languages(raw) or None
+
+
 def parse_languages(codes) -> list[str]:
     result = []
     for code in codes:

@@ -70,8 +70,10 @@ class ReportArchive:
                                   language=language, provider="fake", model=None, usage={}, cost=0.001,
                                   has_timestamps=True, kept_units=0)
         job = self._claim(file_id, TRANSLATION, language)
+        translation.source_sha256 = job.outputs["json"]["sha256"]  # made from the transcript of record
         written = write_translation_outputs(translation, self.folder(file_id), root=self.out)
-        self.db.complete(job, Outcome(as_recorded(written), provider="fake", cost=0.001))
+        self.db.complete(job, Outcome(as_recorded(written), provider="fake", cost=0.001,
+                                      source_sha256=translation.source_sha256))
 
     def fail(self, file_id: str, error_class: str, stage: str = TRANSCRIPTION, language: str = "") -> None:
         job = self._claim(file_id, stage, language)

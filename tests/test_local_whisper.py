@@ -339,3 +339,39 @@ def test_an_english_only_model_with_language_de_exits_2_at_start(model_path, tmp
     assert result.returncode == 2, result.stderr
     assert "English-only" in result.stderr and "--language de" in result.stderr
     assert "loading Whisper model" not in result.stderr and "Traceback" not in result.stderr
+
+
+# -- the languages an archive expects ---------------------------------------------------------------
+class _ScoringModel:
+    """A Whisper model as the engine sees it, which likes Latin best for any audio (as it did for
+    German espeak speech) and records the language it was told to transcribe in."""
+
+    def __init__(self, multilingual: bool = True):
+        from types import SimpleNamespace
+
+        self.model = SimpleNamespace(is_multilingual=multilingual)
+        self.told: list[str | None] = []
+
+    def detect_language(self, samples):
+        return "la", 0.5, [("la", 0.5), ("de", 0.3), ("en", 0.15), ("he", 0.05)]
+
+    def transcribe(self, samples, *, language=None, **options):
+        from types import SimpleNamespace
+
+        self.told.append(language)
+        return iter([]), SimpleNamespace(language=language or "la", language_probability=0.5)
+
+
+@pytest.mark.parametrize("expected, multilingual, told", [
+    (["de", "en"], True, "de"),     # the likeliest of the expected languages, not Latin
+    (["en", "he"], True, "en"),
+    (None, True, None),             # nothing expected: Whisper detects freely
+    (["de", "en"], False, None),    # an English-only model detects nothing
+])
+def test_detection_is_restricted_to_the_languages_the_archive_expects(expected, multilingual, told):
+    local_whisper = pytest.importorskip("local_whisper")
+    engine = local_whisper.LocalWhisperEngine(local_whisper.settings_for("tiny", device="cpu"))
+    engine._model = model = _ScoringModel(multilingual)  # the engine's loaded model
+    result = engine.transcribe(wav("winter"), expected=expected)
+    assert model.told and set(model.told) == {told}
+    assert result.language == (told or "la")

@@ -324,3 +324,38 @@ def test_nothing_to_do_loads_no_model_and_needs_no_provider(tmp_path):
                             capture_output=True, text=True, env=script_env(), cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "nothing to do: no media found" in result.stderr and "loading" not in result.stderr
+
+
+def test_a_transcript_in_a_language_the_archive_does_not_expect_is_marked_and_not_translated(fake, tmp_path):
+    """VERBATIM_LANGUAGES names what the archive speaks. A provider that hears another language
+    (the fake hears German) gives a transcript that is kept but marked for review in the status
+    and the check tool, and its translations are refused with the reason, nothing sent."""
+    from tests.fake_translate import FakeDeepL
+
+    tone_files(tmp_path / "in", 2)
+    expects = {"VERBATIM_LANGUAGES": "en,he"}
+    result = run(fake, tmp_path, "--input", str(tmp_path / "in"), **expects)
+    assert result.returncode == 0, result.stderr
+    jobs = [item["transcription"] for item in status(tmp_path)["items"]]
+    assert all(job["status"] == "completed" and job["note"].startswith("review: detected language de")
+               for job in jobs)
+    shown = subprocess.run([sys.executable, str(ROOT / "tools/status.py"), "--db", str(tmp_path / "jobs.db")],
+                           capture_output=True, text=True, env=script_env(), check=True).stdout
+    assert "to review 2 (language not expected)" in shown
+    checked = subprocess.run([sys.executable, str(ROOT / "tools/check_missing_transcripts.py"), "--db",
+                              str(tmp_path / "jobs.db"), "--output-dir", str(tmp_path / "out"), "--json"],
+                             capture_output=True, text=True, env=script_env())
+    assert len(json.loads(checked.stdout)["review"]) == 2
+    with FakeDeepL() as deepl:
+        translated = subprocess.run(
+            [sys.executable, str(ROOT / "parallel_translation.py"), "--db", str(tmp_path / "jobs.db"), "--output-dir",
+             str(tmp_path / "out"), "--quiet", "--language", "en", "--json"],
+            capture_output=True, text=True, timeout=120, env=script_env(**deepl.env(), **expects))
+        assert deepl.server.count() == 0
+    assert translated.returncode == 1, translated.stderr
+    assert json.loads(translated.stdout)["runs"][0]["errors"] == {"language_review": 2}
+    # said otherwise, the same audio is what the archive expects: nothing is marked
+    fresh = tmp_path / "again"
+    fresh.mkdir()
+    again = run(fake, fresh, "--input", str(tmp_path / "in"), VERBATIM_LANGUAGES="de,en")
+    assert again.returncode == 0 and not any(item["transcription"].get("note") for item in status(fresh)["items"])

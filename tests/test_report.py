@@ -440,3 +440,37 @@ def test_a_foreign_database_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(config.ConfigError, match="not a verbatim job database"):
         report_tool.main(["--db", str(other), "--out", str(tmp_path / "r")])
     assert os.path.getsize(other) == 0
+
+
+def test_the_table_marks_edits_stale_translations_and_transcripts_to_review(tmp_path):
+    import json as _json
+
+    arc = ReportArchive(tmp_path)
+    redone, edited, review = (arc.add(name) for name in ("redone.wav", "edited.wav", "review.wav"))
+    for file_id in (redone, edited, review):
+        arc.transcribe(file_id, sample_segments(2))
+    arc.translate(redone, "en", sample_segments(2))
+    # redone: its transcript changed after it was translated (a correction adopted)
+    job = arc.db.jobs(stage="transcription", file_id=redone)[0]
+    json_path = arc.folder(redone) / "transcript.json"
+    json_path.write_text(json_path.read_text().replace('"text"', '"text" ', 1))
+    outputs = _json.loads(job["outputs"])
+    new = dict(outputs, json=dict(outputs["json"], sha256=hashlib.sha256(json_path.read_bytes()).hexdigest()))
+    assert arc.db.record_edit(job["id"], new, outputs, "hand correction adopted")
+    # edited: its srt corrected by hand, not adopted yet
+    srt = arc.folder(edited) / "transcript.srt"
+    srt.write_text(srt.read_text() + "\n")
+    # review: heard in a language the archive does not expect
+    with arc.db.transaction() as conn:
+        conn.execute("UPDATE jobs SET note = ? WHERE file_id = ? AND stage = 'transcription'",
+                     ("review: detected language la, not one of de, en", review))
+    arc.close()
+    report_tool.build_once(ReportOptions(arc.db_path, arc.out, str(tmp_path / "report")))
+    index = (tmp_path / "report" / "index.html").read_text()
+
+    def marks(file_id):
+        row = index[index.index(f'data-file-id="{file_id}"'):]
+        row = row[:row.index("</tr>")]
+        return set(re.findall(r'class="badge mark mark-[^"]*"[^>]*>([^<]+)<', row))
+
+    assert marks(redone) == {"stale"} and marks(edited) == {"edited"} and marks(review) == {"review"}

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from db_manager import COMPLETED, NO_SPEECH_NOTE, STAGES, TRANSCRIPTION, TRANSLATION, display_path  # noqa: E402
+from db_manager import COMPLETED, NO_SPEECH_NOTE, REVIEW_NOTE, STAGES, TRANSCRIPTION, TRANSLATION, display_path  # noqa: E402
 from pipeline import config, publish  # noqa: E402
 from pipeline.outputs import safe_join  # noqa: E402
 from pipeline.subtitles import parse_srt, parse_vtt  # noqa: E402
@@ -187,6 +187,12 @@ def orphan_folders(db, root: str) -> list[Problem]:
             if entry.is_dir() and not entry.name.startswith(".") and entry.name not in known]
 
 
+def to_review(db) -> list[dict]:
+    """Transcripts heard in a language the archive does not expect: kept, shown, not translated."""
+    return [{"file_id": row["file_id"], "note": row["note"], "media_path": row["path_display"]}
+            for row in db.jobs(stage=TRANSCRIPTION, status=COMPLETED) if (row["note"] or "").startswith(REVIEW_NOTE)]
+
+
 def no_speech(db, stage: str | None = None, language: str | None = None) -> list[dict]:
     """Completed jobs with nothing said: noted "no speech found", or an empty .txt recorded."""
     found = []
@@ -243,20 +249,24 @@ def main(argv=None) -> int:
         publish.settle_quietly(db, config.output_dir(args))  # finish what a crash left staged, then check
         problems, checked = check(db, config.output_dir(args), stage, language)
         silent = no_speech(db, stage, language)
+        review = to_review(db) if stage in (None, TRANSCRIPTION) else []
     finally:
         db.close_all()
     if args.json:
         print(json.dumps({"ok": not problems, "checked": checked, "problems": [asdict(p) for p in problems],
-                          "no_speech": silent}, ensure_ascii=True))
+                          "no_speech": silent, "review": review}, ensure_ascii=True))
     else:
         for problem in problems:
             print(problem.line())
         for job in silent:
             what = job["stage"] + (f" {job['language']}" if job["language"] else "")
             print(f"{'no speech':<13} {job['file_id']:<16}  {what:<22} {NO_SPEECH_NOTE}  media: {job['media_path']}")
+        for job in review:
+            print(f"{'review':<13} {job['file_id']:<16}  {'transcription':<22} {job['note']}  media: {job['media_path']}")
         scope = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in checked.items())
         print(f"checked {scope}: " + (f"{len(problems)} problem(s)" if problems else "all well")
-              + (f" · {len(silent)} with no speech found" if silent else ""))
+              + (f" · {len(silent)} with no speech found" if silent else "")
+              + (f" · {len(review)} to review (language not expected)" if review else ""))
     return config.EXIT_FAILED if problems else config.EXIT_OK
 
 

@@ -108,7 +108,8 @@ def main(argv=None) -> int:
             transcriber.load()
             plans.append(transcription_plan(db, transcriber, stop, output_root=output_root, workers=args.workers,
                                             batch_size=20, lease_seconds=args.lease_seconds, quiet=args.quiet,
-                                            language=spoken, prompt=args.prompt))
+                                            language=spoken, prompt=args.prompt,
+                                            expected_languages=config.expected_languages()))
 
         def transcripts_to_come() -> bool:
             """The transcription beside the translations still has files to do (none when it stopped)."""

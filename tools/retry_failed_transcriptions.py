@@ -55,7 +55,8 @@ def transcription_plan(args, db, stop: StopSignal) -> Plan:
     limiter = limiter_for(transcriber.name)
     options = _options(args, TRANSCRIPTION, "")
     work = TranscriptionWork(db, transcriber, RunRequests(limiter, options.workers, stop.stop), config.output_dir(args),
-                             language=args.spoken_language, prompt=args.prompt)
+                             language=args.spoken_language, prompt=args.prompt,
+                             expected_languages=config.expected_languages())
     return Plan(options, work, limiter)
 
 

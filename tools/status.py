@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NO_SPEECH_NOTE, NOT_STARTED, STATUSES, TRANSCRIPTION,  # noqa: E402
-                        TRANSLATION)
+from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NO_SPEECH_NOTE, NOT_STARTED, REVIEW_NOTE, STATUSES,  # noqa: E402
+                        TRANSCRIPTION, TRANSLATION)
 from pipeline import config, publish  # noqa: E402
 
 LANGUAGE_NAMES = {"en": "English", "de": "German", "he": "Hebrew", "fr": "French", "es": "Spanish",
@@ -44,6 +44,9 @@ def summary(db, languages) -> dict:
         # completed translations whose transcript changed since (parallel_translation.py redoes them)
         "stale": {lang: stale[lang] for lang in languages if stale[lang]},
         "no_speech": no_speech(db),
+        # transcripts heard in a language the archive does not expect (VERBATIM_LANGUAGES): to review
+        "review": db.query("SELECT COUNT(*) FROM jobs WHERE stage = 'transcription' AND status = 'completed'"
+                           " AND note LIKE ?", (REVIEW_NOTE + "%",))[0][0],
         "audio_hours": round(totals["audio_seconds"] / 3600, 3),
         "cost_usd": round(totals["cost"], 4),
         "errors": {
@@ -65,10 +68,12 @@ def no_speech(db) -> dict:
     return found
 
 
-def _line(label: str, counts: dict, width: int, silent: int = 0) -> str:
+def _line(label: str, counts: dict, width: int, silent: int = 0, review: int = 0) -> str:
     parts = [f"{status.replace('_', ' ')} {counts[status]:,}" for status in (COMPLETED, NOT_STARTED, IN_PROGRESS, FAILED)]
     if silent:
         parts.append(f"no speech {silent:,}")
+    if review:
+        parts.append(f"to review {review:,} (language not expected)")
     return f"{label + ':':<{width}} " + " · ".join(parts)
 
 
@@ -80,7 +85,8 @@ def render(report: dict) -> str:
     lines = [f"Files: {report['files']:,} · audio {report['audio_hours']:,.1f} h · cost so far ${report['cost_usd']:,.2f}"]
     stale = {f"{LANGUAGE_NAMES.get(lang, lang)} translations": n for lang, n in report.get("stale", {}).items()}
     silent = report.get("no_speech", {})
-    lines += [_line(label, counts, width, silent.get(TRANSCRIPTION, 0) if label == "Transcription" else 0)
+    lines += [_line(label, counts, width, *((silent.get(TRANSCRIPTION, 0), report.get("review", 0))
+                                           if label == "Transcription" else ()))
               + (f" (stale {stale[label]:,}: transcript changed since)" if label in stale else "")
               for label, counts in labels.items()]
     errors = [("transcription", report["errors"]["transcription"])]

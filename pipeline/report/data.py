@@ -18,7 +18,7 @@ import urllib.parse
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from db_manager import FAILED, TRANSCRIPTION, TRANSLATION
+from db_manager import FAILED, NO_SPEECH_NOTE, REVIEW_NOTE, TRANSCRIPTION, TRANSLATION
 from pipeline.outputs import UnsafePathError, safe_join
 from pipeline.subtitles import RTL_LANGUAGES
 
@@ -50,6 +50,8 @@ class JobView:
     cost: float | None
     outputs: list[OutputLink]
     json_path: str | None      # the recorded transcript/translation json, resolved, when it exists
+    marks: list[str] = field(default_factory=list)   # "edited", "stale", "review", "no speech"
+    note: str | None = None
 
 
 @dataclass
@@ -139,8 +141,11 @@ def load_interviews(db, output_dir: str, page_dir: str) -> list[Interview]:
         path = os.fsdecode(bytes(media["path_bytes"]))
         media_path = os.path.abspath(path)
         jobs = {}
-        for row in jobs_by_file.get(media["file_id"], []):
+        rows = jobs_by_file.get(media["file_id"], [])
+        transcript_sha = next((_recorded_sha(r, "json") for r in rows if r["stage"] == TRANSCRIPTION), None)
+        for row in rows:
             job = _job_view(row, output_dir, media["folder"], page_dir)
+            job.marks = _marks(row, transcript_sha)
             jobs[job.key] = job
         interviews.append(Interview(
             file_id=media["file_id"], name=os.path.basename(media["path_display"]), path=media["path_display"],
@@ -148,6 +153,47 @@ def load_interviews(db, output_dir: str, page_dir: str) -> list[Interview]:
             duration=media["duration"], language=media["source_language"], folder=media["folder"],
             jobs=jobs, events=events_by_file.get(media["file_id"], [])))
     return interviews
+
+
+def _recorded_sha(row, fmt: str) -> str | None:
+    try:
+        return (json.loads(row["outputs"] or "{}").get(fmt) or {}).get("sha256")
+    except ValueError:
+        return None
+
+
+def _marks(row, transcript_sha: str | None) -> list[str]:
+    """What an archivist should look at, beside the status: a hand edit not yet adopted, a
+    translation of an older transcript, a transcript in a language the archive does not expect."""
+    marks = []
+    note = row["note"] or ""
+    if note.startswith(REVIEW_NOTE):
+        marks.append("review")
+    if note == NO_SPEECH_NOTE:
+        marks.append("no speech")
+    if row["stage"] == TRANSLATION and row["status"] == "completed" and row["source_sha256"] \
+            and row["source_sha256"] != transcript_sha:
+        marks.append("stale")
+    if row["status"] == "completed" and _edited(row):
+        marks.append("edited")
+    return marks
+
+
+def _edited(row) -> bool:
+    """A recorded .txt/.srt/.vtt whose content is no longer what was recorded (a hand correction)."""
+    try:
+        outputs = json.loads(row["outputs"] or "{}")
+    except ValueError:
+        return False
+    for fmt in ("txt", "srt", "vtt"):
+        info = outputs.get(fmt) or {}
+        try:
+            with open(info.get("path", ""), "rb") as handle:
+                if hashlib.sha256(handle.read()).hexdigest() != info.get("sha256"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _job_view(row, output_dir: str, folder: str, page_dir: str) -> JobView:
@@ -165,7 +211,8 @@ def _job_view(row, output_dir: str, folder: str, page_dir: str) -> JobView:
             json_path = found
     key = TRANSCRIPTION if row["stage"] == TRANSCRIPTION else row["language"]
     return JobView(key, row["stage"], row["language"], row["status"], row["attempts"], row["error_class"],
-                   row["error_message"], row["provider"], row["model"], row["cost"], links, json_path)
+                   row["error_message"], row["provider"], row["model"], row["cost"], links, json_path,
+                   note=row["note"])
 
 
 def _read_json(path: str | None) -> dict | None:
