@@ -35,6 +35,7 @@ from pathlib import Path
 
 from pipeline.errors import MACHINE_ERRNOS, MachineError
 from pipeline.faults import crash_point
+from pipeline.identity import process_gone
 
 TEMP_SUFFIX = ".tmp"
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
@@ -286,17 +287,6 @@ def _write_durably(handle, data: bytes) -> None:
     handle.write(data)
     handle.flush()
     os.fsync(handle.fileno())
-
-
-def process_gone(pid: int) -> bool:
-    """True only when no process ``pid`` exists on this host (the one liveness probe we use)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _remove_dead_writers_temps(folder: Path, names) -> None:
