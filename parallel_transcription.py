@@ -191,8 +191,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config.load_env(args.env_file)
     config.setup_logging(args.verbose, args.quiet)
-    if args.language:
-        config.parse_languages([args.language])
+    if args.language:  # validated and sent as the code it is ("DE" -> "de"), never as typed
+        args.language = config.parse_languages([args.language])[0]
     check_inputs(args.input)
     # A dry run that registers nothing only reads: it works on a read-only database too.
     db = config.open_db(config.db_path(args), read_only=args.dry_run and not args.input,

@@ -375,3 +375,25 @@ def test_detection_is_restricted_to_the_languages_the_archive_expects(expected, 
     result = engine.transcribe(wav("winter"), expected=expected)
     assert model.told and set(model.told) == {told}
     assert result.language == (told or "la")
+
+
+def test_the_retry_tool_runs_the_local_engine_as_the_script_does(model_path, tmp_path):
+    """The retry tool builds its run through the transcription script's plan: the local engine's
+    model is loaded, and its request slots are the engine's own workers, not the tool's default."""
+    import argparse
+
+    import db_manager as dbm
+    from pipeline.runner import StopSignal
+    from tools import retry_failed_transcriptions as retry_tool
+
+    args = argparse.Namespace(provider="local", model=model_path, workers=None, device="cpu", compute_type=None,
+                              batch_size=None, quiet=True, spoken_language=None, prompt=None,
+                              db=str(tmp_path / "jobs.db"), output_dir=str(tmp_path / "out"))
+    db = dbm.DatabaseManager(args.db)
+    try:
+        plan = retry_tool.transcription_plan(args, db, StopSignal())
+    finally:
+        db.close_all()
+    engine_workers = plan.work.transcriber.max_concurrency
+    assert engine_workers <= max(1, os.cpu_count() or 1) and plan.work.transcriber._engine._model is not None
+    assert plan.options.workers == engine_workers == plan.limiter.max_concurrency

@@ -480,16 +480,19 @@ def test_retry_runs_failed_files_again_once_the_api_heals(tmp_path):
                                    *args], capture_output=True, text=True, env=env, timeout=120)
 
         server.fault = sick
-        first = run("parallel_transcription.py", "--input", str(media), "--workers", "3", "--quiet")
+        first = run("parallel_transcription.py", "--input", str(media), "--workers", "3", "--quiet", "--language", "DE")
         assert first.returncode == 1, first.stderr
+        assert {u.fields.get("language") for u in stt.uploads} == {"de"}  # the code, not as typed
         make_tone(media / "later.wav", freq=550, seconds=1.0)   # queued work the retry must not start
         assert run("tools/add_media.py", str(media / "later.wav")).returncode == 0
 
         server.fault = None
         sent = server.count()
+        uploaded = len(stt.uploads)
         retry = run("tools/retry_failed_transcriptions.py", "--workers", "2", "--error-class", "bad_request",
-                    "--quiet", "--json")
+                    "--quiet", "--json", "--spoken-language", "DE")
         assert retry.returncode == 0, retry.stderr
+        assert [u.fields.get("language") for u in stt.uploads[uploaded:]] == ["de"]
         summary = json.loads(retry.stdout)["runs"][0]
         assert (summary["completed"], summary["failed_total"], summary["remaining"]) == (1, 0, 0)
         assert server.count() - sent == 1

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import NOT_STARTED, STAGES, TRANSCRIPTION, TRANSLATION  # noqa: E402
 from pipeline import config  # noqa: E402
-from pipeline.limiter import RunRequests, limiter_for  # noqa: E402
-from pipeline.runner import Plan, RunOptions, StopSignal, report, run_plans, thread_count  # noqa: E402
+from pipeline.runner import Plan, StopSignal, report, run_plans  # noqa: E402
+from transcription import add_local_arguments  # noqa: E402
 
 log = logging.getLogger("verbatim.retry")
 
@@ -48,36 +48,35 @@ def list_jobs(rows, what: str, as_json: bool) -> int:
 
 
 def transcription_plan(args, db, stop: StopSignal) -> Plan:
-    from parallel_transcription import TranscriptionWork
-    from transcription import choose_transcriber
+    """The transcription script's own plan (its provider limiter, the local engine's cap and
+    model, the expected languages), so a retry runs as the script would."""
+    from parallel_transcription import transcription_plan as stage_plan
+    from transcription import check_language, choose_transcriber
 
-    transcriber = choose_transcriber(args.provider, os.environ, model=args.model)
-    limiter = limiter_for(transcriber.name)
-    options = _options(args, TRANSCRIPTION, "")
-    work = TranscriptionWork(db, transcriber, RunRequests(limiter, options.workers, stop.stop), config.output_dir(args),
-                             language=args.spoken_language, prompt=args.prompt,
-                             expected_languages=config.expected_languages())
-    return Plan(options, work, limiter)
+    workers = args.workers or DEFAULT_WORKERS[TRANSCRIPTION]
+    transcriber = choose_transcriber(args.provider, os.environ, model=args.model, workers=workers,
+                                     device=args.device, compute_type=args.compute_type)
+    check_language(transcriber, args.spoken_language)
+    transcriber.load()
+    plan = stage_plan(db, transcriber, stop, output_root=config.output_dir(args), workers=workers,
+                      batch_size=args.batch_size or DEFAULT_BATCH_SIZE[TRANSCRIPTION], quiet=args.quiet,
+                      language=args.spoken_language, prompt=args.prompt,
+                      expected_languages=config.expected_languages())
+    plan.options.label = "retry transcription"
+    return plan
 
 
 def translation_plan(args, db, language: str, stop: StopSignal) -> Plan:
-    from parallel_translation import TranslationWork
-    from translation import choose_fallback, choose_translator
+    """The translation script's own plan for ``language``."""
+    from parallel_translation import translation_plan as stage_plan
+    from translation import choose_translator
 
     translator = choose_translator(language, args.provider, os.environ, model=args.model)
-    limiter = limiter_for(translator.name)
-    options = _options(args, TRANSLATION, language)
-    work = TranslationWork(db, translator, choose_fallback(language, os.environ, translator.name),
-                           RunRequests(limiter, options.workers, stop.stop), config.output_dir(args), language)
-    return Plan(options, work, limiter)
-
-
-def _options(args, stage: str, language: str) -> RunOptions:
-    workers = args.workers or DEFAULT_WORKERS[stage]
-    return RunOptions(stage, language, workers=workers, threads=thread_count(workers),
-                      batch_size=args.batch_size or DEFAULT_BATCH_SIZE[stage],
-                      label=f"retry {stage}" + (f" {language}" if language else ""), quiet=args.quiet,
-                      output_root=config.output_dir(args))
+    plan = stage_plan(db, language, translator, stop, output_root=config.output_dir(args),
+                      workers=args.workers or DEFAULT_WORKERS[TRANSLATION],
+                      batch_size=args.batch_size or DEFAULT_BATCH_SIZE[TRANSLATION], quiet=args.quiet)
+    plan.options.label = f"retry translation {language}"
+    return plan
 
 
 def selection(args) -> tuple[str, str]:
@@ -90,8 +89,8 @@ def selection(args) -> tuple[str, str]:
     if args.language:
         raise config.ConfigError("--language is a translation target: use it with --stage translation "
                                  "(--spoken-language is the transcription hint)")
-    if args.spoken_language:
-        config.parse_languages([args.spoken_language])
+    if args.spoken_language:  # sent as the code it is ("DE" -> "de"), never as typed
+        args.spoken_language = config.parse_languages([args.spoken_language])[0]
     return TRANSCRIPTION, ""
 
 
@@ -120,6 +119,7 @@ def build_parser():
     parser.add_argument("--spoken-language", metavar="CODE", help="transcription: spoken language hint")
     parser.add_argument("--prompt", help="transcription: vocabulary hint (names and places)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    add_local_arguments(parser)
     config.add_common_args(parser)
     return parser
 
