@@ -56,6 +56,17 @@ DEFAULT_COMPUTE_TYPES = {"cpu": "int8", "cuda": "float16"}
 TRANSCRIBE_OPTIONS = {"vad_filter": True, "word_timestamps": True}
 
 
+CUDA_LIBRARIES_HINT = "pip install nvidia-cublas-cu12 nvidia-cudnn-cu12, or the system's CUDA 12 and cuDNN 9"
+
+
+def warm_up(model: WhisperModel) -> None:
+    """One second of silence through the model: the first real inference, where missing CUDA
+    libraries show (the seam tests use, as CI has no GPU)."""
+    pieces, _info = model.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32), language="en", beam_size=1,
+                                     vad_filter=False)
+    list(pieces)
+
+
 # -- settings ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EngineSettings:
@@ -64,6 +75,7 @@ class EngineSettings:
     compute_type: str
     workers: int          # transcriptions at once (CTranslate2 num_workers)
     cpu_threads: int      # threads per transcription (CTranslate2 intra_threads)
+    chosen: bool = False  # the device was chosen for the user (auto): a GPU that cannot run falls back
 
     @property
     def label(self) -> str:
@@ -120,7 +132,8 @@ def settings_for(model: str, *, device: str | None = None, compute_type: str | N
     if device not in DEVICES:
         raise ConfigError(f"local: --device {device!r}; choose from {', '.join(DEVICES)}")
     gpus = ctranslate2.get_cuda_device_count()
-    if device == "auto":
+    chosen = device == "auto"
+    if chosen:
         device = "cuda" if gpus else "cpu"
     elif device == "cuda" and not gpus:
         raise ConfigError("local: --device cuda, but no CUDA device is visible to CTranslate2")
@@ -134,7 +147,7 @@ def settings_for(model: str, *, device: str | None = None, compute_type: str | N
     workers = min(wanted, cores) if device == "cpu" else wanted
     if workers < wanted:
         log.info("local: %d workers asked, %d cores: %d transcriptions at a time", wanted, cores, workers)
-    return EngineSettings(model, device, compute_type, workers, max(1, cores // workers))
+    return EngineSettings(model, device, compute_type, workers, max(1, cores // workers), chosen)
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -164,18 +177,42 @@ class LocalWhisperEngine:
         self._slots = threading.BoundedSemaphore(settings.workers)
 
     def load(self) -> WhisperModel:
-        """Load the model once (downloading a named one on first use); ConfigError if that fails."""
+        """Load the model once (downloading a named one on first use); ConfigError if that fails.
+
+        On a GPU, one second of silence is transcribed first: CTranslate2 may see the GPU and load
+        the model, yet every transcription fail for a missing CUDA library (libcublas.so.12), which
+        would fail every file of the archive. A device chosen for the user then falls back to the
+        CPU with one line saying why; a GPU asked for is a configuration error naming the library."""
         with self._load_lock:
             if self._model is None:
-                s = self.settings
-                log.info("local: loading Whisper model %r on %s (%s), %d worker(s) x %d thread(s)",
-                         s.label, s.device, s.compute_type, s.workers, s.cpu_threads)
-                try:
-                    self._model = WhisperModel(s.model, device=s.device, compute_type=s.compute_type,
-                                               cpu_threads=s.cpu_threads, num_workers=s.workers)
-                except Exception as exc:  # hub, network, disk and CTranslate2 errors all mean "cannot load"
-                    raise ConfigError(_load_error(s, exc)) from exc
+                model = self._open(self.settings)
+                if self.settings.device == "cuda":
+                    model = self._warmed_up(model)
+                self._model = model
             return self._model
+
+    def _open(self, s: EngineSettings) -> WhisperModel:
+        log.info("local: loading Whisper model %r on %s (%s), %d worker(s) x %d thread(s)",
+                 s.label, s.device, s.compute_type, s.workers, s.cpu_threads)
+        try:
+            return WhisperModel(s.model, device=s.device, compute_type=s.compute_type,
+                                cpu_threads=s.cpu_threads, num_workers=s.workers)
+        except Exception as exc:  # hub, network, disk and CTranslate2 errors all mean "cannot load"
+            raise ConfigError(_load_error(s, exc)) from exc
+
+    def _warmed_up(self, model: WhisperModel) -> WhisperModel:
+        try:
+            warm_up(model)
+            return model
+        except (RuntimeError, OSError) as exc:
+            why = str(exc).strip() or type(exc).__name__
+            if not self.settings.chosen:
+                raise ConfigError(f"local: --device cuda cannot run Whisper here: {why}. Install NVIDIA's CUDA 12"
+                                  f" libraries ({CUDA_LIBRARIES_HINT}) or use --device cpu") from exc
+            log.warning("local: the GPU cannot run Whisper (%s); transcribing on the CPU instead (%s to use it)",
+                        why, CUDA_LIBRARIES_HINT)
+            self.settings = settings_for(self.settings.model, device="cpu", workers=self.settings.workers)
+            return self._open(self.settings)
 
     def transcribe(self, path, *, language: str | None = None, prompt: str | None = None,
                    expected: list[str] | None = None) -> EngineResult:

@@ -657,6 +657,9 @@ class LocalWhisperTranscriber(Transcriber):
             if self.alternative:
                 raise ConfigError(f"{exc}. {self.alternative}") from exc
             raise
+        # A GPU that could not run moved the engine to the CPU: its parallelism is the CPU's now.
+        self.settings = self._engine.settings
+        self.max_concurrency = self.settings.workers
 
     def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
         """The whole recording, decoded and transcribed window by window by the engine."""

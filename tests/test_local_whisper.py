@@ -397,3 +397,54 @@ def test_the_retry_tool_runs_the_local_engine_as_the_script_does(model_path, tmp
     engine_workers = plan.work.transcriber.max_concurrency
     assert engine_workers <= max(1, os.cpu_count() or 1) and plan.work.transcriber._engine._model is not None
     assert plan.options.workers == engine_workers == plan.limiter.max_concurrency
+
+
+# -- a GPU without its libraries ----------------------------------------------------------------------
+class _GpuWithoutCublas:
+    """faster-whisper's WhisperModel on a machine whose driver shows a GPU but whose CUDA 12 cuBLAS
+    is missing: the model loads, and the first inference on the GPU fails (as measured on an H200
+    with only CUDA 13's libraries)."""
+
+    made: list[str] = []
+
+    def __init__(self, model, *, device, **options):
+        self.device = device
+        _GpuWithoutCublas.made.append(device)
+
+    def transcribe(self, samples, **options):
+        if self.device == "cuda":
+            raise RuntimeError("Library libcublas.so.12 is not found or cannot be loaded")
+        return iter([]), None
+
+
+@pytest.fixture
+def gpu_without_cublas(monkeypatch):
+    local_whisper = pytest.importorskip("local_whisper")
+    monkeypatch.setattr(local_whisper, "WhisperModel", _GpuWithoutCublas)
+    monkeypatch.setattr(local_whisper.ctranslate2, "get_cuda_device_count", lambda: 1)
+    supported = local_whisper.ctranslate2.get_supported_compute_types
+    monkeypatch.setattr(local_whisper.ctranslate2, "get_supported_compute_types",
+                        lambda device: {"float16", "int8_float16", "float32"} if device == "cuda" else supported(device))
+    _GpuWithoutCublas.made = []
+    return local_whisper
+
+
+def test_an_unusable_gpu_chosen_automatically_falls_back_to_the_cpu(gpu_without_cublas, caplog):
+    local_whisper = gpu_without_cublas
+    engine = local_whisper.LocalWhisperEngine(local_whisper.settings_for("tiny", device="auto", workers=4))
+    assert engine.settings.device == "cuda"  # CTranslate2 sees the GPU, so auto picks it
+    engine.load()
+    assert _GpuWithoutCublas.made == ["cuda", "cpu"] and engine.settings.device == "cpu"
+    assert engine.settings.compute_type == "int8" and engine.settings.workers <= local_whisper.cpu_cores()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "libcublas.so.12" in warned[0] and "nvidia-cublas-cu12" in warned[0]
+
+
+def test_an_unusable_gpu_asked_for_is_a_configuration_error_naming_the_library(gpu_without_cublas):
+    local_whisper = gpu_without_cublas
+    engine = local_whisper.LocalWhisperEngine(local_whisper.settings_for("tiny", device="cuda"))
+    with pytest.raises(ConfigError) as caught:
+        engine.load()
+    message = str(caught.value)
+    assert "libcublas.so.12" in message and "nvidia-cublas-cu12 nvidia-cudnn-cu12" in message
+    assert "--device cpu" in message and _GpuWithoutCublas.made == ["cuda"]
