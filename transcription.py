@@ -601,7 +601,7 @@ class ElevenLabsTranscriber(Transcriber):
                           has_timestamps=True, raw_responses=[data])
 
 
-LOCAL_INSTALL_HINT = "pip install -r requirements-local.txt"
+LOCAL_INSTALL_HINT = "pip install -r requirements.txt (faster-whisper is part of it)"
 
 
 class LocalWhisperTranscriber(Transcriber):

@@ -490,7 +490,7 @@ def test_choose_by_name_env_or_first_key():
      "VERBATIM_OPENAI_MAX_UPLOAD_BYTES must be a positive number"),
 ])
 def test_configuration_errors_say_what_to_set(name, env, model, message, monkeypatch):
-    monkeypatch.setitem(sys.modules, "faster_whisper", None)  # as without requirements-local.txt
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)  # as where its install failed
     with pytest.raises(ConfigError, match=message):
         T.choose_transcriber(name, env, model)
 
