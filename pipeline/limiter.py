@@ -32,9 +32,9 @@ a provider-neutral ``RateLimitInfo``), and then the budget paces the starts: of 
 (by when its request started), ``remaining`` may start before its reset and ``limit`` after it,
 less the requests started since. That holds for a fixed window (the count is back to ``limit`` at
 the reset) and for a token bucket (full at the reset, topped up before it: the next answers say
-so), so ``remaining`` is never driven to 0 before the reset. Such a provider's requests start in slow
-start: one alone (its budget is unknown, and a first wave of every worker at once is exactly what
-would be refused), then one more in flight per answer, as the concurrency limit grows anyway.
+so), so ``remaining`` is never driven to 0 before the reset. Such a provider's first request goes
+alone (its budget is unknown, and a first wave of every worker at once is exactly what would be
+refused); its answer's report then paces the rest, with every worker free to send.
 
 Rate-limit waits do not spend job attempts; they are bounded by ``patience`` seconds per call,
 after which (or when the server asks for more than ``MAX_INLINE_WAIT_SECONDS``) the error is
@@ -372,6 +372,10 @@ class ProviderLimiter:
             # Requests started before this one and not yet answered may have reached the provider
             # after it, uncounted in ``remaining``.
             unseen = sum(1 for t in self._running if t < started)
+            if budget is None:
+                # The first report ends the slow start: from now on the budget paces the starts,
+                # so holding the concurrency low as well would only idle the workers.
+                self.limit = max(self.limit, self.ceiling)
             self._budget = _Budget(started, remaining, reset_at, info.limit, unseen)
             while self._starts and self._starts[0] <= started:
                 self._starts.popleft()
