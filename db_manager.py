@@ -651,12 +651,6 @@ class DatabaseManager:
                 f" AND status = 'not_started' AND run_after >= ? AND {_TRANSCRIBED}",
                 (time.time(), language, PARKED)).rowcount
 
-    def set_media_info(self, file_id: str, *, duration=None, source_language=None) -> None:
-        with self.transaction() as conn:
-            conn.execute("UPDATE media_files SET duration = COALESCE(?, duration),"
-                         " source_language = COALESCE(?, source_language) WHERE file_id = ?",
-                         (duration, source_language, file_id))
-
     # -- the lease protocol ---------------------------------------------------------------------
     def claim(self, owner: str, stage: str, language: str = "", *, limit: int = 1,
               lease_seconds: float = DEFAULT_LEASE_SECONDS, file_ids: Iterable[str] | None = None) -> list[Job]:

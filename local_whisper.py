@@ -36,8 +36,7 @@ import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.utils import available_models
 
-from pipeline.config import ConfigError
-from pipeline.errors import PermanentError
+from pipeline.errors import ConfigError, PermanentError
 
 log = logging.getLogger(__name__)
 

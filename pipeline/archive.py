@@ -19,7 +19,7 @@ import os
 import uuid
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 MARKER = ".verbatim-archive.json"
 _PROBE_PREFIX = ".verbatim-probe-"

@@ -40,8 +40,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import ConfigError
-from pipeline.errors import PermanentError, RetryableError
+from pipeline.errors import ConfigError, PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
 

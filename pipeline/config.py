@@ -18,7 +18,7 @@ import sys
 
 from dotenv import dotenv_values
 
-from pipeline.errors import redact, register_secret, register_url_credentials
+from pipeline.errors import ConfigError, redact, register_secret, register_url_credentials  # noqa: F401 (ConfigError: re-exported for the scripts)
 
 EXIT_OK = 0
 EXIT_FAILED = 1            # the run finished but some jobs failed
@@ -34,10 +34,6 @@ DEFAULT_TARGET_LANGUAGES = ("en", "de", "he")
 SUPPORTED_LANGUAGES = {"en", "de", "he", "fr", "es", "it", "nl", "pl", "ru", "uk", "cs", "hu", "yi", "ar"}
 
 _SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
-
-
-class ConfigError(Exception):
-    """A usage or configuration problem: the script prints the message and exits 2."""
 
 
 # Which settings file load_env looked for, and whether it was read: an error about a missing

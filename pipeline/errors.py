@@ -79,6 +79,10 @@ def redact(text: str) -> str:
     return text
 
 
+class ConfigError(Exception):
+    """A usage or configuration problem: the script prints the message and exits 2."""
+
+
 class ProviderError(Exception):
     """Base class: ``error_class`` is stored with the job, ``status`` is the HTTP status if any."""
 
