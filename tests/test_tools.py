@@ -551,3 +551,22 @@ def test_fix_never_adopts_a_translation_of_another_version_of_the_transcript(arc
     code, out = run_tool(fix_tool, archive, capsys=capsys)
     assert code == 0 and out.strip() == "would change 0"
     assert archive.status(file_id, TRANSLATION) == NOT_STARTED
+
+
+def test_a_translation_corrected_by_hand_is_adopted_not_overwritten(archive, capsys):
+    file_id = archive.add("a")
+    archive.transcribe(file_id)
+    archive.translate(file_id)
+    srt = archive.path(file_id, "translation.he.srt")
+    corrected = srt.read_text().replace("נולדנו בווינה.", "נולדנו בווינה, ב-1930.")
+    srt.write_text(corrected)
+    code, out = run_tool(check_tool, archive, "--json", capsys=capsys)
+    assert code == 1 and [(p["kind"], p["format"]) for p in json.loads(out)["problems"]] == [("edited", "srt")]
+    code, out = run_tool(adopt_tool, archive, "--apply", capsys=capsys)
+    assert code == 0 and "adopted 1" in out
+    doc = json.loads(archive.path(file_id, "translation.he.json").read_text())
+    assert doc["segments"][1]["text"] == "נולדנו בווינה, ב-1930." and doc["segments"][1]["start"] == 1.5
+    assert "נולדנו בווינה, ב-1930." in archive.path(file_id, "translation.he.txt").read_text()
+    assert [p.read_text() for p in archive.folder(file_id).glob("translation.he.srt.edited-*")] == [corrected]
+    assert run_tool(check_tool, archive, capsys=capsys)[0] == 0  # the record and the files agree
+    assert archive.db.stale_translations() == []  # its transcript did not change: nothing to redo
