@@ -752,7 +752,9 @@ def transcribe_media(path, transcriber: Transcriber, *, language: str | None = N
             return None
         return {"stage": "transcription", "content": content_id, "offset": round(chunk.offset, 3),
                 "duration": round(chunk.duration or 0.0, 3), "provider": transcriber.name,
-                "model": transcriber.model, "language": language, "prompt": prompt}
+                "model": transcriber.model, "language": language, "prompt": prompt,
+                # the local engine's detection depends on them; a cloud answer does not
+                "expected": transcriber.expected_languages if transcriber.decodes_media else None}
 
     info = audio.probe(path)
     audio.check_complete(info, path)
