@@ -26,7 +26,7 @@ from pipeline.errors import AccountError, PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
 from pipeline import publish
-from pipeline.outputs import as_recorded, keep_edits, safe_join, sha256_file, staging_folder
+from pipeline.outputs import as_recorded, keep_edits, recorded_state, safe_join, sha256_file, staging_folder
 from pipeline.runner import JobCalls, Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
 from pipeline.spool import Spool
 from translation import (TRANSLATORS, Translation, UnitBatch, choose_fallback, choose_translator, load_source,
@@ -104,7 +104,7 @@ class TranslationWork:
             raise PermanentError("the transcription job recorded no transcript output",
                                  error_class="transcript_missing")
         path = recorded["path"]
-        if not _holds(path, recorded["sha256"]) and job.transcript_job is not None:
+        if recorded_state(recorded) != "same" and job.transcript_job is not None:
             publish.settle(self.db, self.output_root, job.transcript_job)
         try:
             actual = sha256_file(path)
@@ -119,13 +119,6 @@ class TranslationWork:
 def _source_sha(job: Job) -> str:
     """The sha256 of the transcript a translation is made from (its json, as the stale check reads)."""
     return (job.outputs.get("json") or job.outputs.get("txt"))["sha256"]
-
-
-def _holds(path: str, sha256: str) -> bool:
-    try:
-        return sha256_file(path) == sha256
-    except FileNotFoundError:
-        return False
 
 
 NO_PROVIDER_HINT = ("set one of " + ", ".join(cls.key_env_var for cls in TRANSLATORS.values())

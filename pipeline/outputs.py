@@ -305,6 +305,15 @@ def _remove_dead_writers_temps(folder: Path, names) -> None:
                 pass
 
 
+def recorded_state(info: dict) -> str:
+    """What the file of a recorded output (``{"path", "sha256", ...}``) holds now: "same" as was
+    recorded, "changed" (by hand, or damaged), or "missing" (gone or unreadable)."""
+    try:
+        return "same" if sha256_file(info["path"]) == info.get("sha256") else "changed"
+    except (OSError, KeyError, TypeError):
+        return "missing"
+
+
 def keep_edits(outputs: dict, *, now: float | None = None) -> list[str]:
     """Before a job's recorded outputs are replaced: keep a copy of each one that no longer holds
     what was recorded (a hand edit) as ``<name>.edited-<UTC time>`` beside it. Returns the copies.
@@ -312,12 +321,9 @@ def keep_edits(outputs: dict, *, now: float | None = None) -> list[str]:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     kept = []
     for info in outputs.values():
-        path = Path(info["path"])
-        try:
-            if sha256_file(path) == info.get("sha256"):
-                continue
-        except FileNotFoundError:
+        if recorded_state(info) != "changed":
             continue
+        path = Path(info["path"])
         copy = path.with_name(f"{path.name}.edited-{stamp}")
         shutil.copy2(path, copy)
         kept.append(str(copy))

@@ -157,6 +157,15 @@ def test_heartbeat_keeps_long_jobs_alive(db):
     assert summary.completed == 1 and summary.lease_lost == 0
 
 
+def call_from_threads(limiter: ProviderLimiter, request, *, threads: int, each: int) -> None:
+    """``threads`` workers, each making ``each`` requests through the shared limiter."""
+    workers = [threading.Thread(target=lambda: [limiter.call(request) for _ in range(each)]) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
 def test_limiter_settles_at_a_concurrency_cap():
     cap, lock = 5, threading.Lock()
     state = {"now": 0, "peak_after_429": 0, "seen_429": False, "calls": 0}
@@ -177,11 +186,7 @@ def test_limiter_settles_at_a_concurrency_cap():
         return True
 
     limiter = ProviderLimiter("fake")
-    threads = [threading.Thread(target=lambda: [limiter.call(request) for _ in range(5)]) for _ in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    call_from_threads(limiter, request, threads=32, each=5)
     assert state["seen_429"] and state["peak_after_429"] <= cap
     assert limiter.limit <= cap
 
@@ -214,11 +219,7 @@ def test_limiter_gives_a_provider_time_to_free_a_slot_and_keeps_the_cap():
         return True
 
     limiter = ProviderLimiter("fake")
-    threads = [threading.Thread(target=lambda: [limiter.call(request) for _ in range(2)]) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    call_from_threads(limiter, request, threads=16, each=2)
     assert state["successes"] == 16 * 2
     assert state["late_refusals"] == 0  # every refusal came in the first wave, before any answer
     assert limiter.ceiling == cap and state["peak_late"] == cap
@@ -237,12 +238,7 @@ def test_limiter_waits_out_a_storm_without_multiplying_requests():
 
     limiter = ProviderLimiter("fake")
     workers, per_worker = 16, 5
-    threads = [threading.Thread(target=lambda: [limiter.call(request) for _ in range(per_worker)])
-               for _ in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    call_from_threads(limiter, request, threads=workers, each=per_worker)
     assert calls["ok"] == workers * per_worker
     # one probe per cool-down, plus the first wave: nowhere near workers x retries
     assert calls["429"] <= workers + 1.0 / 0.1 + 2

@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from db_manager import FAILED, NO_SPEECH_NOTE, REVIEW_NOTE, TRANSCRIPTION, TRANSLATION
-from pipeline.outputs import UnsafePathError, safe_join
+from pipeline.outputs import UnsafePathError, recorded_state, safe_join
 from pipeline.subtitles import RTL_LANGUAGES
 
 log = logging.getLogger("verbatim.report")
@@ -185,15 +185,7 @@ def _edited(row) -> bool:
         outputs = json.loads(row["outputs"] or "{}")
     except ValueError:
         return False
-    for fmt in ("txt", "srt", "vtt"):
-        info = outputs.get(fmt) or {}
-        try:
-            with open(info.get("path", ""), "rb") as handle:
-                if hashlib.sha256(handle.read()).hexdigest() != info.get("sha256"):
-                    return True
-        except OSError:
-            continue
-    return False
+    return any(recorded_state(outputs[fmt]) == "changed" for fmt in ("txt", "srt", "vtt") if fmt in outputs)
 
 
 def _job_view(row, output_dir: str, folder: str, page_dir: str) -> JobView:
