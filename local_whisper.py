@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import av
 import ctranslate2
+import huggingface_hub
 import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.utils import available_models
@@ -50,6 +51,12 @@ CUT_FRAME_SECONDS = 0.1
 PAUSE_FRAMES = 5  # the quietest half second
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_COMPUTE_TYPES = {"cpu": "int8", "cuda": "float16"}
+# The model when none is named, by the device it runs on (docs/local-transcription.md says why):
+# on a CPU, ``small`` finishes an hour of German on a laptop's cores within the hour; on a GPU,
+# ``turbo`` (large-v3's encoder, 4 decoder layers) is far more accurate and still many times real time.
+DEFAULT_MODELS = {"cpu": "small", "cuda": "turbo"}
+# The files of a CTranslate2 Whisper repository on the Hub (what faster-whisper itself fetches).
+MODEL_FILES = ["config.json", "preprocessor_config.json", "model.bin", "tokenizer.json", "vocabulary.*"]
 # Same decoding options for every window, and for the benchmark's direct calls.
 TRANSCRIBE_OPTIONS = {"vad_filter": True, "word_timestamps": True}
 
@@ -74,6 +81,7 @@ class EngineSettings:
     workers: int          # transcriptions at once (CTranslate2 num_workers)
     cpu_threads: int      # threads per transcription (CTranslate2 intra_threads)
     chosen: bool = False  # the device was chosen for the user (auto): a GPU that cannot run falls back
+    named: bool = True    # the model was named; else it is the device's default and follows a fallback
 
     @property
     def label(self) -> str:
@@ -120,12 +128,12 @@ def resolve_model(model: str) -> str:
                       "nor a folder holding a CTranslate2 model")
 
 
-def settings_for(model: str, *, device: str | None = None, compute_type: str | None = None,
+def settings_for(model: str | None, *, device: str | None = None, compute_type: str | None = None,
                  workers: int | None = None, cores: int | None = None) -> EngineSettings:
     """Validated settings: ``device`` auto/cpu/cuda (auto: cuda when CTranslate2 sees a GPU),
-    ``compute_type`` int8 on CPU and float16 on GPU by default, ``workers`` capped at the cores on
-    CPU, and the cores shared out among the workers."""
-    model = resolve_model(model)
+    ``model`` the device's default (``DEFAULT_MODELS``) unless named, ``compute_type`` int8 on CPU
+    and float16 on GPU by default, ``workers`` capped at the cores on CPU, and the cores shared out
+    among the workers."""
     device = (device or "auto").strip().lower()
     if device not in DEVICES:
         raise ConfigError(f"local: --device {device!r}; choose from {', '.join(DEVICES)}")
@@ -135,6 +143,8 @@ def settings_for(model: str, *, device: str | None = None, compute_type: str | N
         device = "cuda" if gpus else "cpu"
     elif device == "cuda" and not gpus:
         raise ConfigError("local: --device cuda, but no CUDA device is visible to CTranslate2")
+    named = bool(model)
+    model = resolve_model(model or DEFAULT_MODELS[device])
     compute_type = (compute_type or DEFAULT_COMPUTE_TYPES[device]).strip().lower()
     supported = ctranslate2.get_supported_compute_types(device)
     if compute_type not in supported and compute_type not in ("auto", "default"):
@@ -145,7 +155,7 @@ def settings_for(model: str, *, device: str | None = None, compute_type: str | N
     workers = min(wanted, cores) if device == "cpu" else wanted
     if workers < wanted:
         log.info("local: %d workers asked, %d cores: %d transcriptions at a time", wanted, cores, workers)
-    return EngineSettings(model, device, compute_type, workers, max(1, cores // workers), chosen)
+    return EngineSettings(model, device, compute_type, workers, max(1, cores // workers), chosen, named)
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -193,7 +203,8 @@ class LocalWhisperEngine:
         log.info("local: loading Whisper model %r on %s (%s), %d worker(s) x %d thread(s)",
                  s.label, s.device, s.compute_type, s.workers, s.cpu_threads)
         try:
-            return WhisperModel(s.model, device=s.device, compute_type=s.compute_type,
+            folder = s.model if os.path.isabs(s.model) else fetch_model(s.model)
+            return WhisperModel(folder, device=s.device, compute_type=s.compute_type,
                                 cpu_threads=s.cpu_threads, num_workers=s.workers)
         except Exception as exc:  # hub, network, disk and CTranslate2 errors all mean "cannot load"
             raise ConfigError(_load_error(s, exc)) from exc
@@ -209,7 +220,8 @@ class LocalWhisperEngine:
                                   f" libraries ({CUDA_LIBRARIES_HINT}) or use --device cpu") from exc
             log.warning("local: the GPU cannot run Whisper (%s); transcribing on the CPU instead (%s to use it)",
                         why, CUDA_LIBRARIES_HINT)
-            self.settings = settings_for(self.settings.model, device="cpu", workers=self.settings.workers)
+            model = self.settings.model if self.settings.named else None  # a default follows the device
+            self.settings = settings_for(model, device="cpu", workers=self.settings.workers)
             return self._open(self.settings)
 
     def transcribe(self, path, *, language: str | None = None, prompt: str | None = None,
@@ -257,6 +269,22 @@ def engine_for(settings: EngineSettings) -> LocalWhisperEngine:
         if settings not in _engines:
             _engines[settings] = LocalWhisperEngine(settings)
         return _engines[settings]
+
+
+def fetch_model(name: str) -> str:
+    """The folder of Whisper size ``name``: the cached copy (no network call), else downloaded from
+    the Hugging Face Hub into its cache with a progress bar on stderr. faster-whisper downloads
+    without one, and a first model is 0.5 to 1.6 GB: a run must not look hung meanwhile."""
+    from faster_whisper.utils import _MODELS, download_model  # faster-whisper's size -> repository map
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from tqdm import tqdm
+
+    try:
+        return download_model(name, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    log.info("local: downloading Whisper model %r from the Hugging Face Hub (first use; cached after)", name)
+    return huggingface_hub.snapshot_download(_MODELS[name], allow_patterns=MODEL_FILES, tqdm_class=tqdm)
 
 
 def _load_error(settings: EngineSettings, exc: Exception) -> str:

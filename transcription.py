@@ -617,14 +617,14 @@ class LocalWhisperTranscriber(Transcriber):
     key_env_var = None
     base_url_env_var = None
     default_base_url = None
-    default_model = "turbo"
+    default_model = None  # by device: local_whisper.DEFAULT_MODELS
     models = ()  # any Whisper size name or model folder; checked by the engine
     decodes_media = True
 
     def __init__(self, *, model: str | None = None, device: str | None = None, compute_type: str | None = None,
                  workers: int | None = None):
         engine = _local_engine_module()
-        self._engine = engine.engine_for(engine.settings_for(model or self.default_model, device=device,
+        self._engine = engine.engine_for(engine.settings_for(model, device=device,
                                                              compute_type=compute_type, workers=workers))
         self.settings = self._engine.settings
         self.model = self.settings.label

@@ -93,7 +93,7 @@ def serve_local(dispatch, *, name: str, queue_size: int = 256) -> ThreadingHTTPS
         def _handle(self):
             dispatch(self)
 
-        do_GET = do_POST = do_PUT = do_DELETE = _handle
+        do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _handle
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import wave
+from pathlib import Path
 
 import pytest
 
@@ -223,7 +224,8 @@ def test_the_limiter_runs_as_many_requests_as_the_engine(model_path, monkeypatch
 # -- choosing and configuring ----------------------------------------------------------------
 def test_local_is_the_default_without_a_cloud_key(model_path):
     chosen = T.choose_transcriber(env={})
-    assert isinstance(chosen, T.LocalWhisperTranscriber) and chosen.model == "turbo"  # loaded only when used
+    assert isinstance(chosen, T.LocalWhisperTranscriber)  # loaded only when used
+    assert chosen.model == "small" and chosen.settings.device == "cpu"  # the CPU's default (no GPU here)
     assert T.choose_transcriber(env={"VERBATIM_LOCAL_MODEL": model_path}).model == "model"
     assert T.choose_transcriber(env={"ELEVENLABS_API_KEY": "el-test-a1b2c3"}).name == "elevenlabs"
     both = {"OPENAI_API_KEY": "sk-test-a1b2c3", "ELEVENLABS_API_KEY": "el-test-a1b2c3"}
@@ -421,6 +423,7 @@ class _GpuWithoutCublas:
 def gpu_without_cublas(monkeypatch):
     local_whisper = pytest.importorskip("local_whisper")
     monkeypatch.setattr(local_whisper, "WhisperModel", _GpuWithoutCublas)
+    monkeypatch.setattr(local_whisper, "fetch_model", lambda name: name)  # no hub: the model is a stand-in
     monkeypatch.setattr(local_whisper.ctranslate2, "get_cuda_device_count", lambda: 1)
     supported = local_whisper.ctranslate2.get_supported_compute_types
     monkeypatch.setattr(local_whisper.ctranslate2, "get_supported_compute_types",
@@ -440,6 +443,19 @@ def test_an_unusable_gpu_chosen_automatically_falls_back_to_the_cpu(gpu_without_
     assert len(warned) == 1 and "libcublas.so.12" in warned[0] and "nvidia-cublas-cu12" in warned[0]
 
 
+def test_a_default_model_follows_the_fallback_to_the_cpu(gpu_without_cublas):
+    """No model named: a GPU gets turbo, and when that GPU cannot run, the CPU gets its own default
+    (small), not a model sized for a GPU; a model named stays as named."""
+    local_whisper = gpu_without_cublas
+    engine = local_whisper.LocalWhisperEngine(local_whisper.settings_for(None, device="auto"))
+    assert (engine.settings.model, engine.settings.device) == ("turbo", "cuda")
+    engine.load()
+    assert (engine.settings.model, engine.settings.device, engine.settings.named) == ("small", "cpu", False)
+    named = local_whisper.LocalWhisperEngine(local_whisper.settings_for("medium", device="auto"))
+    named.load()
+    assert (named.settings.model, named.settings.device) == ("medium", "cpu")
+
+
 def test_an_unusable_gpu_asked_for_is_a_configuration_error_naming_the_library(gpu_without_cublas):
     local_whisper = gpu_without_cublas
     engine = local_whisper.LocalWhisperEngine(local_whisper.settings_for("tiny", device="cuda"))
@@ -448,6 +464,36 @@ def test_an_unusable_gpu_asked_for_is_a_configuration_error_naming_the_library(g
     message = str(caught.value)
     assert "libcublas.so.12" in message and "nvidia-cublas-cu12 nvidia-cudnn-cu12" in message
     assert "--device cpu" in message and _GpuWithoutCublas.made == ["cuda"]
+
+
+def test_a_size_name_is_downloaded_once_with_a_progress_bar(model_path, tmp_path):
+    """First use of a Whisper size name: the model comes from the Hugging Face Hub (a fake one on
+    127.0.0.1, serving the packaged model as ``tiny.en``) with a progress bar on stderr, and the
+    run transcribes. The second run uses the cache: nothing is downloaded again."""
+    from tests.fake_hub import serve_model
+
+    inputs = tmp_path / "interviews"
+    inputs.mkdir()
+    shutil.copy(wav("winter"), inputs / "winter.wav")
+    env = {k: v for k, v in script_env(HF_HOME=str(tmp_path / "hf")).items()
+           if not k.endswith("_API_KEY") and k not in ("HF_HUB_OFFLINE", "VERBATIM_LOCAL_MODEL")}
+    with serve_model("Systran/faster-whisper-tiny.en", model_path) as hub:
+        env["HF_ENDPOINT"] = hub.url
+        command = [sys.executable, str(ROOT / "parallel_transcription.py"), "--input", str(inputs),
+                   "--model", "tiny.en", "--workers", "1"]
+        first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert first.returncode == 0, first.stderr
+        assert sorted(hub.downloads()) == ["config.json", "model.bin", "tokenizer.json", "vocabulary.txt"]
+        assert "downloading Whisper model 'tiny.en'" in first.stderr
+        size = sum(path.stat().st_size for path in Path(model_path).iterdir()) / 1e6
+        assert "100%" in first.stderr and f"{size:.1f}MB" in first.stderr  # a progress bar in bytes, done
+        (transcript,) = (tmp_path / "output").glob("*/transcript.txt")
+        assert word_error_rate(known_text("winter"), transcript.read_text(encoding="utf-8")) <= MAX_WER
+        shutil.copy(wav("letters"), inputs / "letters.wav")
+        again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr
+        assert len(hub.downloads()) == 4 and "downloading" not in again.stderr
+    assert len(list((tmp_path / "output").glob("*/transcript.txt"))) == 2
 
 
 def test_the_readme_quick_start_transcribes_with_no_key(model_path, tmp_path):
