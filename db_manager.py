@@ -985,6 +985,10 @@ class SqliteJobStore(JobStore):
 
     dialect = SQLITE
 
+    @property
+    def location(self) -> str:
+        return os.path.abspath(self.path)
+
     def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT_SECONDS, read_only: bool = False):
         self.path = str(path)
         self.busy_timeout = busy_timeout
