@@ -181,10 +181,14 @@ class PostgresJobStore(JobStore):
         self._local = threading.local()
         self._listener: psycopg.Connection | None = None
         self._listener_lock = threading.Lock()
-        if read_only:
-            self._check_schema()
-        else:
-            self._migrate()
+        try:
+            if read_only:
+                self._check_schema()
+            else:
+                self._migrate()
+        except BaseException:
+            self.close_all()  # a refused store leaves no pool (and its threads) behind
+            raise
 
     # -- connections and transactions ----------------------------------------------------------
     def _connect_kwargs(self) -> dict:
