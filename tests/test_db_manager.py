@@ -184,6 +184,22 @@ def test_fenced_completion_refuses_a_late_worker(db):
     assert [e["to_status"] for e in db.events(stale.id)].count("refused") == 2
 
 
+def test_a_completion_retried_after_its_commit_is_taken_once(db):
+    """A commit whose answer was lost (the connection cut during COMMIT) is retried: the retry of
+    the very same completion is recognised, anything else by that claim is still refused."""
+    db.register_files(records(1), [])
+    owner = dbm.make_owner()
+    (job,) = db.claim(owner, TRANSCRIPTION)
+    outcome = Outcome({"txt": {"path": "/o/t.txt", "sha256": "0" * 64, "size": 3}})
+    db.complete(job, outcome)
+    db.complete(job, outcome)  # the retry: no error, nothing changed
+    with pytest.raises(LeaseLostError):
+        db.complete(job, Outcome({"txt": {"path": "/o/other.txt", "sha256": "1" * 64, "size": 3}}))
+    with pytest.raises(LeaseLostError):
+        db.complete(dataclasses.replace(job, owner=dbm.make_owner("other")), outcome)
+    assert [e["to_status"] for e in db.events(job.id)].count(COMPLETED) == 1
+
+
 def test_same_owner_reclaimed_lease_is_fenced_by_claim_number(db):
     db.register_files(records(1), [])
     owner = dbm.make_owner(host="paused-laptop")

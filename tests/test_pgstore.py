@@ -253,3 +253,54 @@ def test_migrate_db_configuration_errors(tmp_path, pg_url):
     same = _migrate(str(tmp_path / "a.db"), str(tmp_path / "a.db"))
     assert same.returncode == 2 and "same job store" in same.stderr
     assert _migrate("--help").returncode == 0
+
+
+def test_parallel_transcription_with_db_url_end_to_end(pg_url, tmp_path):
+    """The real script, --db postgresql://..., a fake provider on 127.0.0.1: every file done once,
+    its outputs verified, the status tool reading the same server; a second run finds nothing to do."""
+    import os
+
+    from pipeline.outputs import sha256_file
+    from tests import mediagen
+    from tests.fake_stt import FakeSTT, env_for
+    from tests.fakeserver import FakeServer
+
+    server = FakeServer().start()
+    try:
+        stt = FakeSTT(server)
+        inputs = tmp_path / "in"
+        inputs.mkdir()
+        for i in range(6):
+            mediagen.make_tone(inputs / f"interview-{i}.wav", freq=300 + 40 * i, seconds=1.0)
+
+        def transcribe(*args):
+            return subprocess.run([sys.executable, str(ROOT / "parallel_transcription.py"), "--db", pg_url,
+                                   "--output-dir", str(tmp_path / "out"), "--quiet", *args],
+                                  capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                                  env=script_env(**env_for(stt)))
+
+        result = transcribe("--input", str(inputs), "--workers", "3", "--batch-size", "2", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["runs"][0]["completed"] == 6
+        assert len(stt.uploads) == 6
+        assert transcribe().returncode == 0 and len(stt.uploads) == 6  # nothing to do the second time
+    finally:
+        server.stop()
+    out = subprocess.run([sys.executable, str(ROOT / "tools/status.py"), "--db", pg_url, "--files", "--json"],
+                         capture_output=True, text=True, env=script_env(), timeout=60)
+    assert out.returncode == 0, out.stderr
+    items = json.loads(out.stdout)["items"]
+    assert len(items) == 6 and all(i["transcription"]["status"] == "completed" for i in items)
+    for item in items:
+        for path in item["transcription"]["outputs"].values():
+            assert os.path.getsize(path) > 0
+    db = dbm.open_job_store(pg_url, read_only=True)
+    for row in db.jobs(stage=TRANSCRIPTION):
+        for info in json.loads(row["outputs"]).values():
+            assert sha256_file(info["path"]) == info["sha256"]
+    assert db.query("SELECT COUNT(*) FROM live_runs")[0][0] == 0  # the run said goodbye
+    db.close_all()
+    from pipeline.archive import MARKER
+
+    marker = json.loads((tmp_path / "out" / MARKER).read_text())
+    assert marker["database"] == pg_url  # the output folder names the server's database, not a file
