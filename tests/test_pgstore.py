@@ -57,10 +57,10 @@ RECLAIMER = textwrap.dedent("""
 
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime is not installed")
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_a_client_whose_clock_is_ahead_cannot_reclaim_a_live_lease(backend, pg_url, tmp_path):
+def test_a_client_whose_clock_is_ahead_cannot_reclaim_a_live_lease(backend, request, tmp_path):
     """Leases are judged on the server's clock: a machine ten minutes ahead sees a lease of five
     minutes as valid. (SQLite, one machine, judges by the client's clock: there it is taken.)"""
-    target = pg_url if backend == "postgresql" else str(tmp_path / "jobs.db")
+    target = request.getfixturevalue("pg_url") if backend == "postgresql" else str(tmp_path / "jobs.db")
     db = dbm.open_job_store(target)
     db.register_files(records(1), [])
     elsewhere = dbm.make_owner(host="other-machine")  # not provable from here: only its lease counts
