@@ -1,4 +1,16 @@
-"""The job store: media files, jobs and their history in one SQLite database.
+"""The job store: media files, jobs and their history, in SQLite (one machine) or PostgreSQL (many).
+
+Backends
+--------
+``JobStore`` holds the interface and all the logic; ``SqliteJobStore`` (``DatabaseManager``, the
+name every caller knows) keeps it in one SQLite file, ``pipeline.pgstore.PostgresJobStore`` in a
+PostgreSQL database that several machines share. ``open_job_store(target)`` picks one from a path
+or a ``postgresql://`` URL. Both run the same SQL (the few differences live in
+``pipeline.dialects``), the same numbered migrations and schema version numbers, return rows
+indexable by name and position, and raise sqlite3's exception classes (``DatabaseUnavailable``
+is a ``sqlite3.OperationalError``: retry later). The sections below describe SQLite; the
+PostgreSQL store's docstring says what differs there (a connection pool, row locks with
+``SKIP LOCKED`` instead of one writer, the server's clock, ``NOTIFY``).
 
 Transaction rule
 ----------------
@@ -35,13 +47,16 @@ A job is one (file, stage, language): stage ``transcription`` (language ``''``) 
 worker whose lease was taken over cannot overwrite the new holder's work. ``reclaim()`` returns
 jobs of owners that are provably dead (``pipeline.identity``: same host, boot and PID namespace,
 process gone) or whose lease expired, except that an owner provably alive on this host is never
-robbed, whatever the clocks say. Leases are compared with this machine's clock: SQLite shared by
-several machines (a network filesystem) is not supported, as SQLite's locking is not safe there. A translation job waits *parked* (see ``PARKED``) until its transcript is completed.
+robbed, whatever the clocks say. Leases are compared with the store's clock (``_now``): this
+machine's for SQLite, as SQLite shared by several machines (a network filesystem) is not supported
+(its locking is not safe there); the server's for PostgreSQL, one clock for every machine. A
+translation job waits *parked* (see ``PARKED``) until its transcript is completed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import sqlite3
@@ -52,6 +67,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from pipeline.errors import redact
+from pipeline.dialects import POSTGRESQL, SQLITE, Dialect  # noqa: F401 (POSTGRESQL: for the PostgreSQL store)
 from pipeline.faults import crash_point
 from pipeline.identity import ALIVE, DEAD, HOSTNAME, make_owner, owner_state  # noqa: F401 (HOSTNAME, make_owner: part of the job store API)
 
@@ -96,6 +112,24 @@ _CHUNK = 500  # rows per statement batch when registering in bulk
 
 class DatabaseError(Exception):
     """The database cannot be used (for example it was written by a newer verbatim)."""
+
+
+# Errors of the store itself, whichever the backend. They are sqlite3's exception classes on
+# purpose: every caller (the runner's commit retry, the heartbeat, the tools) already tells
+# "retry later" (``sqlite3.OperationalError``: locked, busy) from the rest (``sqlite3.Error``),
+# and the PostgreSQL store maps psycopg's errors onto these, so no caller needs to know which
+# database it has.
+class StoreError(sqlite3.DatabaseError):
+    """A database error of the PostgreSQL store (the SQLite store raises sqlite3's own)."""
+
+
+class DatabaseUnavailable(StoreError, sqlite3.OperationalError):
+    """The store cannot be reached now (its server restarting, the network cut, no pooled
+    connection free in time) or a transaction lost a lock conflict: retry later."""
+
+
+class StoreIntegrityError(StoreError, sqlite3.IntegrityError):
+    """A constraint refused a write (as ``sqlite3.IntegrityError``)."""
 
 
 class LeaseLostError(Exception):
@@ -155,7 +189,11 @@ class Outcome:
 
 
 # --------------------------------------------------------------------------------------------
-# Schema migrations: an ordered list of small functions; PRAGMA user_version counts them.
+# Schema migrations: an ordered list of small functions, the same for both backends; their count
+# is the schema version (SQLite: PRAGMA user_version; PostgreSQL: the verbatim_schema table).
+# A migration takes ``(conn)`` and runs plain portable SQL (written as for SQLite: the PostgreSQL
+# connection maps ``?`` and SQLite's column types, see pipeline.dialects), or ``(conn, dialect)``
+# when it must say something only one database understands. Add new ones at the end.
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it COMMITs first, which would break the migration's transaction.
@@ -308,10 +346,648 @@ class _Unit:
 
 # --------------------------------------------------------------------------------------------
 
-class DatabaseManager:
+class JobStore:
+    """The job store's interface and the logic both backends share (see the module docstring).
+
+    A backend provides ``transaction()``, ``query()``, ``_grouped()``, ``close_all()``, the
+    schema version and ``_now(conn)`` (the clock leases are judged by); everything else is here,
+    written once in SQL both SQLite and PostgreSQL run, with the differences in ``self.dialect``."""
+
+    dialect: Dialect = SQLITE
+    read_only = False
+
+    # -- what a backend provides -------------------------------------------------------------------
+    def transaction(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def query(self, sql: str, params: Iterable = ()) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _grouped(self, unit, *args):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close_all(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def schema_version(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def location(self) -> str:
+        """Where the store is, as shown to people (never with a password)."""
+        return self.path
+
+    def _now(self, conn) -> float:
+        """The clock leases, backoffs and history are written with, inside a transaction: this
+        machine's for SQLite (one machine), the server's for PostgreSQL (one clock for all)."""
+        return time.time()
+
+    def now(self) -> float:
+        """The store's clock outside a transaction (see ``_now``)."""
+        return time.time()
+
+    def wait_for_transcripts(self, timeout: float, *, interrupt: threading.Event | None = None) -> bool:
+        """Wait up to ``timeout`` s for a transcript to be completed; True when one was signalled.
+
+        SQLite cannot signal: this waits out the poll interval (or until ``interrupt`` is set) and
+        says False, and the caller looks again, as it always did. PostgreSQL returns on the
+        completing transaction's ``NOTIFY``."""
+        if interrupt is not None:
+            interrupt.wait(timeout)
+        else:
+            time.sleep(timeout)
+        return False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close_all()
+
+    # -- schema --------------------------------------------------------------------------------
+    def _upgrade(self, conn, version: int) -> None:
+        """Run the migrations after ``version``, recording each one's number (``_set_version``)."""
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(
+                f"{self.location} has schema version {version}, but this verbatim knows only up to "
+                f"{SCHEMA_VERSION}: it was written by a newer verbatim. Upgrade verbatim; "
+                "the database was not changed.")
+        for number in range(version, SCHEMA_VERSION):
+            migration = MIGRATIONS[number]
+            if len(inspect.signature(migration).parameters) > 1:
+                migration(conn, self.dialect)
+            else:
+                migration(conn)
+            self._set_version(conn, number + 1)
+
+    def _set_version(self, conn, version: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_schema(self) -> None:
+        """Read-only: nothing is migrated, so the schema must be exactly the code's."""
+        version = self.schema_version()
+        if version == 0:
+            raise DatabaseError(f"{self.location} is not a verbatim job database (it has no verbatim schema)")
+        if version != SCHEMA_VERSION:
+            age = "older" if version < SCHEMA_VERSION else "newer"
+            raise DatabaseError(
+                f"{self.location} has schema version {version}, {age} than this verbatim's {SCHEMA_VERSION}, and"
+                " it is opened read-only here, so it is not " + ("upgraded: run any writing command on it (for"
+                " example tools/add_media.py) where it is writable first" if age == "older"
+                else "readable: upgrade verbatim"))
+
     # Who maintenance calls (reset, reset_failed, adopt) are logged as in ``events.owner``: a tool
     # sets its own name ("tool:fix_transcript_status.py"), so a file's history says which tool did it.
     actor = "tool"
+    # -- events and the single place statuses change ---------------------------------------------
+    @staticmethod
+    def _log(conn, job_id: int, owner, from_status, to_status, attempt=None,
+             error_class=None, error_message=None, at=None, outputs=None) -> None:
+        extra = ", outputs" if outputs is not None else ""  # a completion's outputs (schema version 3)
+        conn.execute(
+            "INSERT INTO events (at, job_id, owner, from_status, to_status, attempt, error_class, "
+            f"error_message{extra}) VALUES (?, ?, ?, ?, ?, ?, ?, ?{', ?' if extra else ''})",
+            (at or time.time(), job_id, owner, from_status, to_status, attempt, error_class,
+             redact(error_message) if error_message else None, *((outputs,) if extra else ())))
+
+    def _transition(self, conn, where: str, params: tuple, to_status: str, *, owner=None,
+                    sets: dict | None = None, error_class=None, error_message=None) -> list[sqlite3.Row]:
+        """Move the jobs matching ``where`` to ``to_status`` and log each move. Returns the rows.
+
+        This is the only code that writes ``jobs.status``.
+        """
+        if to_status not in STATUSES:
+            raise ValueError(f"unknown status {to_status!r}")
+        now = self._now(conn)
+        sets = dict(sets or {})
+        sets.update(status=to_status, updated_at=now)
+        if error_message is not None:
+            error_message = redact(error_message)[:2000]
+        assignments = ", ".join(f"{column} = {value}" if isinstance(value, _Sql) else f"{column} = ?"
+                                for column, value in sets.items())
+        values = [v for v in sets.values() if not isinstance(v, _Sql)]
+        # PostgreSQL: FOR UPDATE locks the rows and re-checks ``where`` on their newest version, so a
+        # fenced move sees the row as it is, never as it was before a concurrent commit.
+        old = {r["id"]: r["status"] for r in conn.execute(
+            f"SELECT id, status FROM jobs WHERE {where} ORDER BY id{self.dialect.for_update}", params)}
+        if not old:
+            return []
+        marks = ",".join("?" * len(old))
+        rows = conn.execute(f"UPDATE jobs SET {assignments} WHERE id IN ({marks}) RETURNING *",
+                            (*values, *old)).fetchall()
+        recorded = sets.get("outputs") if to_status == COMPLETED else None  # kept in the history
+        recorded = None if recorded == "{}" else recorded                        # (nothing to keep)
+        for row in rows:
+            self._log(conn, row["id"], owner or row["lease_owner"], old[row["id"]], to_status,
+                      row["attempts"], error_class, error_message, at=now, outputs=recorded)
+        return rows
+
+    # -- media registration -----------------------------------------------------------------------
+    def known_paths(self) -> dict[bytes, tuple[int, int, str]]:
+        """path bytes -> (size, mtime_ns, file_id), so a rescan hashes only new or changed files."""
+        return {bytes(r[0]): (r[1], r[2], r[3])
+                for r in self.query("SELECT path_bytes, size, mtime_ns, file_id FROM media_paths")}
+
+    def touch_paths(self, paths: Iterable[bytes]) -> None:
+        paths = list(paths)
+        for start in range(0, len(paths), _CHUNK):
+            with self.transaction() as conn:
+                now = self._now(conn)
+                conn.executemany("UPDATE media_paths SET last_seen = ? WHERE path_bytes = ?",
+                                 [(now, p) for p in paths[start:start + _CHUNK]])
+
+    def register_files(self, records: Iterable[MediaRecord], languages: Iterable[str] = (),
+                       *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict:
+        """Register media in bulk and ensure their transcription and translation jobs.
+
+        Identical content at a second path is one file: the path is recorded, no new file.
+        Returns counts: ``new_files``, ``new_paths``, ``duplicates``.
+        """
+        from pipeline.outputs import folder_name
+
+        languages = list(languages)
+        records = list(records)
+        counts = {"new_files": 0, "new_paths": 0, "duplicates": 0}
+        for start in range(0, len(records), _CHUNK):
+            with self.transaction() as conn:
+                now = self._now(conn)
+                for rec in records[start:start + _CHUNK]:
+                    file_id = rec.sha256[:16]
+                    raw = path_to_bytes(rec.path)
+                    shown = display_path(rec.path)
+                    cur = conn.execute(
+                        "INSERT INTO media_files (file_id, sha256, path_bytes, path_display, size, mtime_ns,"
+                        " duration, media_type, folder, added_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                        " ON CONFLICT DO NOTHING",
+                        (file_id, rec.sha256, raw, shown, rec.size, rec.mtime_ns, rec.duration,
+                         rec.media_type, folder_name(file_id, shown), now))
+                    counts["new_files" if cur.rowcount else "duplicates"] += 1
+                    cur = conn.execute(
+                        "INSERT INTO media_paths (path_bytes, path_display, file_id, size, mtime_ns,"
+                        " first_seen, last_seen) VALUES (?,?,?,?,?,?,?) ON CONFLICT(path_bytes) DO UPDATE"
+                        " SET file_id = excluded.file_id, size = excluded.size,"
+                        " mtime_ns = excluded.mtime_ns, last_seen = excluded.last_seen",
+                        (raw, shown, file_id, rec.size, rec.mtime_ns, now, now))
+                    counts["new_paths"] += 1
+                    new = self._ensure(conn, file_id, TRANSCRIPTION, "", max_attempts, now)
+                    transcribed = not new and self._transcribed(conn, file_id)  # one lookup per file
+                    for language in languages:
+                        self._ensure(conn, file_id, TRANSLATION, language, max_attempts, now,
+                                     transcribed=transcribed)
+        return counts
+
+    @staticmethod
+    def _ensure(conn, file_id, stage, language, max_attempts, now, *, transcribed: bool | None = None) -> bool:
+        """Create the job if it is missing; a translation is parked unless its transcript is done
+        (``transcribed``, looked up when not given)."""
+        run_after = 0.0
+        if stage == TRANSLATION:
+            if transcribed is None:
+                transcribed = JobStore._transcribed(conn, file_id)
+            run_after = 0.0 if transcribed else PARKED
+        row = conn.execute(
+            "INSERT INTO jobs (file_id, stage, language, max_attempts, run_after, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+            (file_id, stage, language, max_attempts, run_after, now, now)).fetchone()
+        if row is not None:
+            JobStore._log(conn, row[0], None, None, NOT_STARTED, 0, at=now)
+        return row is not None
+
+    def ensure_jobs(self, stage: str, language: str = "", *,
+                    max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> int:
+        """Create the (stage, language) job for every registered file that lacks one."""
+        _check_stage(stage, language)
+        with self.transaction() as conn:
+            now = self._now(conn)
+            missing = conn.execute(
+                "SELECT file_id FROM media_files WHERE file_id NOT IN"
+                " (SELECT file_id FROM jobs WHERE stage = ? AND language = ?)", (stage, language)).fetchall()
+            return sum(self._ensure(conn, r[0], stage, language, max_attempts, now) for r in missing)
+
+    @staticmethod
+    def _transcribed(conn, file_id: str) -> bool:
+        return conn.execute("SELECT 1 FROM jobs WHERE file_id = ? AND stage = 'transcription' AND language = ''"
+                            " AND status = 'completed'", (file_id,)).fetchone() is not None
+
+    @staticmethod
+    def _release_translations(conn, file_id: str, now: float) -> None:
+        """The transcript of ``file_id`` is completed: its parked translations join the queue."""
+        conn.execute("UPDATE jobs SET run_after = ? WHERE file_id = ? AND stage = 'translation'"
+                     " AND run_after >= ?", (now, file_id, PARKED))
+
+    def release_parked(self, language: str) -> int:
+        """Release parked ``language`` translations whose transcript is completed (a safety net:
+        completing a transcript releases them already). Returns how many were released."""
+        with self.transaction() as conn:
+            return conn.execute(
+                "UPDATE jobs SET run_after = ? WHERE stage = 'translation' AND language = ?"
+                f" AND status = 'not_started' AND run_after >= ? AND {_TRANSCRIBED}",
+                (self._now(conn), language, PARKED)).rowcount
+
+    # -- the lease protocol ---------------------------------------------------------------------
+    def claim(self, owner: str, stage: str, language: str = "", *, limit: int = 1,
+              lease_seconds: float = DEFAULT_LEASE_SECONDS, file_ids: Iterable[str] | None = None) -> list[Job]:
+        """Atomically lease up to ``limit`` eligible jobs to ``owner``.
+
+        Eligible: not_started, ``run_after`` passed, and for translations a completed transcript.
+        """
+        _check_stage(stage, language)
+        where = ("stage = ? AND language = ? AND status = 'not_started' AND run_after <= ?")
+        if stage == TRANSLATION:
+            where += f" AND {_TRANSCRIBED}"
+        with self.transaction() as conn:
+            now = self._now(conn)
+            where, params = _scoped(self.dialect, where, [stage, language, now], file_ids)
+            # PostgreSQL: FOR UPDATE SKIP LOCKED, so claimers on other machines step over the rows
+            # another claim holds instead of queueing behind it (SQLite: the write lock serialises).
+            rows = conn.execute(
+                "UPDATE jobs SET status = 'in_progress', attempts = attempts + 1, claims = claims + 1,"
+                " lease_owner = ?, lease_expires_at = ?, started_at = ?, updated_at = ?"
+                f" WHERE id IN (SELECT id FROM jobs WHERE {where} ORDER BY run_after, id LIMIT ?"
+                f"{self.dialect.skip_locked})"
+                " RETURNING id, file_id, stage, language, attempts, max_attempts, claims",
+                (owner, now + lease_seconds, now, now, *params, limit)).fetchall()
+            jobs = []
+            for row in rows:
+                self._log(conn, row["id"], owner, NOT_STARTED, IN_PROGRESS, row["attempts"], at=now)
+                jobs.append(self._job(conn, row, owner))
+        return jobs
+
+    def _job(self, conn, row, owner) -> Job:
+        media = conn.execute("SELECT path_bytes, media_type, folder, source_language FROM media_files"
+                             " WHERE file_id = ?", (row["file_id"],)).fetchone()
+        outputs, transcript_job = {}, None
+        if row["stage"] == TRANSLATION:
+            transcript = conn.execute("SELECT id, outputs FROM jobs WHERE file_id = ? AND stage = 'transcription'",
+                                      (row["file_id"],)).fetchone()
+            if transcript:
+                outputs, transcript_job = json.loads(transcript["outputs"]), transcript["id"]
+        return Job(row["id"], row["file_id"], row["stage"], row["language"], row["attempts"],
+                   row["max_attempts"], row["claims"], owner, os.fsdecode(bytes(media["path_bytes"])),
+                   media["media_type"], media["folder"], media["source_language"], outputs, transcript_job)
+
+    def attempts(self, job_ids: Iterable[int]) -> dict[int, sqlite3.Row]:
+        """job id -> its row's (id, file_id, stage, language, status, claims, outputs): which
+        attempt of a job is current, and what it recorded."""
+        ids = list(job_ids)
+        found = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start:start + _CHUNK]
+            for row in self.query("SELECT id, file_id, stage, language, status, claims, outputs FROM jobs"
+                                  f" WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+                found[row["id"]] = row
+        return found
+
+    def job_status(self, file_id: str, stage: str, language: str = "") -> str | None:
+        row = self.query("SELECT status FROM jobs WHERE file_id = ? AND stage = ? AND language = ?",
+                         (file_id, stage, language))
+        return row[0][0] if row else None
+
+    def heartbeat(self, owner: str, job_ids: Iterable[int], lease_seconds: float = DEFAULT_LEASE_SECONDS) -> set[int]:
+        """Extend the leases ``owner`` still holds; returns the ids it still holds."""
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        with self.transaction() as conn:
+            rows = conn.execute(
+                f"UPDATE jobs SET lease_expires_at = ? WHERE status = 'in_progress' AND lease_owner = ?"
+                f" AND id IN ({','.join('?' * len(ids))}) RETURNING id",
+                (self._now(conn) + lease_seconds, owner, *ids)).fetchall()
+        return {r[0] for r in rows}
+
+    _FENCE = "id = ? AND status = 'in_progress' AND lease_owner = ? AND claims = ?"
+
+    def complete(self, job: Job, outcome: Outcome) -> None:
+        """Record success, fenced: raises ``LeaseLostError`` (and changes nothing) if the lease moved on."""
+        refused = self._grouped(self._complete, job, outcome)
+        if refused:
+            raise refused
+
+    def _complete(self, conn, job: Job, outcome: Outcome) -> LeaseLostError | None:
+        sets = dict(lease_owner=None, lease_expires_at=None, completed_at=self._now(conn),
+                    error_class=None, error_message=None, outputs=json.dumps(outcome.outputs),
+                    provider=outcome.provider, model=outcome.model, note=outcome.note,
+                    audio_seconds=outcome.audio_seconds, characters=outcome.characters,
+                    tokens=outcome.tokens, cost=outcome.cost)
+        if job.stage == TRANSLATION:
+            sets["source_sha256"] = outcome.source_sha256
+        rows = self._transition(conn, self._FENCE, (job.id, job.owner, job.claim), COMPLETED, owner=job.owner,
+                                sets=sets)
+        crash_point("in_commit")
+        if not rows:
+            if self._recorded_already(conn, job, sets["outputs"]):
+                return None
+            return self._refuse(conn, job, "complete")
+        if job.stage == TRANSCRIPTION:
+            self._release_translations(conn, job.file_id, self._now(conn))
+            self.dialect.notify_transcripts(conn)
+        if outcome.duration is not None or outcome.source_language:
+            conn.execute("UPDATE media_files SET duration = COALESCE(?, duration),"
+                         " source_language = COALESCE(?, source_language) WHERE file_id = ?",
+                         (outcome.duration, outcome.source_language, job.file_id))
+        return None
+
+    @staticmethod
+    def _recorded_already(conn, job: Job, outputs: str) -> bool:
+        """This very completion is already committed: a retry after a commit whose answer was lost
+        (a PostgreSQL connection cut during COMMIT leaves its outcome unknown). The same claim
+        number, the same outputs, and the last completion logged by this owner."""
+        row = conn.execute("SELECT status, claims, outputs FROM jobs WHERE id = ?", (job.id,)).fetchone()
+        if row is None or (row["status"], row["claims"], row["outputs"]) != (COMPLETED, job.claim, outputs):
+            return False
+        last = conn.execute("SELECT owner FROM events WHERE job_id = ? AND to_status = 'completed'"
+                            " ORDER BY id DESC LIMIT 1", (job.id,)).fetchone()
+        return last is not None and last["owner"] == job.owner
+
+    def fail(self, job: Job, error_class: str, message: str, *, retryable: bool,
+             delay: float = 0.0, spend_attempt: bool = True) -> str:
+        """Record a failed attempt, fenced. Returns the job's new status.
+
+        Retryable errors go back to not_started after ``delay`` seconds until the attempts are used
+        up; permanent ones fail at once. ``spend_attempt=False`` (rate limits, a requeue after a
+        long Retry-After) gives the attempt back.
+        """
+        status, refused = self._grouped(self._fail, job, error_class, message, retryable, delay, spend_attempt)
+        if refused:
+            raise refused
+        return status
+
+    def _fail(self, conn, job: Job, error_class, message, retryable, delay, spend_attempt):
+        exhausted = retryable and spend_attempt and job.attempts >= job.max_attempts
+        status = NOT_STARTED if retryable and not exhausted else FAILED
+        sets = dict(lease_owner=None, lease_expires_at=None, error_class=error_class,
+                    error_message=redact(message)[:2000], run_after=self._now(conn) + max(0.0, delay))
+        if not spend_attempt:
+            sets["attempts"] = _GIVE_BACK_ATTEMPT
+        rows = self._transition(conn, self._FENCE, (job.id, job.owner, job.claim), status,
+                                owner=job.owner, sets=sets, error_class=error_class, error_message=message)
+        return status, (None if rows else self._refuse(conn, job, "fail"))
+
+    def release(self, jobs: Iterable[Job], reason: str = "released") -> int:
+        """Graceful give-back (shutdown, account error): not_started, the attempt not spent."""
+        released = 0
+        with self.transaction() as conn:
+            for job in jobs:
+                released += len(self._transition(
+                    conn, self._FENCE, (job.id, job.owner, job.claim), NOT_STARTED, owner=job.owner,
+                    sets=dict(lease_owner=None, lease_expires_at=None, attempts=_GIVE_BACK_ATTEMPT),
+                    error_class="released", error_message=reason))
+        return released
+
+    def _refuse(self, conn, job: Job, action: str) -> LeaseLostError:
+        """Log a fenced-out write (committed with the transaction) and return the error to raise."""
+        row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job.id,)).fetchone()
+        message = f"late {action} refused: claim {job.claim} of {job.owner} no longer holds the lease"
+        self._log(conn, job.id, job.owner, row["status"] if row else None, "refused", job.attempts,
+                  "lease_lost", message, at=self._now(conn))
+        return LeaseLostError(f"job {job.id} ({job.stage} {job.language}): {message}")
+
+    def reclaim(self, *, now: float | None = None) -> list[int]:
+        """Return to not_started the jobs whose lease expired or whose owner process is dead.
+
+        The lost attempt is given back (the file is not at fault for a killed runner); a job that
+        keeps losing its lease fails after ``MAX_LOST_LEASES`` so a file that kills its runner
+        cannot loop forever. Owners alive on this host are never touched, nor valid leases.
+        """
+        with self.transaction() as conn:
+            now = self._now(conn) if now is None else now
+            # PostgreSQL: the rows are locked until the transaction ends (a heartbeat cannot renew
+            # one between this look and the take-over); rows another transaction holds right now
+            # (a completion, a heartbeat) are skipped: their owner is evidently at work.
+            held = conn.execute("SELECT id, lease_owner, lease_expires_at FROM jobs"
+                                f" WHERE status = 'in_progress'{self.dialect.skip_locked}").fetchall()
+            states = {owner: owner_state(owner) for owner in {r["lease_owner"] for r in held}}
+            lost = [r["id"] for r in held
+                    if lease_lost_reason(r["lease_owner"], r["lease_expires_at"], now, states[r["lease_owner"]])]
+            if not lost:
+                return []
+            marks = ",".join("?" * len(lost))
+            give_back = dict(lease_owner=None, lease_expires_at=None, run_after=0,
+                             attempts=_GIVE_BACK_ATTEMPT, lost_leases=_Sql("lost_leases + 1"))
+            self._transition(conn, f"id IN ({marks}) AND lost_leases + 1 < ?", (*lost, MAX_LOST_LEASES),
+                             NOT_STARTED, sets=give_back, error_class="lease_lost",
+                             error_message="lease expired or its owner process died; reclaimed")
+            self._transition(conn, f"id IN ({marks}) AND status = 'in_progress'", tuple(lost), FAILED,
+                             sets=give_back, error_class="lease_lost_repeatedly",
+                             error_message=f"the runner died {MAX_LOST_LEASES} times while holding this job")
+        return lost
+
+    # -- maintenance used by the tools ------------------------------------------------------------
+    def reset(self, job_ids: Iterable[int], reason: str, *, reset_attempts: bool = False,
+              from_statuses: Iterable[str] = (COMPLETED, FAILED, NOT_STARTED)) -> int:
+        """Put jobs back to not_started (never one in progress). Outputs are forgotten."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        statuses = [s for s in from_statuses if s != IN_PROGRESS]
+        sets = dict(run_after=0, outputs="{}", completed_at=None)
+        if reset_attempts:
+            sets.update(attempts=0, lost_leases=0)
+        with self.transaction() as conn:
+            return len(self._transition(
+                conn, f"id IN ({','.join('?' * len(ids))}) AND status IN ({','.join('?' * len(statuses))})",
+                (*ids, *statuses), NOT_STARTED, owner=self.actor, sets=sets, error_class="reset",
+                error_message=reason))
+
+    def reset_failed(self, stage: str, language: str = "", *, error_class: str | None = None,
+                     limit: int | None = None) -> list[str]:
+        """Failed jobs back to not_started with fresh attempts (history kept in events).
+
+        Returns the file ids whose job was reset, so a retry can be scoped to exactly those."""
+        sql, params = self._failed_query(stage, language, error_class, limit)
+        sets = dict(run_after=0, outputs="{}", completed_at=None, attempts=0, lost_leases=0)
+        with self.transaction() as conn:
+            ids = [r["id"] for r in conn.execute(sql, params)]
+            rows = self._transition(conn, f"id IN ({','.join('?' * len(ids))}) AND status = 'failed'", tuple(ids),
+                                    NOT_STARTED, owner=self.actor, sets=sets, error_class="reset",
+                                    error_message="retry of failed job") if ids else []
+        return [r["file_id"] for r in rows]
+
+    def failed_jobs(self, stage: str, language: str = "", *, error_class: str | None = None,
+                    limit: int | None = None) -> list[sqlite3.Row]:
+        """The failed jobs ``reset_failed`` with the same arguments would reset (same filter and order)."""
+        return self.query(*self._failed_query(stage, language, error_class, limit))
+
+    @staticmethod
+    def _failed_query(stage, language, error_class, limit) -> tuple[str, list]:
+        _check_stage(stage, language)
+        sql = ("SELECT j.id, j.file_id, j.attempts, j.error_class, j.error_message, m.path_display"
+               " FROM jobs j JOIN media_files m USING (file_id)"
+               " WHERE j.stage = ? AND j.language = ? AND j.status = 'failed'")
+        params: list = [stage, language]
+        if error_class:
+            sql += " AND j.error_class = ?"
+            params.append(error_class)
+        sql += " ORDER BY j.id"
+        if limit:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return sql, params
+
+    def adopt(self, job_id: int, outputs: dict, note: str = "adopted existing valid output", *,
+              source_sha256: str | None = None) -> bool:
+        """Mark a failed/not_started job completed because its valid output already exists."""
+        with self.transaction() as conn:
+            rows = self._transition(
+                conn, "id = ? AND status IN ('failed', 'not_started')", (job_id,), COMPLETED, owner=self.actor,
+                sets=dict(outputs=json.dumps(outputs), completed_at=self._now(conn), error_class=None,
+                          error_message=None, note=note, source_sha256=source_sha256))
+            for row in rows:
+                if row["stage"] == TRANSCRIPTION:
+                    self._release_translations(conn, row["file_id"], self._now(conn))
+                    self.dialect.notify_transcripts(conn)
+            return bool(rows)
+
+    def record_edit(self, job_id: int, outputs: dict, previous: dict, note: str) -> bool:
+        """A hand correction becomes the record of a completed job: its new outputs, as long as the
+        job still records ``previous`` (nothing else changed it meanwhile). A transcript's
+        translations become stale by their recorded source."""
+        with self.transaction() as conn:
+            return bool(self._transition(
+                conn, "id = ? AND status = 'completed' AND outputs = ?", (job_id, json.dumps(previous)),
+                COMPLETED, owner=self.actor, sets=dict(outputs=json.dumps(outputs), note=note),
+                error_message=note))
+
+    @property
+    def _STALE(self) -> str:
+        return ("SELECT j.id, j.file_id, j.language, j.outputs, j.source_sha256 FROM jobs j JOIN jobs t"
+                " ON t.file_id = j.file_id AND t.stage = 'transcription' AND t.language = ''"
+                " WHERE j.stage = 'translation' AND j.status = 'completed' AND j.source_sha256 IS NOT NULL"
+                f" AND j.source_sha256 {self.dialect.is_distinct} {self.dialect.json_text('t.outputs', 'json', 'sha256')}")
+
+    def stale_translations(self, language: str | None = None) -> list[sqlite3.Row]:
+        """Completed translations made from a transcript that has changed since (redone, or a hand
+        correction adopted). Translations from before sources were recorded are never stale."""
+        if language is None:
+            return self.query(self._STALE + " ORDER BY j.id")
+        return self.query(self._STALE + " AND j.language = ? ORDER BY j.id", (language,))
+
+    def reset_stale(self, job_ids: Iterable[int]) -> int:
+        """Stale translations back to not_started (re-checked under the write lock), fresh attempts."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        with self.transaction() as conn:
+            still = [r["id"] for r in conn.execute(self._STALE + f" AND j.id IN ({','.join('?' * len(ids))})", ids)]
+            if not still:
+                return 0
+            return len(self._transition(
+                conn, f"id IN ({','.join('?' * len(still))})", tuple(still), NOT_STARTED, owner="translation",
+                sets=dict(run_after=0, outputs="{}", completed_at=None, attempts=0, lost_leases=0),
+                error_class="stale", error_message="its transcript changed since it was translated"))
+
+    # -- reports ----------------------------------------------------------------------------------
+    def counts(self, *, file_ids: Iterable[str] | None = None) -> dict:
+        """{(stage, language): {status: n}} for every stage/language that has jobs."""
+        result: dict = {}
+        where, params = _scoped(self.dialect, "1 = 1", [], file_ids)
+        for row in self.query(f"SELECT stage, language, status, COUNT(*) AS n FROM jobs WHERE {where}"
+                              " GROUP BY stage, language, status", params):
+            bucket = result.setdefault((row["stage"], row["language"]), dict.fromkeys(STATUSES, 0))
+            bucket[row["status"]] = row["n"]
+        return result
+
+    def totals(self) -> dict:
+        row = self.query("SELECT COUNT(*), COALESCE(SUM(duration), 0) FROM media_files")[0]
+        cost = self.query("SELECT COALESCE(SUM(cost), 0) FROM jobs WHERE status = 'completed'")[0][0]
+        return {"files": row[0], "audio_seconds": row[1], "cost": cost}
+
+    def error_classes(self, stage: str | None = None, language: str | None = None, limit: int = 5) -> list:
+        sql = "SELECT error_class, COUNT(*) AS n FROM jobs WHERE status = 'failed'"
+        params: list = []
+        if stage:
+            sql += " AND stage = ?"
+            params.append(stage)
+        if language is not None:
+            sql += " AND language = ?"
+            params.append(language)
+        sql += " GROUP BY error_class ORDER BY n DESC, error_class LIMIT ?"
+        return [(r[0] or "unknown", r[1]) for r in self.query(sql, (*params, limit))]
+
+    def jobs(self, *, stage=None, language=None, status=None, file_id=None) -> list[sqlite3.Row]:
+        """Job rows joined with their media file (path included), filtered."""
+        sql = ("SELECT j.*, m.path_bytes, m.path_display, m.folder, m.media_type, m.duration"
+               " FROM jobs j JOIN media_files m USING (file_id) WHERE 1 = 1")
+        params: list = []
+        for column, value in (("j.stage", stage), ("j.language", language), ("j.status", status),
+                              ("j.file_id", file_id)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        return self.query(sql + " ORDER BY j.file_id, j.stage, j.language", params)
+
+    def files(self) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM media_files ORDER BY added_at, file_id")
+
+    def paths_of(self, file_id: str) -> list[str]:
+        return [os.fsdecode(bytes(r[0])) for r in
+                self.query("SELECT path_bytes FROM media_paths WHERE file_id = ? ORDER BY first_seen",
+                           (file_id,))]
+
+    def events(self, job_id: int | None = None, file_id: str | None = None) -> list[sqlite3.Row]:
+        if file_id is not None:
+            return self.query("SELECT e.* FROM events e JOIN jobs j ON j.id = e.job_id"
+                              " WHERE j.file_id = ? ORDER BY e.id", (file_id,))
+        return self.query("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))
+
+    def pending(self, stage: str, language: str = "", *,
+                file_ids: Iterable[str] | None = None) -> tuple[int, float | None]:
+        """(not_started jobs that are or will become eligible, earliest run_after among them)."""
+        where = "stage = ? AND language = ? AND status = 'not_started'"
+        if stage == TRANSLATION:
+            where += f" AND {_TRANSCRIBED}"
+        where, params = _scoped(self.dialect, where, [stage, language], file_ids)
+        row = self.query(f"SELECT COUNT(*), MIN(run_after) FROM jobs WHERE {where}", params)[0]
+        return row[0], row[1]
+
+
+    def awaiting_transcripts(self, language: str, *, file_ids: Iterable[str] | None = None) -> int:
+        """Translation jobs whose transcript a running transcription is producing right now."""
+        where, params = _scoped(self.dialect, "stage = 'translation' AND language = ? AND status = 'not_started'"
+                                f" AND {_transcript_is(IN_PROGRESS)}", [language], file_ids)
+        return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
+
+    # -- live runs: who may still produce transcripts ------------------------------------------------
+    def register_run(self, owner: str, stage: str) -> None:
+        """Say that a run of ``stage`` is live on this database (``seen`` it now and then)."""
+        with self.transaction() as conn:
+            now = self._now(conn)
+            conn.execute("INSERT INTO live_runs (owner, stage, started_at, seen_at) VALUES (?, ?, ?, ?)"
+                         " ON CONFLICT (owner) DO UPDATE SET stage = excluded.stage,"
+                         " started_at = excluded.started_at, seen_at = excluded.seen_at",
+                         (owner, stage, now, now))
+
+    def seen_run(self, owner: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE live_runs SET seen_at = ? WHERE owner = ?", (self._now(conn), owner))
+
+    def end_run(self, owner: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM live_runs WHERE owner = ?", (owner,))
+
+    def live_runs(self, stage: str, *, stale_after: float = DEFAULT_LEASE_SECONDS) -> int:
+        """Runs of ``stage`` that are live: not provably dead, and seen within ``stale_after``."""
+        rows = self.query("SELECT owner FROM live_runs WHERE stage = ? AND seen_at > ?",
+                          (stage, self.now() - stale_after))
+        return sum(1 for row in rows if owner_state(row[0]) != DEAD)
+
+    def untranscribed_translations(self, language: str, *, file_ids: Iterable[str] | None = None) -> int:
+        """not_started ``language`` translations whose transcript is not done but may still be
+        (its job is not_started or in_progress; a failed one waits for a retry)."""
+        coming = f"({_transcript_is(NOT_STARTED)} OR {_transcript_is(IN_PROGRESS)})"
+        where, params = _scoped(self.dialect, f"stage = 'translation' AND language = ? AND status = 'not_started' AND {coming}",
+                                [language], file_ids)
+        return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
+
+
+class SqliteJobStore(JobStore):
+    """The embedded job store: one SQLite file on a local disk, for one machine."""
+
+    dialect = SQLITE
+
+    @property
+    def location(self) -> str:
+        return os.path.abspath(self.path)
 
     def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT_SECONDS, read_only: bool = False):
         self.path = str(path)
@@ -455,40 +1131,16 @@ class DatabaseManager:
                 conn.close()
         self._local = threading.local()
 
-    def __enter__(self) -> "DatabaseManager":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close_all()
-
     # -- schema --------------------------------------------------------------------------------
     def _migrate(self) -> None:
         with self.transaction() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise DatabaseError(
-                    f"{self.path} has schema version {version}, but this verbatim knows only up to "
-                    f"{SCHEMA_VERSION}: it was written by a newer verbatim. Upgrade verbatim; "
-                    "the database was not changed.")
-            for number in range(version, SCHEMA_VERSION):
-                MIGRATIONS[number](conn)
-                conn.execute(f"PRAGMA user_version = {number + 1}")
+            self._upgrade(conn, conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _set_version(self, conn, version: int) -> None:
+        conn.execute(f"PRAGMA user_version = {int(version)}")
 
     def schema_version(self) -> int:
         return self.query("PRAGMA user_version")[0][0]
-
-    def _check_schema(self) -> None:
-        """Read-only: nothing is migrated, so the schema must be exactly the code's."""
-        version = self.schema_version()
-        if version == 0:
-            raise DatabaseError(f"{self.path} is not a verbatim job database (it has no verbatim schema)")
-        if version != SCHEMA_VERSION:
-            age = "older" if version < SCHEMA_VERSION else "newer"
-            raise DatabaseError(
-                f"{self.path} has schema version {version}, {age} than this verbatim's {SCHEMA_VERSION}, and it"
-                " is opened read-only here, so it is not " + ("upgraded: run any writing command on it (for"
-                " example tools/add_media.py) where it is writable first" if age == "older"
-                else "readable: upgrade verbatim"))
 
     def _connect_read_only(self) -> sqlite3.Connection:
         """``mode=ro``; where SQLite cannot even keep its shared-memory file beside the database
@@ -511,526 +1163,49 @@ class DatabaseManager:
             self._registry.add(conn)
         return conn
 
-    # -- events and the single place statuses change ---------------------------------------------
-    @staticmethod
-    def _log(conn, job_id: int, owner, from_status, to_status, attempt=None,
-             error_class=None, error_message=None, at=None, outputs=None) -> None:
-        extra = ", outputs" if outputs is not None else ""  # a completion's outputs (schema version 3)
-        conn.execute(
-            "INSERT INTO events (at, job_id, owner, from_status, to_status, attempt, error_class, "
-            f"error_message{extra}) VALUES (?, ?, ?, ?, ?, ?, ?, ?{', ?' if extra else ''})",
-            (at or time.time(), job_id, owner, from_status, to_status, attempt, error_class,
-             redact(error_message) if error_message else None, *((outputs,) if extra else ())))
 
-    def _transition(self, conn, where: str, params: tuple, to_status: str, *, owner=None,
-                    sets: dict | None = None, error_class=None, error_message=None) -> list[sqlite3.Row]:
-        """Move the jobs matching ``where`` to ``to_status`` and log each move. Returns the rows.
+# The name every caller knows: the SQLite job store.
+DatabaseManager = SqliteJobStore
 
-        This is the only code that writes ``jobs.status``.
-        """
-        if to_status not in STATUSES:
-            raise ValueError(f"unknown status {to_status!r}")
-        now = time.time()
-        sets = dict(sets or {})
-        sets.update(status=to_status, updated_at=now)
-        if error_message is not None:
-            error_message = redact(error_message)[:2000]
-        assignments = ", ".join(f"{column} = {value}" if isinstance(value, _Sql) else f"{column} = ?"
-                                for column, value in sets.items())
-        values = [v for v in sets.values() if not isinstance(v, _Sql)]
-        old = {r["id"]: r["status"] for r in conn.execute(f"SELECT id, status FROM jobs WHERE {where}", params)}
-        if not old:
-            return []
-        marks = ",".join("?" * len(old))
-        rows = conn.execute(f"UPDATE jobs SET {assignments} WHERE id IN ({marks}) RETURNING *",
-                            (*values, *old)).fetchall()
-        recorded = sets.get("outputs") if to_status == COMPLETED else None  # kept in the history
-        recorded = None if recorded == "{}" else recorded                        # (nothing to keep)
-        for row in rows:
-            self._log(conn, row["id"], owner or row["lease_owner"], old[row["id"]], to_status,
-                      row["attempts"], error_class, error_message, at=now, outputs=recorded)
-        return rows
-
-    # -- media registration -----------------------------------------------------------------------
-    def known_paths(self) -> dict[bytes, tuple[int, int, str]]:
-        """path bytes -> (size, mtime_ns, file_id), so a rescan hashes only new or changed files."""
-        return {bytes(r[0]): (r[1], r[2], r[3])
-                for r in self.query("SELECT path_bytes, size, mtime_ns, file_id FROM media_paths")}
-
-    def touch_paths(self, paths: Iterable[bytes]) -> None:
-        now = time.time()
-        paths = list(paths)
-        for start in range(0, len(paths), _CHUNK):
-            with self.transaction() as conn:
-                conn.executemany("UPDATE media_paths SET last_seen = ? WHERE path_bytes = ?",
-                                 [(now, p) for p in paths[start:start + _CHUNK]])
-
-    def register_files(self, records: Iterable[MediaRecord], languages: Iterable[str] = (),
-                       *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict:
-        """Register media in bulk and ensure their transcription and translation jobs.
-
-        Identical content at a second path is one file: the path is recorded, no new file.
-        Returns counts: ``new_files``, ``new_paths``, ``duplicates``.
-        """
-        from pipeline.outputs import folder_name
-
-        languages = list(languages)
-        records = list(records)
-        counts = {"new_files": 0, "new_paths": 0, "duplicates": 0}
-        for start in range(0, len(records), _CHUNK):
-            with self.transaction() as conn:
-                now = time.time()
-                for rec in records[start:start + _CHUNK]:
-                    file_id = rec.sha256[:16]
-                    raw = path_to_bytes(rec.path)
-                    shown = display_path(rec.path)
-                    cur = conn.execute(
-                        "INSERT OR IGNORE INTO media_files (file_id, sha256, path_bytes, path_display, size,"
-                        " mtime_ns, duration, media_type, folder, added_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        (file_id, rec.sha256, raw, shown, rec.size, rec.mtime_ns, rec.duration,
-                         rec.media_type, folder_name(file_id, shown), now))
-                    counts["new_files" if cur.rowcount else "duplicates"] += 1
-                    cur = conn.execute(
-                        "INSERT INTO media_paths (path_bytes, path_display, file_id, size, mtime_ns,"
-                        " first_seen, last_seen) VALUES (?,?,?,?,?,?,?) ON CONFLICT(path_bytes) DO UPDATE"
-                        " SET file_id = excluded.file_id, size = excluded.size,"
-                        " mtime_ns = excluded.mtime_ns, last_seen = excluded.last_seen",
-                        (raw, shown, file_id, rec.size, rec.mtime_ns, now, now))
-                    counts["new_paths"] += 1
-                    new = self._ensure(conn, file_id, TRANSCRIPTION, "", max_attempts, now)
-                    transcribed = not new and self._transcribed(conn, file_id)  # one lookup per file
-                    for language in languages:
-                        self._ensure(conn, file_id, TRANSLATION, language, max_attempts, now,
-                                     transcribed=transcribed)
-        return counts
-
-    @staticmethod
-    def _ensure(conn, file_id, stage, language, max_attempts, now, *, transcribed: bool | None = None) -> bool:
-        """Create the job if it is missing; a translation is parked unless its transcript is done
-        (``transcribed``, looked up when not given)."""
-        run_after = 0.0
-        if stage == TRANSLATION:
-            if transcribed is None:
-                transcribed = DatabaseManager._transcribed(conn, file_id)
-            run_after = 0.0 if transcribed else PARKED
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO jobs (file_id, stage, language, max_attempts, run_after, created_at,"
-            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (file_id, stage, language, max_attempts, run_after, now, now))
-        if cur.rowcount:
-            DatabaseManager._log(conn, cur.lastrowid, None, None, NOT_STARTED, 0, at=now)
-        return bool(cur.rowcount)
-
-    def ensure_jobs(self, stage: str, language: str = "", *,
-                    max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> int:
-        """Create the (stage, language) job for every registered file that lacks one."""
-        _check_stage(stage, language)
-        with self.transaction() as conn:
-            now = time.time()
-            missing = conn.execute(
-                "SELECT file_id FROM media_files WHERE file_id NOT IN"
-                " (SELECT file_id FROM jobs WHERE stage = ? AND language = ?)", (stage, language)).fetchall()
-            return sum(self._ensure(conn, r[0], stage, language, max_attempts, now) for r in missing)
-
-    @staticmethod
-    def _transcribed(conn, file_id: str) -> bool:
-        return conn.execute("SELECT 1 FROM jobs WHERE file_id = ? AND stage = 'transcription' AND language = ''"
-                            " AND status = 'completed'", (file_id,)).fetchone() is not None
-
-    @staticmethod
-    def _release_translations(conn, file_id: str, now: float) -> None:
-        """The transcript of ``file_id`` is completed: its parked translations join the queue."""
-        conn.execute("UPDATE jobs SET run_after = ? WHERE file_id = ? AND stage = 'translation'"
-                     " AND run_after >= ?", (now, file_id, PARKED))
-
-    def release_parked(self, language: str) -> int:
-        """Release parked ``language`` translations whose transcript is completed (a safety net:
-        completing a transcript releases them already). Returns how many were released."""
-        with self.transaction() as conn:
-            return conn.execute(
-                "UPDATE jobs SET run_after = ? WHERE stage = 'translation' AND language = ?"
-                f" AND status = 'not_started' AND run_after >= ? AND {_TRANSCRIBED}",
-                (time.time(), language, PARKED)).rowcount
-
-    # -- the lease protocol ---------------------------------------------------------------------
-    def claim(self, owner: str, stage: str, language: str = "", *, limit: int = 1,
-              lease_seconds: float = DEFAULT_LEASE_SECONDS, file_ids: Iterable[str] | None = None) -> list[Job]:
-        """Atomically lease up to ``limit`` eligible jobs to ``owner``.
-
-        Eligible: not_started, ``run_after`` passed, and for translations a completed transcript.
-        """
-        _check_stage(stage, language)
-        now = time.time()
-        where = ("stage = ? AND language = ? AND status = 'not_started' AND run_after <= ?")
-        params: list = [stage, language, now]
-        if stage == TRANSLATION:
-            where += f" AND {_TRANSCRIBED}"
-        where, params = _scoped(where, params, file_ids)
-        with self.transaction() as conn:
-            rows = conn.execute(
-                "UPDATE jobs SET status = 'in_progress', attempts = attempts + 1, claims = claims + 1,"
-                " lease_owner = ?, lease_expires_at = ?, started_at = ?, updated_at = ?"
-                f" WHERE id IN (SELECT id FROM jobs WHERE {where} ORDER BY run_after, id LIMIT ?)"
-                " RETURNING id, file_id, stage, language, attempts, max_attempts, claims",
-                (owner, now + lease_seconds, now, now, *params, limit)).fetchall()
-            jobs = []
-            for row in rows:
-                self._log(conn, row["id"], owner, NOT_STARTED, IN_PROGRESS, row["attempts"], at=now)
-                jobs.append(self._job(conn, row, owner))
-        return jobs
-
-    def _job(self, conn, row, owner) -> Job:
-        media = conn.execute("SELECT path_bytes, media_type, folder, source_language FROM media_files"
-                             " WHERE file_id = ?", (row["file_id"],)).fetchone()
-        outputs, transcript_job = {}, None
-        if row["stage"] == TRANSLATION:
-            transcript = conn.execute("SELECT id, outputs FROM jobs WHERE file_id = ? AND stage = 'transcription'",
-                                      (row["file_id"],)).fetchone()
-            if transcript:
-                outputs, transcript_job = json.loads(transcript["outputs"]), transcript["id"]
-        return Job(row["id"], row["file_id"], row["stage"], row["language"], row["attempts"],
-                   row["max_attempts"], row["claims"], owner, os.fsdecode(bytes(media["path_bytes"])),
-                   media["media_type"], media["folder"], media["source_language"], outputs, transcript_job)
-
-    def attempts(self, job_ids: Iterable[int]) -> dict[int, sqlite3.Row]:
-        """job id -> its row's (id, file_id, stage, language, status, claims, outputs): which
-        attempt of a job is current, and what it recorded."""
-        ids = list(job_ids)
-        found = {}
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start:start + _CHUNK]
-            for row in self.query("SELECT id, file_id, stage, language, status, claims, outputs FROM jobs"
-                                  f" WHERE id IN ({','.join('?' * len(chunk))})", chunk):
-                found[row["id"]] = row
-        return found
-
-    def job_status(self, file_id: str, stage: str, language: str = "") -> str | None:
-        row = self.query("SELECT status FROM jobs WHERE file_id = ? AND stage = ? AND language = ?",
-                         (file_id, stage, language))
-        return row[0][0] if row else None
-
-    def heartbeat(self, owner: str, job_ids: Iterable[int], lease_seconds: float = DEFAULT_LEASE_SECONDS) -> set[int]:
-        """Extend the leases ``owner`` still holds; returns the ids it still holds."""
-        ids = list(job_ids)
-        if not ids:
-            return set()
-        with self.transaction() as conn:
-            rows = conn.execute(
-                f"UPDATE jobs SET lease_expires_at = ? WHERE status = 'in_progress' AND lease_owner = ?"
-                f" AND id IN ({','.join('?' * len(ids))}) RETURNING id",
-                (time.time() + lease_seconds, owner, *ids)).fetchall()
-        return {r[0] for r in rows}
-
-    _FENCE = "id = ? AND status = 'in_progress' AND lease_owner = ? AND claims = ?"
-
-    def complete(self, job: Job, outcome: Outcome) -> None:
-        """Record success, fenced: raises ``LeaseLostError`` (and changes nothing) if the lease moved on."""
-        refused = self._grouped(self._complete, job, outcome)
-        if refused:
-            raise refused
-
-    def _complete(self, conn, job: Job, outcome: Outcome) -> LeaseLostError | None:
-        sets = dict(lease_owner=None, lease_expires_at=None, completed_at=time.time(),
-                    error_class=None, error_message=None, outputs=json.dumps(outcome.outputs),
-                    provider=outcome.provider, model=outcome.model, note=outcome.note,
-                    audio_seconds=outcome.audio_seconds, characters=outcome.characters,
-                    tokens=outcome.tokens, cost=outcome.cost)
-        if job.stage == TRANSLATION:
-            sets["source_sha256"] = outcome.source_sha256
-        rows = self._transition(conn, self._FENCE, (job.id, job.owner, job.claim), COMPLETED, owner=job.owner,
-                                sets=sets)
-        crash_point("in_commit")
-        if not rows:
-            return self._refuse(conn, job, "complete")
-        if job.stage == TRANSCRIPTION:
-            self._release_translations(conn, job.file_id, time.time())
-        if outcome.duration is not None or outcome.source_language:
-            conn.execute("UPDATE media_files SET duration = COALESCE(?, duration),"
-                         " source_language = COALESCE(?, source_language) WHERE file_id = ?",
-                         (outcome.duration, outcome.source_language, job.file_id))
-        return None
-
-    def fail(self, job: Job, error_class: str, message: str, *, retryable: bool,
-             delay: float = 0.0, spend_attempt: bool = True) -> str:
-        """Record a failed attempt, fenced. Returns the job's new status.
-
-        Retryable errors go back to not_started after ``delay`` seconds until the attempts are used
-        up; permanent ones fail at once. ``spend_attempt=False`` (rate limits, a requeue after a
-        long Retry-After) gives the attempt back.
-        """
-        status, refused = self._grouped(self._fail, job, error_class, message, retryable, delay, spend_attempt)
-        if refused:
-            raise refused
-        return status
-
-    def _fail(self, conn, job: Job, error_class, message, retryable, delay, spend_attempt):
-        exhausted = retryable and spend_attempt and job.attempts >= job.max_attempts
-        status = NOT_STARTED if retryable and not exhausted else FAILED
-        sets = dict(lease_owner=None, lease_expires_at=None, error_class=error_class,
-                    error_message=redact(message)[:2000], run_after=time.time() + max(0.0, delay))
-        if not spend_attempt:
-            sets["attempts"] = _Sql("MAX(attempts - 1, 0)")
-        rows = self._transition(conn, self._FENCE, (job.id, job.owner, job.claim), status,
-                                owner=job.owner, sets=sets, error_class=error_class, error_message=message)
-        return status, (None if rows else self._refuse(conn, job, "fail"))
-
-    def release(self, jobs: Iterable[Job], reason: str = "released") -> int:
-        """Graceful give-back (shutdown, account error): not_started, the attempt not spent."""
-        released = 0
-        with self.transaction() as conn:
-            for job in jobs:
-                released += len(self._transition(
-                    conn, self._FENCE, (job.id, job.owner, job.claim), NOT_STARTED, owner=job.owner,
-                    sets=dict(lease_owner=None, lease_expires_at=None, attempts=_Sql("MAX(attempts - 1, 0)")),
-                    error_class="released", error_message=reason))
-        return released
-
-    def _refuse(self, conn, job: Job, action: str) -> LeaseLostError:
-        """Log a fenced-out write (committed with the transaction) and return the error to raise."""
-        row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job.id,)).fetchone()
-        message = f"late {action} refused: claim {job.claim} of {job.owner} no longer holds the lease"
-        self._log(conn, job.id, job.owner, row["status"] if row else None, "refused", job.attempts,
-                  "lease_lost", message)
-        return LeaseLostError(f"job {job.id} ({job.stage} {job.language}): {message}")
-
-    def reclaim(self, *, now: float | None = None) -> list[int]:
-        """Return to not_started the jobs whose lease expired or whose owner process is dead.
-
-        The lost attempt is given back (the file is not at fault for a killed runner); a job that
-        keeps losing its lease fails after ``MAX_LOST_LEASES`` so a file that kills its runner
-        cannot loop forever. Owners alive on this host are never touched, nor valid leases.
-        """
-        now = time.time() if now is None else now
-        with self.transaction() as conn:
-            held = conn.execute("SELECT id, lease_owner, lease_expires_at FROM jobs"
-                                " WHERE status = 'in_progress'").fetchall()
-            states = {owner: owner_state(owner) for owner in {r["lease_owner"] for r in held}}
-            lost = [r["id"] for r in held
-                    if lease_lost_reason(r["lease_owner"], r["lease_expires_at"], now, states[r["lease_owner"]])]
-            if not lost:
-                return []
-            marks = ",".join("?" * len(lost))
-            give_back = dict(lease_owner=None, lease_expires_at=None, run_after=0,
-                             attempts=_Sql("MAX(attempts - 1, 0)"), lost_leases=_Sql("lost_leases + 1"))
-            self._transition(conn, f"id IN ({marks}) AND lost_leases + 1 < ?", (*lost, MAX_LOST_LEASES),
-                             NOT_STARTED, sets=give_back, error_class="lease_lost",
-                             error_message="lease expired or its owner process died; reclaimed")
-            self._transition(conn, f"id IN ({marks}) AND status = 'in_progress'", tuple(lost), FAILED,
-                             sets=give_back, error_class="lease_lost_repeatedly",
-                             error_message=f"the runner died {MAX_LOST_LEASES} times while holding this job")
-        return lost
-
-    # -- maintenance used by the tools ------------------------------------------------------------
-    def reset(self, job_ids: Iterable[int], reason: str, *, reset_attempts: bool = False,
-              from_statuses: Iterable[str] = (COMPLETED, FAILED, NOT_STARTED)) -> int:
-        """Put jobs back to not_started (never one in progress). Outputs are forgotten."""
-        ids = list(job_ids)
-        if not ids:
-            return 0
-        statuses = [s for s in from_statuses if s != IN_PROGRESS]
-        sets = dict(run_after=0, outputs="{}", completed_at=None)
-        if reset_attempts:
-            sets.update(attempts=0, lost_leases=0)
-        with self.transaction() as conn:
-            return len(self._transition(
-                conn, f"id IN ({','.join('?' * len(ids))}) AND status IN ({','.join('?' * len(statuses))})",
-                (*ids, *statuses), NOT_STARTED, owner=self.actor, sets=sets, error_class="reset",
-                error_message=reason))
-
-    def reset_failed(self, stage: str, language: str = "", *, error_class: str | None = None,
-                     limit: int | None = None) -> list[str]:
-        """Failed jobs back to not_started with fresh attempts (history kept in events).
-
-        Returns the file ids whose job was reset, so a retry can be scoped to exactly those."""
-        sql, params = self._failed_query(stage, language, error_class, limit)
-        sets = dict(run_after=0, outputs="{}", completed_at=None, attempts=0, lost_leases=0)
-        with self.transaction() as conn:
-            ids = [r["id"] for r in conn.execute(sql, params)]
-            rows = self._transition(conn, f"id IN ({','.join('?' * len(ids))}) AND status = 'failed'", tuple(ids),
-                                    NOT_STARTED, owner=self.actor, sets=sets, error_class="reset",
-                                    error_message="retry of failed job") if ids else []
-        return [r["file_id"] for r in rows]
-
-    def failed_jobs(self, stage: str, language: str = "", *, error_class: str | None = None,
-                    limit: int | None = None) -> list[sqlite3.Row]:
-        """The failed jobs ``reset_failed`` with the same arguments would reset (same filter and order)."""
-        return self.query(*self._failed_query(stage, language, error_class, limit))
-
-    @staticmethod
-    def _failed_query(stage, language, error_class, limit) -> tuple[str, list]:
-        _check_stage(stage, language)
-        sql = ("SELECT j.id, j.file_id, j.attempts, j.error_class, j.error_message, m.path_display"
-               " FROM jobs j JOIN media_files m USING (file_id)"
-               " WHERE j.stage = ? AND j.language = ? AND j.status = 'failed'")
-        params: list = [stage, language]
-        if error_class:
-            sql += " AND j.error_class = ?"
-            params.append(error_class)
-        sql += " ORDER BY j.id"
-        if limit:
-            sql += " LIMIT ?"
-            params.append(limit)
-        return sql, params
-
-    def adopt(self, job_id: int, outputs: dict, note: str = "adopted existing valid output", *,
-              source_sha256: str | None = None) -> bool:
-        """Mark a failed/not_started job completed because its valid output already exists."""
-        with self.transaction() as conn:
-            rows = self._transition(
-                conn, "id = ? AND status IN ('failed', 'not_started')", (job_id,), COMPLETED, owner=self.actor,
-                sets=dict(outputs=json.dumps(outputs), completed_at=time.time(), error_class=None,
-                          error_message=None, note=note, source_sha256=source_sha256))
-            for row in rows:
-                if row["stage"] == TRANSCRIPTION:
-                    self._release_translations(conn, row["file_id"], time.time())
-            return bool(rows)
-
-    def record_edit(self, job_id: int, outputs: dict, previous: dict, note: str) -> bool:
-        """A hand correction becomes the record of a completed job: its new outputs, as long as the
-        job still records ``previous`` (nothing else changed it meanwhile). A transcript's
-        translations become stale by their recorded source."""
-        with self.transaction() as conn:
-            return bool(self._transition(
-                conn, "id = ? AND status = 'completed' AND outputs = ?", (job_id, json.dumps(previous)),
-                COMPLETED, owner=self.actor, sets=dict(outputs=json.dumps(outputs), note=note),
-                error_message=note))
-
-    _STALE = ("SELECT j.id, j.file_id, j.language, j.outputs, j.source_sha256 FROM jobs j JOIN jobs t"
-              " ON t.file_id = j.file_id AND t.stage = 'transcription' AND t.language = ''"
-              " WHERE j.stage = 'translation' AND j.status = 'completed' AND j.source_sha256 IS NOT NULL"
-              " AND j.source_sha256 IS NOT json_extract(t.outputs, '$.json.sha256')")
-
-    def stale_translations(self, language: str | None = None) -> list[sqlite3.Row]:
-        """Completed translations made from a transcript that has changed since (redone, or a hand
-        correction adopted). Translations from before sources were recorded are never stale."""
-        if language is None:
-            return self.query(self._STALE + " ORDER BY j.id")
-        return self.query(self._STALE + " AND j.language = ? ORDER BY j.id", (language,))
-
-    def reset_stale(self, job_ids: Iterable[int]) -> int:
-        """Stale translations back to not_started (re-checked under the write lock), fresh attempts."""
-        ids = list(job_ids)
-        if not ids:
-            return 0
-        with self.transaction() as conn:
-            still = [r["id"] for r in conn.execute(self._STALE + f" AND j.id IN ({','.join('?' * len(ids))})", ids)]
-            if not still:
-                return 0
-            return len(self._transition(
-                conn, f"id IN ({','.join('?' * len(still))})", tuple(still), NOT_STARTED, owner="translation",
-                sets=dict(run_after=0, outputs="{}", completed_at=None, attempts=0, lost_leases=0),
-                error_class="stale", error_message="its transcript changed since it was translated"))
-
-    # -- reports ----------------------------------------------------------------------------------
-    def counts(self, *, file_ids: Iterable[str] | None = None) -> dict:
-        """{(stage, language): {status: n}} for every stage/language that has jobs."""
-        result: dict = {}
-        where, params = _scoped("1", [], file_ids)
-        for row in self.query(f"SELECT stage, language, status, COUNT(*) AS n FROM jobs WHERE {where}"
-                              " GROUP BY stage, language, status", params):
-            bucket = result.setdefault((row["stage"], row["language"]), dict.fromkeys(STATUSES, 0))
-            bucket[row["status"]] = row["n"]
-        return result
-
-    def totals(self) -> dict:
-        row = self.query("SELECT COUNT(*), COALESCE(SUM(duration), 0) FROM media_files")[0]
-        cost = self.query("SELECT COALESCE(SUM(cost), 0) FROM jobs WHERE status = 'completed'")[0][0]
-        return {"files": row[0], "audio_seconds": row[1], "cost": cost}
-
-    def error_classes(self, stage: str | None = None, language: str | None = None, limit: int = 5) -> list:
-        sql = "SELECT error_class, COUNT(*) AS n FROM jobs WHERE status = 'failed'"
-        params: list = []
-        if stage:
-            sql += " AND stage = ?"
-            params.append(stage)
-        if language is not None:
-            sql += " AND language = ?"
-            params.append(language)
-        sql += " GROUP BY error_class ORDER BY n DESC, error_class LIMIT ?"
-        return [(r[0] or "unknown", r[1]) for r in self.query(sql, (*params, limit))]
-
-    def jobs(self, *, stage=None, language=None, status=None, file_id=None) -> list[sqlite3.Row]:
-        """Job rows joined with their media file (path included), filtered."""
-        sql = ("SELECT j.*, m.path_bytes, m.path_display, m.folder, m.media_type, m.duration"
-               " FROM jobs j JOIN media_files m USING (file_id) WHERE 1")
-        params: list = []
-        for column, value in (("j.stage", stage), ("j.language", language), ("j.status", status),
-                              ("j.file_id", file_id)):
-            if value is not None:
-                sql += f" AND {column} = ?"
-                params.append(value)
-        return self.query(sql + " ORDER BY j.file_id, j.stage, j.language", params)
-
-    def files(self) -> list[sqlite3.Row]:
-        return self.query("SELECT * FROM media_files ORDER BY added_at, file_id")
-
-    def paths_of(self, file_id: str) -> list[str]:
-        return [os.fsdecode(bytes(r[0])) for r in
-                self.query("SELECT path_bytes FROM media_paths WHERE file_id = ? ORDER BY first_seen",
-                           (file_id,))]
-
-    def events(self, job_id: int | None = None, file_id: str | None = None) -> list[sqlite3.Row]:
-        if file_id is not None:
-            return self.query("SELECT e.* FROM events e JOIN jobs j ON j.id = e.job_id"
-                              " WHERE j.file_id = ? ORDER BY e.id", (file_id,))
-        return self.query("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))
-
-    def pending(self, stage: str, language: str = "", *,
-                file_ids: Iterable[str] | None = None) -> tuple[int, float | None]:
-        """(not_started jobs that are or will become eligible, earliest run_after among them)."""
-        where = "stage = ? AND language = ? AND status = 'not_started'"
-        if stage == TRANSLATION:
-            where += f" AND {_TRANSCRIBED}"
-        where, params = _scoped(where, [stage, language], file_ids)
-        row = self.query(f"SELECT COUNT(*), MIN(run_after) FROM jobs WHERE {where}", params)[0]
-        return row[0], row[1]
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
-    def awaiting_transcripts(self, language: str, *, file_ids: Iterable[str] | None = None) -> int:
-        """Translation jobs whose transcript a running transcription is producing right now."""
-        where, params = _scoped("stage = 'translation' AND language = ? AND status = 'not_started'"
-                                f" AND {_transcript_is(IN_PROGRESS)}", [language], file_ids)
-        return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
+def is_postgres_url(target: str) -> bool:
+    return str(target).startswith(POSTGRES_SCHEMES)
 
-    # -- live runs: who may still produce transcripts ------------------------------------------------
-    def register_run(self, owner: str, stage: str) -> None:
-        """Say that a run of ``stage`` is live on this database (``seen`` it now and then)."""
-        now = time.time()
-        with self.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO live_runs (owner, stage, started_at, seen_at) VALUES (?, ?, ?, ?)",
-                         (owner, stage, now, now))
 
-    def seen_run(self, owner: str) -> None:
-        with self.transaction() as conn:
-            conn.execute("UPDATE live_runs SET seen_at = ? WHERE owner = ?", (time.time(), owner))
+def sqlite_path(target: str) -> str:
+    """The file of a SQLite target: a plain path, or ``sqlite:///path`` (``sqlite:////abs/path``)."""
+    target = str(target)
+    return target[len("sqlite:///"):] if target.startswith("sqlite:///") else target
 
-    def end_run(self, owner: str) -> None:
-        with self.transaction() as conn:
-            conn.execute("DELETE FROM live_runs WHERE owner = ?", (owner,))
 
-    def live_runs(self, stage: str, *, stale_after: float = DEFAULT_LEASE_SECONDS) -> int:
-        """Runs of ``stage`` that are live: not provably dead, and seen within ``stale_after``."""
-        rows = self.query("SELECT owner FROM live_runs WHERE stage = ? AND seen_at > ?",
-                          (stage, time.time() - stale_after))
-        return sum(1 for row in rows if owner_state(row[0]) != DEAD)
+def open_job_store(target: str, *, read_only: bool = False, **options) -> JobStore:
+    """The job store at ``target``: ``postgresql://user@host/db`` (PostgreSQL, shared by many
+    machines; needs psycopg), or a path / ``sqlite:///path`` (SQLite, one machine). ``options``
+    go to the backend (SQLite: ``busy_timeout``; PostgreSQL: ``pool_size``, ``pool_timeout``)."""
+    if is_postgres_url(target):
+        from pipeline.pgstore import PostgresJobStore
 
-    def untranscribed_translations(self, language: str, *, file_ids: Iterable[str] | None = None) -> int:
-        """not_started ``language`` translations whose transcript is not done but may still be
-        (its job is not_started or in_progress; a failed one waits for a retry)."""
-        coming = f"({_transcript_is(NOT_STARTED)} OR {_transcript_is(IN_PROGRESS)})"
-        where, params = _scoped(f"stage = 'translation' AND language = ? AND status = 'not_started' AND {coming}",
-                                [language], file_ids)
-        return self.query(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)[0][0]
+        return PostgresJobStore(str(target), read_only=read_only, **options)
+    return SqliteJobStore(sqlite_path(target), read_only=read_only, **options)
+
 
 
 class _Sql(str):
     """A literal SQL expression for ``_transition`` sets (never user input)."""
 
 
-def _scoped(where: str, params: list, file_ids: Iterable[str] | None) -> tuple[str, list]:
+# The attempt given back (a release, a rate limit, a reclaim), never below zero; portable SQL
+# (SQLite's two-argument MAX is PostgreSQL's GREATEST).
+_GIVE_BACK_ATTEMPT = _Sql("CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END")
+
+
+def _scoped(dialect: "Dialect", where: str, params: list, file_ids: Iterable[str] | None) -> tuple[str, list]:
     """Narrow a WHERE clause to some files: one JSON parameter, however many ids."""
     if file_ids is None:
         return where, list(params)
-    return where + " AND file_id IN (SELECT value FROM json_each(?))", [*params, json.dumps(list(file_ids))]
+    return where + f" AND file_id IN ({dialect.json_list('?')})", [*params, json.dumps(list(file_ids))]
 
 
 def _check_stage(stage: str, language: str) -> None:

@@ -56,7 +56,7 @@ def claim_output_root(db, root: str, *, adopt: bool = False) -> None:
             f"the output folder {root} belongs to another job database ({recorded.get('database') or 'unknown'}):"
             " two databases writing one folder overwrite each other's outputs. Use that database (--db),"
             " another --output-dir, or pass --adopt-output-dir to make this database its owner")
-    marker = {"database_id": own, "database": os.path.abspath(db.path)}
+    marker = {"database_id": own, "database": db.location}
     try:
         _write_marker(Path(root), json.dumps(marker, indent=2) + "\n")
     except OSError as exc:

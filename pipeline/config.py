@@ -175,8 +175,9 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", metavar="PATH",
-                        help=f"SQLite job database (default: $VERBATIM_DB or ./{DEFAULT_DB})")
+    parser.add_argument("--db", metavar="PATH|URL",
+                        help=f"job database: a SQLite file, or postgresql://user@host/dbname shared by several"
+                             f" machines (default: $VERBATIM_DB or ./{DEFAULT_DB})")
     parser.add_argument("--output-dir", metavar="PATH",
                         help=f"output root (default: $VERBATIM_OUTPUT_DIR or ./{DEFAULT_OUTPUT_DIR})")
     parser.add_argument("--env-file", metavar="PATH", help="settings file to load (default: ./.env)")
@@ -192,19 +193,25 @@ def make_parser(prog_doc: str, example: str) -> argparse.ArgumentParser:
 
 
 def open_db(path: str, *, must_exist: bool = False, read_only: bool = False):
-    """Open the job store; a read-only tool refuses to create an empty database by mistake, and
-    opens it ``read_only`` (then a copied archive or a read-only mount works too)."""
-    from db_manager import DatabaseError, DatabaseManager
+    """Open the job store (``db_manager.open_job_store``: a SQLite path, or a ``postgresql://`` URL
+    shared by several machines); a read-only tool refuses to create an empty database by mistake,
+    and opens it ``read_only`` (then a copied archive or a read-only mount works too)."""
+    from db_manager import DatabaseError, is_postgres_url, open_job_store, sqlite_path
 
-    if (must_exist or read_only) and not os.path.exists(path):
+    postgres = is_postgres_url(path)
+    if postgres:
+        register_url_credentials(path)  # the URL's password never reaches a message
+    elif (must_exist or read_only) and not os.path.exists(sqlite_path(path)):
         raise ConfigError(f"no database at {path}: register media first "
                           "(tools/add_media.py PATH or parallel_transcription.py --input PATH), or pass --db")
     try:
-        return DatabaseManager(path, read_only=read_only)
+        return open_job_store(path, read_only=read_only)
     except DatabaseError as exc:
         raise ConfigError(str(exc)) from exc
-    except Exception as exc:  # sqlite3 errors: not a database, unreadable, locked folder ...
-        raise ConfigError(f"cannot open database {path}: {exc}") from exc
+    except ImportError as exc:  # psycopg is not installed
+        raise ConfigError(f"--db {redact(path)} needs PostgreSQL support: pip install -r requirements.txt ({exc})") from exc
+    except Exception as exc:  # sqlite3 errors: not a database, unreadable, locked folder; a server that does not answer
+        raise ConfigError(f"cannot open database {redact(path)}: {redact(str(exc))}") from exc
 
 
 def run_main(main) -> None:

@@ -285,8 +285,9 @@ class Runner:
             return True
         if not count and self.options.stage == TRANSLATION and (
                 self._transcripts_coming() or (self.options.follow and self.options.follow())):
-            # A transcription run is producing transcripts, or is about to: follow it instead of leaving.
-            self.stop.stop.wait(IDLE_POLL_SECONDS * 2)
+            # A transcription run is producing transcripts, or is about to: follow it instead of leaving
+            # (PostgreSQL wakes this at once when one is completed; SQLite waits out the interval).
+            self.db.wait_for_transcripts(IDLE_POLL_SECONDS * 2, interrupt=self.stop.stop)
             return True
         if not count:
             return False

@@ -16,6 +16,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # the local engine never reaches for a model
 os.environ["VERBATIM_RETRY_BASE_SECONDS"] = "0.01"
 os.environ["VERBATIM_RETRY_CAP_SECONDS"] = "0.05"
 
+from tests.pg import pg_server, pg_url  # noqa: E402,F401 (fixtures: a real PostgreSQL server, a database per test)
+
 
 @pytest.fixture
 def db_path(tmp_path):

@@ -1,4 +1,8 @@
-"""The job store: exactly-once claims under threads and processes, fencing, reclaim, migrations."""
+"""The job store: exactly-once claims under threads and processes, fencing, reclaim, migrations.
+
+Every test that takes ``db`` or ``store_url`` runs against both backends, SQLite and a real
+PostgreSQL server; those about SQLite itself (PRAGMAs, its file, its group commit) take
+``sqlite_db`` or ``db_path``."""
 
 import dataclasses
 import hashlib
@@ -21,12 +25,35 @@ from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NOT_STARTED, TRANSCRIPTI
 from tests.conftest import ROOT
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """Where a job store lives: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.db")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def db(store_url):
+    manager = dbm.open_job_store(store_url)
+    yield manager
+    manager.close_all()
+
+
+@pytest.fixture
+def sqlite_db(db_path):
+    manager = DatabaseManager(db_path)
+    yield manager
+    manager.close_all()
+
+
 def records(n, prefix="/archive/file"):
     return [MediaRecord(f"{prefix}{i}.wav", hashlib.sha256(f"{prefix}{i}".encode()).hexdigest(), 100 + i, i,
                         "audio") for i in range(n)]
 
 
-def test_pragmas_and_schema(db):
+def test_pragmas_and_schema(sqlite_db):
+    db = sqlite_db
     conn = db.conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -157,6 +184,22 @@ def test_fenced_completion_refuses_a_late_worker(db):
     assert [e["to_status"] for e in db.events(stale.id)].count("refused") == 2
 
 
+def test_a_completion_retried_after_its_commit_is_taken_once(db):
+    """A commit whose answer was lost (the connection cut during COMMIT) is retried: the retry of
+    the very same completion is recognised, anything else by that claim is still refused."""
+    db.register_files(records(1), [])
+    owner = dbm.make_owner()
+    (job,) = db.claim(owner, TRANSCRIPTION)
+    outcome = Outcome({"txt": {"path": "/o/t.txt", "sha256": "0" * 64, "size": 3}})
+    db.complete(job, outcome)
+    db.complete(job, outcome)  # the retry: no error, nothing changed
+    with pytest.raises(LeaseLostError):
+        db.complete(job, Outcome({"txt": {"path": "/o/other.txt", "sha256": "1" * 64, "size": 3}}))
+    with pytest.raises(LeaseLostError):
+        db.complete(dataclasses.replace(job, owner=dbm.make_owner("other")), outcome)
+    assert [e["to_status"] for e in db.events(job.id)].count(COMPLETED) == 1
+
+
 def test_same_owner_reclaimed_lease_is_fenced_by_claim_number(db):
     db.register_files(records(1), [])
     owner = dbm.make_owner(host="paused-laptop")
@@ -190,8 +233,8 @@ def test_translation_needs_a_completed_transcript(db):
         db.claim(owner, TRANSLATION, "")
 
 
-def test_sixteen_threads_claim_two_thousand_jobs_exactly_once(db_path):
-    db = DatabaseManager(db_path)
+def test_sixteen_threads_claim_two_thousand_jobs_exactly_once(store_url):
+    db = dbm.open_job_store(store_url)
     db.register_files(records(2000), [])
     owner = dbm.make_owner()
     done, errors = Counter(), []
@@ -218,7 +261,7 @@ def test_sixteen_threads_claim_two_thousand_jobs_exactly_once(db_path):
     db.close_all()
     assert errors == []
     assert len(done) == 2000 and set(done.values()) == {1}
-    check = DatabaseManager(db_path)
+    check = dbm.open_job_store(store_url)
     assert check.counts()[(TRANSCRIPTION, "")][COMPLETED] == 2000
     claims = check.query("SELECT COUNT(*) FROM events WHERE to_status = 'in_progress'")[0][0]
     assert claims == 2000
@@ -229,7 +272,7 @@ WORKER_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
     sys.path.insert(0, sys.argv[2])
     import db_manager as dbm
-    db = dbm.DatabaseManager(sys.argv[1])
+    db = dbm.open_job_store(sys.argv[1])
     owner = dbm.make_owner()
     done, errors = [], []
     while time.time() < float(sys.argv[3]):  # all processes start together, however slow their start-up
@@ -256,23 +299,24 @@ WORKER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_three_processes_share_one_database(db_path, tmp_path):
-    db = DatabaseManager(db_path)
+def test_three_processes_share_one_database(store_url, tmp_path):
+    db = dbm.open_job_store(store_url)
     db.register_files(records(1200), [])
     db.close_all()
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
     start = str(time.time() + 2.0)
-    procs = [subprocess.Popen([sys.executable, str(script), db_path, str(ROOT), start], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, str(script), store_url, str(ROOT), start], stdout=subprocess.PIPE,
                               text=True) for _ in range(3)]
     results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
     assert all(r["errors"] == [] for r in results)
     ids = Counter(i for r in results for i in r["done"])
     assert len(ids) == 1200 and set(ids.values()) == {1}
     assert all(r["done"] for r in results)  # the work really was shared
-    check = DatabaseManager(db_path)
+    check = dbm.open_job_store(store_url)
     assert check.counts()[(TRANSCRIPTION, "")][COMPLETED] == 1200
-    assert check.query("PRAGMA integrity_check")[0][0] == "ok"
+    if check.dialect.name == "sqlite":
+        assert check.query("PRAGMA integrity_check")[0][0] == "ok"
     check.close_all()
 
 
@@ -280,19 +324,19 @@ HOLDER_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[2])
     import db_manager as dbm
-    db = dbm.DatabaseManager(sys.argv[1])
+    db = dbm.open_job_store(sys.argv[1])
     jobs = db.claim(dbm.make_owner(), "transcription", limit=3, lease_seconds=3600)
     print(len(jobs), flush=True)
     time.sleep(600)
 """)
 
 
-def test_jobs_of_a_killed_process_are_reclaimed_at_once(db_path, tmp_path):
-    db = DatabaseManager(db_path)
+def test_jobs_of_a_killed_process_are_reclaimed_at_once(store_url, tmp_path):
+    db = dbm.open_job_store(store_url)
     db.register_files(records(5), [])
     script = tmp_path / "holder.py"
     script.write_text(HOLDER_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), db_path, str(ROOT)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), store_url, str(ROOT)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "3"
     assert db.reclaim() == []  # alive, lease valid for an hour: untouchable
     proc.send_signal(signal.SIGKILL)
@@ -323,7 +367,7 @@ def test_owner_liveness_checks():
     assert identity.owner_state("garbage") == identity.UNKNOWN
 
 
-def test_a_stopped_owner_is_left_to_its_lease_and_a_live_one_to_nobody(db, db_path):
+def test_a_stopped_owner_is_left_to_its_lease_and_a_live_one_to_nobody(db, store_url):
     """SIGSTOP (a paused VM, a laptop lid): the process exists but holds its work still, so its
     lease decides. A running owner on this host is never robbed, whatever the clock says."""
     from pipeline import identity
@@ -333,11 +377,11 @@ def test_a_stopped_owner_is_left_to_its_lease_and_a_live_one_to_nobody(db, db_pa
         import sys, time
         sys.path.insert(0, sys.argv[2])
         import db_manager as dbm
-        db = dbm.DatabaseManager(sys.argv[1])
+        db = dbm.open_job_store(sys.argv[1])
         print(len(db.claim(dbm.make_owner(), "transcription", limit=1, lease_seconds=60)), flush=True)
         time.sleep(600)
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", script, db_path, str(ROOT)], stdout=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", script, store_url, str(ROOT)], stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
     try:
         assert [p.stdout.readline().strip() for p in procs] == ["1", "1"]
@@ -354,7 +398,8 @@ def test_a_stopped_owner_is_left_to_its_lease_and_a_live_one_to_nobody(db, db_pa
             proc.wait()
 
 
-def test_broken_connection_is_replaced(db):
+def test_broken_connection_is_replaced(sqlite_db):
+    db = sqlite_db
     db.register_files(records(1), [])
     db.conn.close()
     assert db.totals()["files"] == 1
@@ -393,7 +438,8 @@ def _queue_behind_the_write_lock(db, calls):
     return threads, results
 
 
-def test_completions_that_arrive_together_share_one_commit(db, monkeypatch):
+def test_completions_that_arrive_together_share_one_commit(sqlite_db, monkeypatch):
+    db = sqlite_db
     db.register_files(records(6), [])
     owner = dbm.make_owner()
     jobs = db.claim(owner, TRANSCRIPTION, limit=6)
@@ -418,7 +464,8 @@ def test_completions_that_arrive_together_share_one_commit(db, monkeypatch):
     assert [e["to_status"] for e in db.events(stale.id)][-1] == "refused"  # the refusal is logged
 
 
-def test_a_group_commit_that_fails_reaches_every_caller_and_keeps_nothing(db):
+def test_a_group_commit_that_fails_reaches_every_caller_and_keeps_nothing(sqlite_db):
+    db = sqlite_db
     db.register_files(records(2), [])
     owner = dbm.make_owner()
     first, second = db.claim(owner, TRANSCRIPTION, limit=2)
@@ -471,11 +518,11 @@ def test_adopting_a_transcript_releases_its_translations(db):
     assert len(db.claim(dbm.make_owner(), TRANSLATION, "en")) == 1
 
 
-def test_migration_parks_translations_that_wait_and_only_those(db_path, monkeypatch):
+def test_migration_parks_translations_that_wait_and_only_those(store_url, monkeypatch):
     with monkeypatch.context() as m:  # a database made by the first schema version
         m.setattr(dbm, "MIGRATIONS", dbm.MIGRATIONS[:1])
         m.setattr(dbm, "SCHEMA_VERSION", 1)
-        old = DatabaseManager(db_path)
+        old = dbm.open_job_store(store_url)
         old.register_files(records(2), ["en"])
         with old.transaction() as conn:
             conn.execute("UPDATE jobs SET run_after = 0")  # what version 1 wrote
@@ -485,7 +532,7 @@ def test_migration_parks_translations_that_wait_and_only_those(db_path, monkeypa
             conn.execute("UPDATE jobs SET run_after = 0")
         assert old.schema_version() == 1
         old.close_all()
-    new = DatabaseManager(db_path)
+    new = dbm.open_job_store(store_url)
     assert new.schema_version() == dbm.SCHEMA_VERSION
     parked = {r["file_id"]: r["run_after"] for r in new.jobs(stage=TRANSLATION)}
     assert parked.pop(done.file_id) == 0 and list(parked.values()) == [dbm.PARKED]

@@ -171,6 +171,9 @@ def main(argv=None) -> int:
     config.load_env(args.env_file)
     config.setup_logging(args.verbose)
     db_path = config.db_path(args)
+    if db_path.startswith(("postgresql://", "postgres://")):
+        raise config.ConfigError("backup.py backs up a SQLite job database; back up a PostgreSQL one with the"
+                                 " server's tools (pg_dump), or copy it to SQLite with tools/migrate_db.py")
     folder = backup_folder(db_path, args.to)
     if (args.action == "restore") != bool(args.backup):
         raise config.ConfigError("restore takes the BACKUP to restore; create and list take none")

@@ -18,7 +18,8 @@ import urllib.parse
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from db_manager import FAILED, NO_SPEECH_NOTE, REVIEW_NOTE, TRANSCRIPTION, TRANSLATION
+from db_manager import FAILED, NO_SPEECH_NOTE, REVIEW_NOTE, TRANSCRIPTION, TRANSLATION, is_postgres_url
+from pipeline.errors import redact
 from pipeline.outputs import UnsafePathError, recorded_state, safe_join
 from pipeline.subtitles import RTL_LANGUAGES
 
@@ -295,7 +296,8 @@ def failure_groups(interviews: list[Interview], db_path: str, output_dir: str) -
 def retry_command(db_path: str, output_dir: str, stage: str, language: str, error_class: str) -> str:
     """A shell command (run in the verbatim folder) that retries these failed jobs. Paths are made
     absolute and every argument is shell-quoted: an error class is provider data."""
-    argv = ["python", RETRY_SCRIPT, "--db", os.path.abspath(db_path), "--output-dir", os.path.abspath(output_dir)]
+    database = redact(db_path) if is_postgres_url(db_path) else os.path.abspath(db_path)
+    argv = ["python", RETRY_SCRIPT, "--db", database, "--output-dir", os.path.abspath(output_dir)]
     if stage == TRANSLATION:
         argv += ["--stage", TRANSLATION, "--language", language]
     if error_class:  # a failure without a class (none are written so) is retried with its stage
