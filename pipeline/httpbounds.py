@@ -13,10 +13,10 @@ arrive (at most one socket read each), the deadline checked after every piece. T
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Iterable, Mapping
 
+from pipeline.config import positive_float
 from pipeline.errors import PermanentError, RetryableError
 
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -24,11 +24,19 @@ CONNECT_TIMEOUT = 10.0
 _PIECE_BYTES = 64 * 1024
 
 
-def max_response_bytes(env: Mapping | None = None) -> int:
-    """``VERBATIM_MAX_RESPONSE_BYTES``, else 64 MiB."""
-    env = os.environ if env is None else env
+def max_response_bytes(env: Mapping) -> int:
+    """``VERBATIM_MAX_RESPONSE_BYTES`` of the settings' ``env`` (validated by ``Settings``), else 64 MiB."""
     value = env.get("VERBATIM_MAX_RESPONSE_BYTES")
     return int(value) if value and value.strip().isdigit() and int(value) > 0 else DEFAULT_MAX_RESPONSE_BYTES
+
+
+def request_timeout(env: Mapping) -> float | None:
+    """``VERBATIM_REQUEST_TIMEOUT`` of the settings' ``env``: the total deadline of one request, in
+    seconds, for every provider (transcription and translation alike); None where it is not set."""
+    value = env.get("VERBATIM_REQUEST_TIMEOUT")
+    if not value:
+        return None
+    return positive_float("VERBATIM_REQUEST_TIMEOUT", value)
 
 
 class Deadline:
