@@ -30,7 +30,6 @@ import os
 import re
 import sys
 import tempfile
-import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -503,7 +502,7 @@ class ElevenLabsTranscriber(Transcriber):
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 600.0):
         super().__init__(api_key=api_key, base_url=base_url, model=model, timeout=timeout)
-        self._local = threading.local()
+        self._session = httpbounds.ThreadSessions()  # one requests.Session per worker thread
         self._warned_no_keyterms = False
 
     @classmethod
@@ -546,12 +545,6 @@ class ElevenLabsTranscriber(Transcriber):
             cost += audio_seconds / 3600.0 * self.keyterm_price_per_hour
         return cost
 
-    def _session(self) -> requests.Session:
-        """A Session per thread: requests does not promise that one Session is thread-safe."""
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-        return session
 
     def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
         """``prompt``: names and places, sent as ``keyterms`` (scribe_v2 only; see ``cost_notes``)."""

@@ -404,13 +404,7 @@ class _HttpTranslator(Translator):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self._local = threading.local()
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-        return session
+        self._session = httpbounds.ThreadSessions()
 
     def _post(self, url: str, payload, *, headers: dict, params: dict | None = None):
         # ensure_ascii=False: German and Hebrew stay 2 bytes a character instead of 6-byte escapes.

@@ -13,6 +13,7 @@ arrive (at most one socket read each), the deadline checked after every piece. T
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Iterable, Mapping
 
@@ -37,6 +38,22 @@ def request_timeout(env: Mapping) -> float | None:
     if not value:
         return None
     return positive_float("VERBATIM_REQUEST_TIMEOUT", value)
+
+
+class ThreadSessions:
+    """``sessions()``: this thread's ``requests.Session``, made on first use. requests does not
+    promise that one Session is thread-safe, and a provider instance serves every worker thread."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def __call__(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+
+            session = self._local.session = requests.Session()
+        return session
 
 
 class Deadline:
