@@ -11,7 +11,6 @@ Exit codes: 0 all done, 1 some jobs failed, 2 usage/configuration/account error,
 
 import json
 import logging
-import os
 import sys
 
 from db_manager import TRANSCRIPTION
@@ -20,7 +19,7 @@ from pipeline.liveruns import LiveRun
 from pipeline.media import describe, register_inputs
 from pipeline.runner import StopSignal, add_run_arguments, report, run_plans
 from pipeline.settings import Settings
-from pipeline.stages import TranscriptionStage
+from pipeline.stages import TranscriptionStage, check_inputs, nothing_to_do
 from transcription import add_local_arguments
 
 log = logging.getLogger("verbatim.transcription")
@@ -36,34 +35,6 @@ def build_parser():
     add_local_arguments(parser)
     config.add_common_args(parser)
     return parser
-
-
-def check_inputs(paths) -> None:
-    """Every input must exist before anything is created (no empty database for a typo)."""
-    missing = [path for path in paths if not os.path.exists(path)]
-    if missing:
-        raise config.ConfigError("input not found: " + ", ".join(map(repr, missing)))
-
-
-def nothing_to_do(db, inputs, scan, retry_failed: bool) -> tuple[str, int] | None:
-    """(why, exit code) when no transcription job would run; None when there is work. Jobs of runs
-    that died are taken back first, as a run would."""
-    db.reclaim()
-    pending, _ = db.pending(TRANSCRIPTION)
-    counts = db.counts().get((TRANSCRIPTION, ""), {})
-    failed = counts.get("failed", 0)
-    if pending or (retry_failed and failed):
-        return None
-    if not sum(counts.values()):
-        where = ", ".join(inputs) if inputs else "the database (pass --input PATH)"
-        found = f" ({scan.skipped_not_media} non-media and {scan.skipped_hidden} hidden skipped)" if scan else ""
-        return f"no media found in {where}{found}", config.EXIT_OK
-    parts = [f"{counts.get('completed', 0)} completed"]
-    if failed:
-        parts.append(f"{failed} failed (use --retry-failed to try them again)")
-    if counts.get("in_progress"):
-        parts.append(f"{counts['in_progress']} in progress in another run")
-    return ", ".join(parts), config.EXIT_FAILED if failed else config.EXIT_OK
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ import os
 
 from db_manager import COMPLETED, DEFAULT_LEASE_SECONDS, NO_SPEECH_NOTE, TRANSCRIPTION, TRANSLATION
 from pipeline.archive import prepare_output_root
+from pipeline.config import EXIT_FAILED, EXIT_OK, ConfigError
 from pipeline.limiter import RunRequests, limiter_for
 from pipeline.outputs import keep_edits
 from pipeline.runner import Plan, RunOptions, StopSignal, thread_count
@@ -253,6 +254,34 @@ class TranslationStage(_Stage):
                 print(f"{language}: would translate {plan['jobs']} transcript(s), {plan['characters']:,} characters,"
                       f" {cost}")
         return config.EXIT_OK
+
+
+def check_inputs(paths) -> None:
+    """Every input must exist before anything is created (no empty database for a typo)."""
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        raise ConfigError("input not found: " + ", ".join(map(repr, missing)))
+
+
+def nothing_to_do(db, inputs, scan, retry_failed: bool) -> tuple[str, int] | None:
+    """(why, exit code) when no transcription job would run; None when there is work. Jobs of runs
+    that died are taken back first, as a run would."""
+    db.reclaim()
+    pending, _ = db.pending(TRANSCRIPTION)
+    counts = db.counts().get((TRANSCRIPTION, ""), {})
+    failed = counts.get("failed", 0)
+    if pending or (retry_failed and failed):
+        return None
+    if not sum(counts.values()):
+        where = ", ".join(inputs) if inputs else "the database (pass --input PATH)"
+        found = f" ({scan.skipped_not_media} non-media and {scan.skipped_hidden} hidden skipped)" if scan else ""
+        return f"no media found in {where}{found}", EXIT_OK
+    parts = [f"{counts.get('completed', 0)} completed"]
+    if failed:
+        parts.append(f"{failed} failed (use --retry-failed to try them again)")
+    if counts.get("in_progress"):
+        parts.append(f"{counts['in_progress']} in progress in another run")
+    return ", ".join(parts), EXIT_FAILED if failed else EXIT_OK
 
 
 def needing_provider(db, language: str) -> int:

@@ -474,7 +474,7 @@ def test_a_full_output_disk_stops_the_run_before_any_request(stt, tmp_path, moun
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES])
 def test_a_machine_fault_while_writing_stops_the_run_and_fails_no_file(error, stt, tmp_path, monkeypatch):
     import db_manager as dbm
-    from parallel_transcription import TranscriptionWork
+    from pipeline.work import TranscriptionWork
     from pipeline import outputs
     from pipeline.limiter import ProviderLimiter, RunRequests
     from pipeline.media import register_inputs
