@@ -30,7 +30,6 @@ import os
 import re
 import sys
 import tempfile
-import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -41,12 +40,14 @@ import requests
 
 from pipeline import audio, httpbounds
 from pipeline.config import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, check_header_value,
-                             load_env, make_parser, parse_languages, run_main, setup_logging, with_env_note)
+                             make_parser, positive_int, run_main, setup_logging, with_env_note)
 from pipeline.errors import (AccountError, PermanentError, ProviderError, RetryableError, TooLongError,
                              classify_http, from_openai_exception, from_requests_exception, redact, register_secret)
-from pipeline.httpbounds import DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream
+from pipeline.httpbounds import (DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream,
+                                 request_timeout)
 from pipeline.limiter import RateLimitInfo, expect_rate_limit_headers, report_rate_limit
 from pipeline.outputs import WrittenFile, write_files
+from pipeline.settings import Settings  # main() only: the entry point's settings
 from pipeline.subtitles import RTL_LANGUAGES, Cue, format_srt, format_vtt
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class Transcriber(ABC):
         """Key and base URL from the environment; ``VERBATIM_<NAME>_MAX_UPLOAD_BYTES`` lowers the
         upload limit (tests force splitting with it). ``device`` and ``compute_type`` are for the
         local engine only; ``workers`` does not concern an HTTP provider."""
-        env = os.environ if env is None else env
+        env = {} if env is None else env
         if device or compute_type:
             raise ConfigError(f"--device and --compute-type are for the local provider, not {cls.name}")
         key = env.get(cls.key_env_var)
@@ -220,13 +221,13 @@ class Transcriber(ABC):
             raise ConfigError(f"{cls.name} needs an API key: set {cls.key_env_var} in the environment or .env")
         # VERBATIM_REQUEST_TIMEOUT bounds one request (seconds): a server that never answers
         # becomes a retryable timeout instead of a hung worker.
-        timeout = float(env.get("VERBATIM_REQUEST_TIMEOUT") or 600.0)
+        total = request_timeout(env)
         transcriber = cls(api_key=key, base_url=env.get(cls.base_url_env_var) or None, model=model,
-                          timeout=timeout)
+                          timeout=total or 600.0)
         limit_var = f"VERBATIM_{cls.name.upper()}_MAX_UPLOAD_BYTES"
         if env.get(limit_var):
-            transcriber.max_upload_bytes = _positive_int(limit_var, env[limit_var])
-        transcriber.total_deadline = timeout if env.get("VERBATIM_REQUEST_TIMEOUT") else None
+            transcriber.max_upload_bytes = positive_int(limit_var, env[limit_var])
+        transcriber.total_deadline = total
         transcriber.max_response_bytes = max_response_bytes(env)
         return transcriber
 
@@ -257,16 +258,6 @@ class Transcriber(ABC):
     def transcribe_chunk(self, audio_path: str, *, language: str | None = None,
                          prompt: str | None = None) -> Transcript:
         """Transcribe one prepared file with exactly one request; times relative to the file."""
-
-
-def _positive_int(name: str, value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number <= 0:
-        raise ConfigError(f"{name} must be a positive number of bytes, not {value!r}")
-    return number
 
 
 class OpenAITranscriber(Transcriber):
@@ -511,12 +502,12 @@ class ElevenLabsTranscriber(Transcriber):
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
                  timeout: float = 600.0):
         super().__init__(api_key=api_key, base_url=base_url, model=model, timeout=timeout)
-        self._local = threading.local()
+        self._session = httpbounds.ThreadSessions()  # one requests.Session per worker thread
         self._warned_no_keyterms = False
 
     @classmethod
     def from_env(cls, env=None, model=None, **engine) -> "Transcriber":
-        env = os.environ if env is None else env
+        env = {} if env is None else env
         transcriber = super().from_env(env, model, **engine)
         price = env.get("VERBATIM_ELEVENLABS_KEYTERMS_USD_PER_HOUR")
         if price:
@@ -554,12 +545,6 @@ class ElevenLabsTranscriber(Transcriber):
             cost += audio_seconds / 3600.0 * self.keyterm_price_per_hour
         return cost
 
-    def _session(self) -> requests.Session:
-        """A Session per thread: requests does not promise that one Session is thread-safe."""
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-        return session
 
     def transcribe_chunk(self, audio_path, *, language=None, prompt=None) -> Transcript:
         """``prompt``: names and places, sent as ``keyterms`` (scribe_v2 only; see ``cost_notes``)."""
@@ -636,12 +621,10 @@ class LocalWhisperTranscriber(Transcriber):
     def from_env(cls, env=None, model=None, *, workers=None, device=None, compute_type=None) -> "Transcriber":
         """Flags first, then ``VERBATIM_LOCAL_MODEL``, ``_DEVICE``, ``_COMPUTE_TYPE`` and
         ``_MAX_CONCURRENCY`` (a cap on ``workers``) from the environment."""
-        env = os.environ if env is None else env
+        env = {} if env is None else env
         cap = env.get("VERBATIM_LOCAL_MAX_CONCURRENCY")
         if cap:
-            if not cap.strip().isdigit() or int(cap) < 1:
-                raise ConfigError(f"VERBATIM_LOCAL_MAX_CONCURRENCY must be a positive number, not {cap!r}")
-            workers = min(workers or 1, int(cap))
+            workers = min(workers or 1, positive_int("VERBATIM_LOCAL_MAX_CONCURRENCY", cap))
         return cls(model=model or env.get("VERBATIM_LOCAL_MODEL") or None,
                    device=device or env.get("VERBATIM_LOCAL_DEVICE") or None,
                    compute_type=compute_type or env.get("VERBATIM_LOCAL_COMPUTE_TYPE") or None, workers=workers)
@@ -700,7 +683,7 @@ def choose_transcriber(name: str | None = None, env: Mapping | None = None, mode
     """``name``, else ``$VERBATIM_TRANSCRIPTION_PROVIDER``, else the first provider whose key is set,
     else ``local`` when faster-whisper is installed. ``engine``: ``workers``, ``device`` and
     ``compute_type`` for the local engine (see ``Transcriber.from_env``)."""
-    env = os.environ if env is None else env
+    env = {} if env is None else env  # the settings' snapshot (Settings.env); never the process environment
     name = (name or env.get("VERBATIM_TRANSCRIPTION_PROVIDER") or "").strip().lower()
     if name:
         if name not in PROVIDERS:
@@ -906,11 +889,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not os.path.isfile(args.file):
             raise ConfigError(f"{args.file!r}: no such file")
-        load_env(args.env_file)
-        setup_logging(args.verbose)
-        transcriber = choose_transcriber(args.provider, os.environ, args.model, device=args.device,
+        settings = Settings.load(args)
+        setup_logging(settings.debug)
+        transcriber = choose_transcriber(args.provider, settings.env, args.model, device=args.device,
                                          compute_type=args.compute_type)
-        language = parse_languages([args.language])[0] if args.language else None
+        language = settings.language(args.language)
         check_language(transcriber, language)
         if args.format in ("srt", "vtt") and transcriber.model in transcriber.text_only_models:
             raise ConfigError(f"--format {args.format} needs timestamps; {transcriber.model} returns text only")

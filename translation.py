@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,16 +43,21 @@ from lingua import Language, LanguageDetectorBuilder
 
 from pipeline import httpbounds
 from pipeline.config import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, SUPPORTED_LANGUAGES, ConfigError, check_header_value,
-                             load_env, make_parser, parse_languages, run_main, setup_logging)
+                             make_parser, run_main, setup_logging)
 from pipeline.errors import (MAX_INLINE_WAIT_SECONDS, AccountError, PermanentError, ProviderError,
                              RetryableError, classify_http, from_openai_exception, from_requests_exception,
                              register_secret, retry_delay)
-from pipeline.httpbounds import DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream
+from pipeline.httpbounds import (DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream,
+                                 request_timeout)
 from pipeline.limiter import RateLimitInfo, expect_rate_limit_headers, report_rate_limit
 from pipeline.outputs import WrittenFile, write_files
+from pipeline.settings import Settings  # main() only: the entry point's settings
 from pipeline.subtitles import RTL_LANGUAGES, Cue, SubtitleError, format_srt, format_vtt, parse_srt, parse_vtt
 
 log = logging.getLogger("translation")
+
+# A translation request's total deadline where VERBATIM_REQUEST_TIMEOUT does not set one.
+DEFAULT_TIMEOUT = 120.0
 
 LANGUAGE_NAMES = {"en": "English", "de": "German", "he": "Hebrew", "fr": "French", "es": "Spanish",
                   "it": "Italian", "nl": "Dutch", "pl": "Polish", "ru": "Russian", "uk": "Ukrainian",
@@ -344,7 +350,7 @@ class Translator(ABC):
         return cls.targets is None or language in cls.targets
 
     def __init__(self, *, api_key: str, base_url: str | None = None, model: str | None = None,
-                 timeout: float = 120.0):
+                 timeout: float = DEFAULT_TIMEOUT):
         if not api_key:
             raise ConfigError(f"{self.name}: no API key: set {self.key_env_var}")
         register_secret(api_key)
@@ -359,14 +365,14 @@ class Translator(ABC):
 
     @classmethod
     def from_env(cls, env=None, model: str | None = None) -> "Translator":
-        env = os.environ if env is None else env
+        env = {} if env is None else env
         key = env.get(cls.key_env_var)
         if not key:
             raise ConfigError(f"{cls.name}: no API key: set {cls.key_env_var} in the environment or the .env file")
         if cls.model_env_var:
             model = model or env.get(cls.model_env_var)
         # VERBATIM_REQUEST_TIMEOUT: the total deadline of one request, as for transcription.
-        timeout = float(env.get("VERBATIM_REQUEST_TIMEOUT") or 120.0)
+        timeout = request_timeout(env) or DEFAULT_TIMEOUT
         translator = cls(api_key=key, base_url=env.get(cls.base_url_env_var) or None, model=model,
                          timeout=timeout, **cls._options_from_env(env))
         translator.max_response_bytes = max_response_bytes(env)
@@ -398,13 +404,7 @@ class _HttpTranslator(Translator):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self._local = threading.local()
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-        return session
+        self._session = httpbounds.ThreadSessions()
 
     def _post(self, url: str, payload, *, headers: dict, params: dict | None = None):
         # ensure_ascii=False: German and Hebrew stay 2 bytes a character instead of 6-byte escapes.
@@ -627,12 +627,14 @@ def _translator_class(name: str) -> type[Translator]:
     return cls
 
 
-def choose_translator(language: str, name: str | None = None, env=os.environ,
+def choose_translator(language: str, name: str | None = None, env: Mapping | None = None,
                       model: str | None = None) -> Translator:
     """``name``, else VERBATIM_TRANSLATION_PROVIDER_<LANG>, VERBATIM_TRANSLATION_PROVIDER, else the
     first provider (openai, deepl, microsoft) whose key is set and that has ``language``. A named
     provider without the language gives way to the configured fallback if that has it; otherwise
-    the run is refused here, before any job is claimed."""
+    the run is refused here, before any job is claimed. ``env`` is the settings' snapshot
+    (``Settings.env``); nothing here reads the process environment."""
+    env = {} if env is None else env
     name = (name or env.get(f"VERBATIM_TRANSLATION_PROVIDER_{language.upper()}")
             or env.get("VERBATIM_TRANSLATION_PROVIDER"))
     if name:
@@ -942,15 +944,16 @@ def _parser():
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    setup_logging(args.verbose)
-    env = load_env(args.env_file)
-    target = parse_languages([args.to])[0]
+    settings = Settings.load(args)
+    setup_logging(settings.debug)
+    env = settings.env
+    target = settings.language(args.to)
     if not os.path.isfile(args.input):
         raise ConfigError(f"{args.input!r}: no such file")
     try:
         doc = load_source(args.input)
         if args.source:
-            doc.language = parse_languages([args.source])[0]
+            doc.language = settings.language(args.source)
         if args.format in ("srt", "vtt") and not doc.has_timestamps:
             raise ConfigError(f"--format {args.format} needs a source with timestamps; {args.input} has none")
         translator = choose_translator(target, args.provider, env, args.model)

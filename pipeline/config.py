@@ -60,23 +60,40 @@ def with_env_note(message: str) -> str:
     return message
 
 
-def load_env(env_file: str | None = None) -> os._Environ:
-    """Load ``env_file`` (or ``./.env``) into ``os.environ`` without overriding what is set."""
-    path = env_file or os.environ.get("VERBATIM_ENV_FILE") or ".env"
+def env_file_path(env_file: str | None, environ) -> str:
+    """The settings file to read: ``--env-file``, else ``$VERBATIM_ENV_FILE``, else ``./.env``."""
+    return env_file or environ.get("VERBATIM_ENV_FILE") or ".env"
+
+
+def merged_env(env_file: str | None, environ) -> dict:
+    """``environ`` with the settings file's values added where a variable is not set (the file
+    never overrides the environment), every key-like value registered for redaction."""
+    path = env_file_path(env_file, environ)
     if env_file and not os.path.isfile(env_file):
         raise ConfigError(f"--env-file {env_file}: no such file")
     _env_file.update(path=os.path.abspath(path), read=os.path.isfile(path))
+    merged = dict(environ)
     if os.path.isfile(path):
         for key, value in dotenv_values(path, interpolate=False).items():
-            if value is not None and key not in os.environ:
-                os.environ[key] = value
-    for key, value in os.environ.items():
+            if value is not None and key not in merged:
+                merged[key] = value
+    for key, value in merged.items():
         name = key.upper()
         if name.endswith(tuple("_" + marker for marker in _SECRET_MARKERS)):
             register_secret(value)  # a key is a key whatever its length
         elif any(marker in name for marker in _SECRET_MARKERS) and len(value) >= 6:
             register_secret(value)  # KEYTIMEOUT=1 must not redact every "1"
         register_url_credentials(value)  # a proxy password in a base URL
+    return merged
+
+
+def load_env(env_file: str | None = None) -> os._Environ:
+    """Load ``env_file`` (or ``./.env``) into ``os.environ`` without overriding what is set: the
+    one place the process environment is written. ``pipeline.settings.Settings.load`` calls it
+    and takes its snapshot; nothing else reads the environment."""
+    for key, value in merged_env(env_file, os.environ).items():
+        if key not in os.environ:
+            os.environ[key] = value
     return os.environ
 
 
@@ -96,18 +113,31 @@ def check_header_value(name: str, value: str) -> None:
                               " printable ASCII without spaces; set it again as the provider shows it")
 
 
-def target_languages(env=None) -> list[str]:
-    env = os.environ if env is None else env
-    raw = env.get("VERBATIM_TARGET_LANGUAGES") or ",".join(DEFAULT_TARGET_LANGUAGES)
-    return parse_languages(raw.replace(",", " ").split())
+def positive_int(name: str, value) -> int:
+    """``value`` as a whole number of at least 1, else a ConfigError naming ``name`` (a setting
+    or an option)."""
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{name} must be a positive number (a whole number of at least 1), not {value!r}")
+    return int(text)
 
 
-def expected_languages(env=None) -> list[str] | None:
-    """The languages the archive expects to hear (``VERBATIM_LANGUAGES``, e.g. ``de,en``), or None:
-    detect freely. A transcript detected in another language is marked for review."""
-    env = os.environ if env is None else env
-    raw = (env.get("VERBATIM_LANGUAGES") or "").replace(",", " ").split()
-    return parse_languages(raw) or None
+def positive_argument(text: str) -> int:
+    """An argparse ``type`` for options such as ``--workers N``: a whole number of at least 1."""
+    try:
+        return positive_int("the value", text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}") from None
+
+
+def positive_float(name: str, value) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = -1.0
+    if not number > 0 or number == float("inf"):
+        raise ConfigError(f"{name} must be a positive number, not {value!r}")
+    return number
 
 
 def parse_languages(codes) -> list[str]:
@@ -122,14 +152,6 @@ def parse_languages(codes) -> list[str]:
         if code not in result:
             result.append(code)
     return result
-
-
-def db_path(args) -> str:
-    return args.db or os.environ.get("VERBATIM_DB") or DEFAULT_DB
-
-
-def output_dir(args) -> str:
-    return args.output_dir or os.environ.get("VERBATIM_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR
 
 
 class RedactingFilter(logging.Filter):
@@ -160,8 +182,9 @@ class _ProgressAwareHandler(logging.StreamHandler):
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """Logs go to stderr; results go to stdout. Call from scripts only."""
-    level = logging.DEBUG if verbose or os.environ.get("VERBATIM_DEBUG") else (
+    """Logs go to stderr; results go to stdout. Call from scripts only, with ``Settings.debug``
+    (``-v`` or ``VERBATIM_DEBUG``) as ``verbose``."""
+    level = logging.DEBUG if verbose else (
         logging.WARNING if quiet else logging.INFO)
     handler = _ProgressAwareHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s"))

@@ -17,6 +17,9 @@ import os
 import signal
 
 POINTS = ("after_claim", "after_api", "after_temp_write", "before_commit", "in_commit", "after_commit")
+# A test hook, not a setting: the fault tests arm it for a subprocess they kill on purpose. It is
+# read here, once at import, rather than carried in Settings, so that no production path has to
+# pass it along and a run can never be configured to crash by a .env file (Settings ignores it).
 _ARMED = os.environ.get("VERBATIM_CRASH_AT")
 
 

@@ -13,10 +13,11 @@ arrive (at most one socket read each), the deadline checked after every piece. T
 from __future__ import annotations
 
 import io
-import os
+import threading
 import time
 from collections.abc import Iterable, Mapping
 
+from pipeline.config import positive_float
 from pipeline.errors import PermanentError, RetryableError
 
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -24,11 +25,35 @@ CONNECT_TIMEOUT = 10.0
 _PIECE_BYTES = 64 * 1024
 
 
-def max_response_bytes(env: Mapping | None = None) -> int:
-    """``VERBATIM_MAX_RESPONSE_BYTES``, else 64 MiB."""
-    env = os.environ if env is None else env
+def max_response_bytes(env: Mapping) -> int:
+    """``VERBATIM_MAX_RESPONSE_BYTES`` of the settings' ``env`` (validated by ``Settings``), else 64 MiB."""
     value = env.get("VERBATIM_MAX_RESPONSE_BYTES")
     return int(value) if value and value.strip().isdigit() and int(value) > 0 else DEFAULT_MAX_RESPONSE_BYTES
+
+
+def request_timeout(env: Mapping) -> float | None:
+    """``VERBATIM_REQUEST_TIMEOUT`` of the settings' ``env``: the total deadline of one request, in
+    seconds, for every provider (transcription and translation alike); None where it is not set."""
+    value = env.get("VERBATIM_REQUEST_TIMEOUT")
+    if not value:
+        return None
+    return positive_float("VERBATIM_REQUEST_TIMEOUT", value)
+
+
+class ThreadSessions:
+    """``sessions()``: this thread's ``requests.Session``, made on first use. requests does not
+    promise that one Session is thread-safe, and a provider instance serves every worker thread."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def __call__(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+
+            session = self._local.session = requests.Session()
+        return session
 
 
 class Deadline:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import os
 import random
 import re
 import threading
@@ -518,17 +517,13 @@ _registry: dict[str, ProviderLimiter] = {}
 _registry_lock = threading.Lock()
 
 
-def limiter_for(provider: str, env=None) -> ProviderLimiter:
-    """The process-wide limiter of ``provider``, configured from the environment:
-    ``VERBATIM_<PROVIDER>_MAX_CONCURRENCY`` and ``VERBATIM_<PROVIDER>_RPM``."""
-    env = os.environ if env is None else env
+def limiter_for(provider: str, settings=None) -> ProviderLimiter:
+    """The process-wide limiter of ``provider``, made on first use from ``settings`` (a
+    ``pipeline.settings.LimiterSettings``: ``VERBATIM_<PROVIDER>_MAX_CONCURRENCY``, ``_RPM`` and
+    ``VERBATIM_RATE_LIMIT_PATIENCE``, validated once by the entry point); None: no limits set."""
     with _registry_lock:
         if provider not in _registry:
-            prefix = f"VERBATIM_{provider.upper()}_"
-            concurrency = env.get(prefix + "MAX_CONCURRENCY")
-            rpm = env.get(prefix + "RPM")
             _registry[provider] = ProviderLimiter(
-                provider, max_concurrency=int(concurrency) if concurrency else None,
-                rpm=float(rpm) if rpm else None,
-                patience=float(env.get("VERBATIM_RATE_LIMIT_PATIENCE", DEFAULT_PATIENCE)))
+                provider, max_concurrency=getattr(settings, "max_concurrency", None),
+                rpm=getattr(settings, "rpm", None), patience=getattr(settings, "patience", DEFAULT_PATIENCE))
         return _registry[provider]

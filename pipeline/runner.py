@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from db_manager import (DEFAULT_LEASE_SECONDS, FAILED, PARKED, TRANSCRIPTION, TRANSLATION, DatabaseManager, Job,
                         LeaseLostError, Outcome, make_owner)
 from pipeline import errors, outputs, publish
-from pipeline.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_WORK_LEFT
+from pipeline.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_WORK_LEFT, positive_argument
 from pipeline.faults import crash_point
 from pipeline.limiter import Stopping
 from pipeline.spool import Spool
@@ -79,6 +79,10 @@ class RunOptions:
     # A translation run: while this says True, transcripts it waits for are still to come from a
     # transcription running beside it (tools/process.py), so it follows instead of leaving.
     follow: Callable[[], bool] | None = None
+    # Backoff of a retryable failure (``errors.retry_delay``): Settings' VERBATIM_RETRY_BASE_SECONDS
+    # and VERBATIM_RETRY_CAP_SECONDS, set by the stage that plans the run; None: errors' defaults.
+    retry_base_seconds: float | None = None
+    retry_cap_seconds: float | None = None
 
 
 @dataclass
@@ -439,7 +443,8 @@ class Runner:
 
     def _record_failure(self, job: Job, exc: errors.ProviderError, *, retryable: bool,
                         spend_attempt: bool = True) -> None:
-        delay = errors.retry_delay(job.attempts, exc.retry_after, base=_retry_base(), cap=_retry_cap())
+        delay = errors.retry_delay(job.attempts, exc.retry_after, base=self.options.retry_base_seconds,
+                                    cap=self.options.retry_cap_seconds)
         self._discard(job)
         try:
             status = self.db.fail(job, exc.error_class, str(exc), retryable=retryable, delay=delay,
@@ -546,14 +551,6 @@ class Runner:
                 f"failed {s.failed} · retries {s.retried} · rate-limit waits {waits + s.requeued}", refresh=False)
 
 
-def _retry_base() -> float:
-    return float(os.environ.get("VERBATIM_RETRY_BASE_SECONDS", errors.RETRY_BASE_SECONDS))
-
-
-def _retry_cap() -> float:
-    return float(os.environ.get("VERBATIM_RETRY_CAP_SECONDS", errors.RETRY_CAP_SECONDS))
-
-
 def exit_code(summaries: list[RunSummary], stop: StopSignal) -> int:
     if stop.account_error or stop.unrecorded:
         return EXIT_USAGE
@@ -591,14 +588,7 @@ def thread_count(workers: int) -> int:
     return workers + workers // 4
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+_positive = positive_argument  # the scripts' --workers, --batch-size, --limit
 
 
 @dataclass

@@ -15,6 +15,10 @@ os.environ["VERBATIM_ENV_FILE"] = os.devnull
 os.environ["HF_HUB_OFFLINE"] = "1"  # the local engine never reaches for a model hub in tests
 os.environ["VERBATIM_RETRY_BASE_SECONDS"] = "0.01"
 os.environ["VERBATIM_RETRY_CAP_SECONDS"] = "0.05"
+# In-process runs: a runner built without Settings uses the defaults, shrunk the same way.
+from pipeline import errors as _errors  # noqa: E402
+
+_errors.RETRY_BASE_SECONDS, _errors.RETRY_CAP_SECONDS = 0.01, 0.05
 
 from tests.pg import pg_server, pg_url  # noqa: E402,F401 (fixtures: a real PostgreSQL server, a database per test)
 

@@ -1,4 +1,4 @@
-"""PostgreSQL for the tests: one real server for the session (``pipeline.pgserver``), a fresh
+"""PostgreSQL for the tests: one real server for the session (``benchmarks.pgserver``), a fresh
 database per test (``pg_url``). Without the server binaries the PostgreSQL tests are skipped,
 saying why, unless ``VERBATIM_REQUIRE_POSTGRES`` is set (CI sets it): then they fail."""
 
@@ -23,7 +23,7 @@ def pg_server():
         import psycopg_pool  # noqa: F401
     except ImportError:
         _unavailable("psycopg / psycopg-pool are not installed (pip install -r requirements.txt)")
-    from pipeline import pgserver
+    from benchmarks import pgserver
 
     try:
         # fsync off: the tests restart the server cleanly but never crash the machine under it.

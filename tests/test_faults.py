@@ -377,7 +377,7 @@ def test_disk_errors_on_output_writes(stt, tmp_path, monkeypatch):
     """EIO from fsync: the attempt fails retryably, no partial final file. (ENOSPC, EDQUOT, EROFS
     and EACCES are the machine's faults and stop the run: tests/test_hostile.py.)"""
     import db_manager as dbm
-    from parallel_transcription import TranscriptionWork
+    from pipeline.work import TranscriptionWork
     from pipeline import outputs
     from pipeline.limiter import ProviderLimiter, RunRequests
     from pipeline.media import register_inputs
@@ -457,7 +457,7 @@ def test_transcription_and_translation_at_once(stt, tmp_path):
 
 def test_a_lease_that_expires_while_the_worker_runs(stt, tmp_path):
     import db_manager as dbm
-    from parallel_transcription import TranscriptionWork
+    from pipeline.work import TranscriptionWork
     from pipeline.limiter import ProviderLimiter, RunRequests
     from pipeline.media import register_inputs
     from pipeline.runner import RunOptions, Runner, StopSignal

@@ -154,7 +154,7 @@ def _in_process_run(stt, tmp_path, *, db=None, owner=None, lease_seconds=300.0, 
                     seconds=1.0):
     """A transcription run in this process (so a test can hold the database or steal a lease)."""
     import db_manager as dbm
-    from parallel_transcription import TranscriptionWork
+    from pipeline.work import TranscriptionWork
     from pipeline.limiter import ProviderLimiter, RunRequests
     from pipeline.media import register_inputs
     from pipeline.runner import RunOptions, Runner, StopSignal

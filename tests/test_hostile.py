@@ -294,6 +294,23 @@ def test_a_dripping_translation_answer_meets_the_total_deadline(provider, tmp_pa
     assert db_rows(tmp_path, "SELECT 1 FROM events WHERE error_class = 'timeout'")
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("provider", sorted(FAKES))
+def test_a_translation_answer_held_back_times_out_per_the_setting(provider, tmp_path):
+    """A translate server that holds its answer: the request ends after VERBATIM_REQUEST_TIMEOUT (read
+    here from the .env file), is retried, and the run completes; it never waits for the server."""
+    make_archive(tmp_path, n_german=2, n_english=0)
+    (tmp_path / "settings.env").write_text("VERBATIM_REQUEST_TIMEOUT=1\n")
+    with FAKES[provider]() as fake:
+        fake.server.fault = _first_n(1, Fault("hang"))
+        started = time.monotonic()
+        result = run(TRANSLATE, tmp_path, fake.env(), "--language", "en", "--provider", provider,
+                     "--env-file", str(tmp_path / "settings.env"), timeout=100)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 30  # the held answer alone would last ten minutes
+    assert db_rows(tmp_path, "SELECT 1 FROM events WHERE error_class = 'timeout'")
+
+
 class TrickleReader:
     """A server on 127.0.0.1 that reads what it is sent at a trickle (1 KiB every 10 ms, with a small
     receive buffer) and never answers: every send waits a moment, none long enough for a timeout."""
@@ -457,7 +474,7 @@ def test_a_full_output_disk_stops_the_run_before_any_request(stt, tmp_path, moun
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES])
 def test_a_machine_fault_while_writing_stops_the_run_and_fails_no_file(error, stt, tmp_path, monkeypatch):
     import db_manager as dbm
-    from parallel_transcription import TranscriptionWork
+    from pipeline.work import TranscriptionWork
     from pipeline import outputs
     from pipeline.limiter import ProviderLimiter, RunRequests
     from pipeline.media import register_inputs

@@ -213,11 +213,13 @@ def test_at_most_workers_transcriptions_run_at_once(model_path, tmp_path):
 
 def test_the_limiter_runs_as_many_requests_as_the_engine(model_path, monkeypatch):
     import local_whisper
-    import parallel_transcription
+    from pipeline.settings import Settings
+    from pipeline.stages import TranscriptionStage
 
     monkeypatch.setattr(limiter_module, "_registry", {})
-    transcriber = T.choose_transcriber("local", {}, model_path, workers=4)
-    limiter = parallel_transcription.provider_limiter(transcriber)
+    stage = TranscriptionStage(Settings.from_env({}), provider="local", model=model_path, workers=4)
+    transcriber = stage.transcriber()
+    limiter = stage.limiter(transcriber)
     assert limiter.max_concurrency == transcriber.max_concurrency == min(4, local_whisper.cpu_cores())
 
 
@@ -380,12 +382,13 @@ def test_detection_is_restricted_to_the_languages_the_archive_expects(expected, 
 
 
 def test_the_retry_tool_runs_the_local_engine_as_the_script_does(model_path, tmp_path):
-    """The retry tool builds its run through the transcription script's plan: the local engine's
-    model is loaded, and its request slots are the engine's own workers, not the tool's default."""
+    """The retry tool builds its run through the transcription stage: the local engine's model is
+    loaded, and its request slots are the engine's own workers, not the tool's default."""
     import argparse
 
     import db_manager as dbm
     from pipeline.runner import StopSignal
+    from pipeline.settings import Settings
     from tools import retry_failed_transcriptions as retry_tool
 
     args = argparse.Namespace(provider="local", model=model_path, workers=None, device="cpu", compute_type=None,
@@ -393,7 +396,8 @@ def test_the_retry_tool_runs_the_local_engine_as_the_script_does(model_path, tmp
                               db=str(tmp_path / "jobs.db"), output_dir=str(tmp_path / "out"))
     db = dbm.DatabaseManager(args.db)
     try:
-        plan = retry_tool.transcription_plan(args, db, StopSignal())
+        stage = retry_tool.stage_for(args, Settings.from_env({}, args), dbm.TRANSCRIPTION)
+        plan = retry_tool.plan_for(stage, db, "", StopSignal(), args)
     finally:
         db.close_all()
     engine_workers = plan.work.transcriber.max_concurrency
@@ -519,3 +523,56 @@ def test_the_readme_quick_start_transcribes_with_no_key(model_path, tmp_path):
     assert result.returncode == 0, result.stderr
     (transcript,) = (tmp_path / "output").glob("*/transcript.txt")
     assert word_error_rate(known_text("winter"), transcript.read_text(encoding="utf-8")) <= MAX_WER
+
+
+def test_the_retry_tool_builds_exactly_the_run_the_script_builds(model_path, tmp_path, monkeypatch):
+    """Drift check: for the same flags and settings, the retry tool's run is the transcription
+    script's run (workers, threads, batch size, the provider limiter and its cap, the engine's
+    device, compute type and workers, the model loaded, the spoken language as a code, the expected
+    languages, the output folder claimed for this database); only the label and the scope differ."""
+    import argparse
+
+    import db_manager as dbm
+    import parallel_transcription
+    from pipeline.archive import MARKER
+    from tests import mediagen
+    from tools import retry_failed_transcriptions as retry_tool
+
+    (tmp_path / "in").mkdir()
+    mediagen.make_tone(tmp_path / "in" / "tone.wav", seconds=1.0)
+    monkeypatch.setenv("VERBATIM_LOCAL_MAX_CONCURRENCY", "2")
+    monkeypatch.setenv("VERBATIM_LANGUAGES", "de,en")
+    captured = {}
+
+    def capture(name):
+        def run_plans(db, plans, stop):
+            captured[name] = plans[0]
+            return []
+        return run_plans
+
+    common = ["--db", str(tmp_path / "jobs.db"), "--output-dir", str(tmp_path / "out"), "--provider", "local",
+              "--model", model_path, "--device", "cpu", "--workers", "4", "--quiet"]
+    monkeypatch.setattr(parallel_transcription, "run_plans", capture("script"))
+    assert parallel_transcription.main([*common, "--input", str(tmp_path / "in"), "--language", "EN"]) == 0
+
+    (tmp_path / "out" / MARKER).unlink()  # the retry must claim the output folder as the script does
+    db = dbm.DatabaseManager(str(tmp_path / "jobs.db"))
+    try:
+        job = db.claim(dbm.make_owner(), dbm.TRANSCRIPTION)[0]
+        db.fail(job, "server_error", "HTTP 500", retryable=False)
+    finally:
+        db.close_all()
+    monkeypatch.setattr(retry_tool, "run_plans", capture("retry"))
+    assert retry_tool.main([*common, "--spoken-language", "EN"]) == 0
+
+    script, retry = captured["script"], captured["retry"]
+    for name in ("stage", "language", "workers", "threads", "batch_size", "lease_seconds", "output_root", "quiet"):
+        assert getattr(retry.options, name) == getattr(script.options, name), name
+    assert retry.limiter is script.limiter and retry.limiter.max_concurrency == script.options.workers == 2
+    for work in (script.work, retry.work):
+        assert work.transcriber.settings.device == "cpu" and work.transcriber.max_concurrency == 2
+        assert work.transcriber._engine._model is not None  # loaded before any job is claimed
+        assert work.language == "en" and work.expected_languages == ["de", "en"]
+        assert work.transcriber.expected_languages == ["de", "en"]
+    assert retry.work.transcriber.settings == script.work.transcriber.settings
+    assert (tmp_path / "out" / MARKER).exists()

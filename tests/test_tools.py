@@ -450,6 +450,27 @@ def test_a_retry_scope_claims_waits_for_and_counts_only_the_retried_jobs(archive
     assert archive.db.pending(TRANSCRIPTION, file_ids=scope)[0] == 0 and archive.db.pending(TRANSCRIPTION)[0] == 2
 
 
+def test_a_retry_refuses_an_output_folder_another_database_owns_as_the_scripts_do(archive, tmp_path, monkeypatch):
+    """Drift check: the retry tool prepares the output folder as the scripts do (writable, this
+    database's), before any job is reset or any provider asked."""
+    from pipeline.archive import prepare_output_root
+
+    ids = {name: archive.add(name) for name in "ab"}
+    archive.transcribe(ids["a"])
+    archive.fail(ids["a"], TRANSLATION, error_class="validation")
+    other = dbm.DatabaseManager(str(tmp_path / "other.db"))
+    try:
+        prepare_output_root(other, archive.root)
+    finally:
+        other.close_all()
+    monkeypatch.setenv("DEEPL_API_KEY", "deepl-test-a1b2c3:fx")
+    monkeypatch.setattr(retry_tool, "run_plans", lambda db, plans, stop: [])
+    before = archive.snapshot()
+    with pytest.raises(config.ConfigError, match="belongs to another job database"):
+        retry_tool.main(archive.args("--stage", "translation", "--language", "he"))
+    assert archive.snapshot() == before
+
+
 def test_retry_runs_failed_files_again_once_the_api_heals(tmp_path):
     pytest.importorskip("tests.fake_stt")
     from tests.fake_stt import FakeSTT, analyse, decode_pcm, env_for

@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import config  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 from pipeline.media import describe, register_inputs  # noqa: E402
 
 
@@ -24,13 +25,13 @@ def main(argv=None) -> int:
                         help="target languages for translation jobs (default: $VERBATIM_TARGET_LANGUAGES)")
     config.add_common_args(parser)
     args = parser.parse_args(argv)
-    config.load_env(args.env_file)
-    config.setup_logging(args.verbose)
-    languages = config.parse_languages(args.language) if args.language else config.target_languages()
+    settings = Settings.load(args, target_languages=args.language)
+    config.setup_logging(settings.debug)
+    languages = list(settings.target_languages)  # --language, else $VERBATIM_TARGET_LANGUAGES, as codes
     missing = [path for path in args.paths if not os.path.exists(path)]
     if missing:  # before the database is opened: a typo creates nothing and registers nothing
         raise config.ConfigError("input not found: " + ", ".join(map(repr, missing)))
-    db = config.open_db(config.db_path(args))
+    db = config.open_db(settings.db)
     try:
         report = register_inputs(db, args.paths, languages)
     finally:

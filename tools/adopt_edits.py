@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import COMPLETED, TRANSCRIPTION  # noqa: E402
 from pipeline import config, publish  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 from pipeline.outputs import as_recorded, keep_edits, safe_join  # noqa: E402
 from pipeline.subtitles import parse_srt, parse_vtt  # noqa: E402
 from tools.check_missing_transcripts import EDITABLE_FORMATS, verify_recorded  # noqa: E402
@@ -215,10 +216,10 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    config.load_env(args.env_file)
-    config.setup_logging(args.verbose)
-    db = config.open_db(config.db_path(args), must_exist=True)
-    root = config.output_dir(args)
+    settings = Settings.load(args)
+    config.setup_logging(settings.debug)
+    db = config.open_db(settings.db, must_exist=True)
+    root = settings.output_dir
     try:
         if args.retranscribe:
             done = retranscribe(db, args.retranscribe)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import SCHEMA_VERSION, lease_lost_reason  # noqa: E402
 from pipeline import config  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 
 SUFFIX = ".db"
 LOCK_PROBE_SECONDS = 0.5   # how long restore waits for the write lock before calling the database in use
@@ -168,9 +169,9 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="restore: replace an existing database (not one in use)")
     config.add_common_args(parser)
     args = parser.parse_args(argv)
-    config.load_env(args.env_file)
-    config.setup_logging(args.verbose)
-    db_path = config.db_path(args)
+    settings = Settings.load(args)
+    config.setup_logging(settings.debug)
+    db_path = settings.db
     if db_path.startswith(("postgresql://", "postgres://")):
         raise config.ConfigError("backup.py backs up a SQLite job database; back up a PostgreSQL one with the"
                                  " server's tools (pg_dump), or copy it to SQLite with tools/migrate_db.py")

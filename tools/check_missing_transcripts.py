@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import COMPLETED, NO_SPEECH_NOTE, REVIEW_NOTE, STAGES, TRANSCRIPTION, TRANSLATION, display_path  # noqa: E402
 from pipeline import config, publish  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 from pipeline.outputs import safe_join  # noqa: E402
 from pipeline.subtitles import parse_srt, parse_vtt  # noqa: E402
 from transcription import OUTPUT_NAMES as TRANSCRIPT_NAMES  # noqa: E402
@@ -241,13 +242,13 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    config.load_env(args.env_file)
-    config.setup_logging(args.verbose)
+    settings = Settings.load(args)
+    config.setup_logging(settings.debug)
     stage, language = selection(args)
-    db = config.open_db(config.db_path(args), must_exist=True, read_only=True)
+    db = config.open_db(settings.db, must_exist=True, read_only=True)
     try:
-        publish.settle_quietly(db, config.output_dir(args))  # finish what a crash left staged, then check
-        problems, checked = check(db, config.output_dir(args), stage, language)
+        publish.settle_quietly(db, settings.output_dir)  # finish what a crash left staged, then check
+        problems, checked = check(db, settings.output_dir, stage, language)
         silent = no_speech(db, stage, language)
         review = to_review(db) if stage in (None, TRANSCRIPTION) else []
     finally:

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from db_manager import (COMPLETED, FAILED, IN_PROGRESS, MAX_LOST_LEASES, NOT_STARTED, TRANSCRIPTION,  # noqa: E402
                         TRANSLATION, lease_lost_reason)
 from pipeline import config, publish  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 from pipeline.outputs import keep_edits, safe_join, sweep_temp_files  # noqa: E402
 from tools.check_missing_transcripts import Unparsable, output_name, output_problems, parse_output  # noqa: E402
 
@@ -415,14 +416,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.temp_age < 0:
         raise config.ConfigError("--temp-age must be zero or more seconds")
-    config.load_env(args.env_file)
-    config.setup_logging(args.verbose)
-    db = config.open_db(config.db_path(args), must_exist=True)
+    settings = Settings.load(args)
+    config.setup_logging(settings.debug)
+    db = config.open_db(settings.db, must_exist=True)
     db.actor = f"tool:{Path(__file__).name}"  # a file's history names the tool that changed it
     try:
         if args.apply:
-            publish.roll_forward(db, config.output_dir(args))  # staged outputs of a crash, before judging files
-        planner = Planner(db, config.output_dir(args))
+            publish.roll_forward(db, settings.output_dir)  # staged outputs of a crash, before judging files
+        planner = Planner(db, settings.output_dir)
         changes = planner.plan(args.temp_age)
         if args.apply:
             changes = apply_changes(planner, changes)

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import config  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 
 # Every table of the schema, parents before children, with the column that identifies a row.
 TABLES = (("archive_identity", "id"), ("media_files", "file_id"), ("media_paths", "path_bytes"),
@@ -139,8 +140,7 @@ def _open_target_to_look(target: str):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    config.load_env(args.env_file)
-    config.setup_logging(args.verbose)
+    config.setup_logging(Settings.load(args).debug)
     if _same(args.source, args.target):
         raise config.ConfigError("FROM and TO are the same job store")
     source = config.open_db(args.source, must_exist=True, read_only=True)

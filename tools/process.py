@@ -17,20 +17,19 @@ Exit codes: 0 all done, 1 some jobs failed, 2 usage/configuration/account error,
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import DEFAULT_LEASE_SECONDS, TRANSCRIPTION, TRANSLATION  # noqa: E402
-from parallel_transcription import check_inputs, nothing_to_do, transcription_plan  # noqa: E402
-from parallel_translation import needing_provider, translation_plan, translators_for  # noqa: E402
 from pipeline import config  # noqa: E402
+from pipeline.config import positive_argument as _positive  # noqa: E402
 from pipeline.media import describe, register_inputs  # noqa: E402
-from pipeline.runner import StopSignal, _positive, report, run_plans  # noqa: E402
-from transcription import add_local_arguments, check_language, choose_transcriber  # noqa: E402
-from translation import choose_translator  # noqa: E402
+from pipeline.runner import StopSignal, report, run_plans  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
+from pipeline.stages import TranscriptionStage, TranslationStage, check_inputs, nothing_to_do  # noqa: E402
+from transcription import add_local_arguments  # noqa: E402
 
 log = logging.getLogger("verbatim.process")
 
@@ -54,6 +53,8 @@ def build_parser():
     parser.add_argument("--translation-model", help="translation model (default: the provider's default)")
     add_local_arguments(parser)
     parser.add_argument("--retry-failed", action="store_true", help="also retry jobs that failed before")
+    parser.add_argument("--adopt-output-dir", action="store_true",
+                        help="take over an output folder another job database wrote (it is refused otherwise)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     parser.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS, help=argparse.SUPPRESS)
     config.add_common_args(parser)
@@ -68,13 +69,17 @@ def _waiting(db, languages) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    config.load_env(args.env_file)
-    config.setup_logging(args.verbose, args.quiet)
-    languages = config.parse_languages(args.language) if args.language else config.target_languages()
-    spoken = config.parse_languages([args.spoken_language])[0] if args.spoken_language else None
+    settings = Settings.load(args, target_languages=args.language)
+    config.setup_logging(settings.debug, args.quiet)
+    languages = list(settings.target_languages)  # --language, else $VERBATIM_TARGET_LANGUAGES, as codes
+    transcribe = TranscriptionStage(settings, provider=args.provider, model=args.model, workers=args.workers,
+                                    device=args.device, compute_type=args.compute_type,
+                                    language=args.spoken_language, prompt=args.prompt)
+    spoken = transcribe.language
+    translate = TranslationStage(settings, languages, provider=args.translation_provider,
+                                 model=args.translation_model, workers=args.translation_workers)
     check_inputs(args.input)
-    output_root = config.output_dir(args)
-    db = config.open_db(config.db_path(args))
+    db = config.open_db(settings.db)
     try:
         scan = None
         if args.input:
@@ -86,6 +91,7 @@ def main(argv=None) -> int:
             reset = len(db.reset_failed(TRANSCRIPTION))
             reset += sum(len(db.reset_failed(TRANSLATION, lang)) for lang in languages)
             log.info("reset %d failed job(s) for retry", reset)
+        transcribe.prepare_output_root(db, adopt=args.adopt_output_dir)  # this database's and writable, as the scripts
         idle = nothing_to_do(db, args.input, scan, False)
         if idle and not _waiting(db, languages):
             why, code = idle
@@ -94,32 +100,20 @@ def main(argv=None) -> int:
                 print(json.dumps({"exit_code": code, "nothing_to_do": why, "runs": []}))
             return code
         transcribing = idle is None
-        translators = translators_for(languages, args.translation_provider, args.translation_model, os.environ)
-        for language, translator in translators.items():
-            # Without a provider only copies run: transcripts already in this language (and empty ones).
-            if translator is None and (needing_provider(db, language) or (transcribing and spoken != language)):
-                choose_translator(language, None, os.environ)  # raises the usual "no provider configured" error
+        # Without a provider only copies run: transcripts already in this language (and empty ones).
+        translate.require_providers(db, transcripts_to_come=transcribing, spoken=spoken)
         stop = StopSignal()
         plans = []
         if transcribing:
-            transcriber = choose_transcriber(args.provider, os.environ, model=args.model, workers=args.workers,
-                                             device=args.device, compute_type=args.compute_type)
-            check_language(transcriber, spoken)
-            transcriber.load()
-            plans.append(transcription_plan(db, transcriber, stop, output_root=output_root, workers=args.workers,
-                                            batch_size=20, lease_seconds=args.lease_seconds, quiet=args.quiet,
-                                            language=spoken, prompt=args.prompt,
-                                            expected_languages=config.expected_languages()))
+            plans.append(transcribe.plan(db, stop, lease_seconds=args.lease_seconds, quiet=args.quiet))
 
         def transcripts_to_come() -> bool:
             """The transcription beside the translations still has files to do (none when it stopped)."""
             return transcribing and not stop.stop.is_set() and db.pending(TRANSCRIPTION)[0] > 0
 
-        for language, translator in translators.items():
-            plans.append(translation_plan(db, language, translator, stop, output_root=output_root,
-                                          workers=args.translation_workers, batch_size=10,
-                                          lease_seconds=args.lease_seconds, quiet=args.quiet,
-                                          follow=transcripts_to_come))
+        for language in languages:
+            plans.append(translate.plan(db, language, stop, lease_seconds=args.lease_seconds, quiet=args.quiet,
+                                        follow=transcripts_to_come))
         stop.install()
         return report(run_plans(db, plans, stop), stop, as_json=args.json)
     finally:

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import config  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 from pipeline.report import BuildResult, ReportOptions, build  # noqa: E402
 from tools.status import LANGUAGE_NAMES, summary  # noqa: E402
 
@@ -41,7 +42,7 @@ def build_once(options: ReportOptions) -> BuildResult:
     """Open the database read-only, build the report once, close the database."""
     db = config.open_db(options.db_path, read_only=True)
     try:
-        return build(db, summary(db, config.target_languages()), options, LANGUAGE_NAMES)
+        return build(db, summary(db, list(options.languages)), options, LANGUAGE_NAMES)
     finally:
         db.close_all()
 
@@ -102,9 +103,10 @@ def _print(result: BuildResult, args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    config.load_env(args.env_file)
-    config.setup_logging(args.verbose, args.quiet)
-    options = ReportOptions(config.db_path(args), config.output_dir(args), args.out, args.copy_media)
+    settings = Settings.load(args)
+    config.setup_logging(settings.debug, args.quiet)
+    options = ReportOptions(settings.db, settings.output_dir, args.out, args.copy_media,
+                            languages=settings.target_languages)
     _print(build_once(options), args)  # a first build that fails is a usage error: exit 2
     if args.watch:
         watch(options, args.watch, on_build=lambda result: _print(result, args))

@@ -14,10 +14,8 @@ account error, 130 interrupted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -25,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import NOT_STARTED, STAGES, TRANSCRIPTION, TRANSLATION  # noqa: E402
 from pipeline import config  # noqa: E402
+from pipeline.config import positive_argument as _positive  # noqa: E402
 from pipeline.runner import Plan, StopSignal, report, run_plans  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
+from pipeline.stages import TranscriptionStage, TranslationStage  # noqa: E402
 from transcription import add_local_arguments  # noqa: E402
 
 log = logging.getLogger("verbatim.retry")
-
-DEFAULT_WORKERS = {TRANSCRIPTION: 5, TRANSLATION: 2}      # as parallel_transcription / parallel_translation
-DEFAULT_BATCH_SIZE = {TRANSCRIPTION: 20, TRANSLATION: 10}
 
 
 def list_jobs(rows, what: str, as_json: bool) -> int:
@@ -47,36 +45,22 @@ def list_jobs(rows, what: str, as_json: bool) -> int:
     return config.EXIT_OK
 
 
-def transcription_plan(args, db, stop: StopSignal) -> Plan:
-    """The transcription script's own plan (its provider limiter, the local engine's cap and
-    model, the expected languages), so a retry runs as the script would."""
-    from parallel_transcription import transcription_plan as stage_plan
-    from transcription import check_language, choose_transcriber
-
-    workers = args.workers or DEFAULT_WORKERS[TRANSCRIPTION]
-    transcriber = choose_transcriber(args.provider, os.environ, model=args.model, workers=workers,
-                                     device=args.device, compute_type=args.compute_type)
-    check_language(transcriber, args.spoken_language)
-    transcriber.load()
-    plan = stage_plan(db, transcriber, stop, output_root=config.output_dir(args), workers=workers,
-                      batch_size=args.batch_size or DEFAULT_BATCH_SIZE[TRANSCRIPTION], quiet=args.quiet,
-                      language=args.spoken_language, prompt=args.prompt,
-                      expected_languages=config.expected_languages())
-    plan.options.label = "retry transcription"
-    return plan
+def stage_for(args, settings: Settings, stage: str):
+    """The stage the scripts run ``stage`` through, with this tool's flags: the same provider
+    choice, limiter, engine cap, loaded model and output folder, so a retry runs as the script would."""
+    if stage == TRANSCRIPTION:
+        return TranscriptionStage(settings, provider=args.provider, model=args.model, workers=args.workers,
+                                  device=args.device, compute_type=args.compute_type,
+                                  language=args.spoken_language, prompt=args.prompt)
+    return TranslationStage(settings, [args.language], provider=args.provider, model=args.model, workers=args.workers)
 
 
-def translation_plan(args, db, language: str, stop: StopSignal) -> Plan:
-    """The translation script's own plan for ``language``."""
-    from parallel_translation import translation_plan as stage_plan
-    from translation import choose_translator
-
-    translator = choose_translator(language, args.provider, os.environ, model=args.model)
-    plan = stage_plan(db, language, translator, stop, output_root=config.output_dir(args),
-                      workers=args.workers or DEFAULT_WORKERS[TRANSLATION],
-                      batch_size=args.batch_size or DEFAULT_BATCH_SIZE[TRANSLATION], quiet=args.quiet)
-    plan.options.label = f"retry translation {language}"
-    return plan
+def plan_for(stage, db, language: str, stop: StopSignal, args) -> Plan:
+    """The stage's own plan; a translation provider must be configured (a retry is not a copy run)."""
+    if isinstance(stage, TranscriptionStage):
+        return stage.plan(db, stop, batch_size=args.batch_size, quiet=args.quiet, label="retry transcription")
+    return stage.plan(db, language, stop, translator=stage.translator(language), batch_size=args.batch_size,
+                      quiet=args.quiet, label=f"retry translation {language}")
 
 
 def selection(args) -> tuple[str, str]:
@@ -85,19 +69,11 @@ def selection(args) -> tuple[str, str]:
             raise config.ConfigError("--stage translation needs --language CODE (the target language)")
         if args.spoken_language or args.prompt:
             raise config.ConfigError("--spoken-language and --prompt apply to transcriptions only")
-        return TRANSLATION, config.parse_languages([args.language])[0]
+        return TRANSLATION, Settings.language(args.language)
     if args.language:
         raise config.ConfigError("--language is a translation target: use it with --stage translation "
                                  "(--spoken-language is the transcription hint)")
-    if args.spoken_language:  # sent as the code it is ("DE" -> "de"), never as typed
-        args.spoken_language = config.parse_languages([args.spoken_language])[0]
-    return TRANSCRIPTION, ""
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return int(text)
+    return TRANSCRIPTION, ""  # the stage sends --spoken-language as the code it is ("DE" -> "de")
 
 
 def build_parser():
@@ -119,6 +95,8 @@ def build_parser():
     parser.add_argument("--spoken-language", metavar="CODE", help="transcription: spoken language hint")
     parser.add_argument("--prompt", help="transcription: vocabulary hint (names and places)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    parser.add_argument("--adopt-output-dir", action="store_true",
+                        help="take over an output folder another job database wrote (it is refused otherwise)")
     add_local_arguments(parser)
     config.add_common_args(parser)
     return parser
@@ -126,11 +104,12 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    config.load_env(args.env_file)
-    config.setup_logging(args.verbose, args.quiet)
+    settings = Settings.load(args)
+    config.setup_logging(settings.debug, args.quiet)
     stage, language = selection(args)
     what = stage + (f" {language}" if language else "")
-    db = config.open_db(config.db_path(args), must_exist=True)
+    runs = stage_for(args, settings, stage)
+    db = config.open_db(settings.db, must_exist=True)
     db.actor = f"tool:{Path(__file__).name}"  # a file's history names the tool that changed it
     try:
         rows = db.failed_jobs(stage, language, error_class=args.error_class, limit=args.limit)
@@ -139,9 +118,10 @@ def main(argv=None) -> int:
         if not rows:
             print(f"no failed {what} jobs to retry", file=sys.stderr)
             return config.EXIT_OK
+        runs.prepare_output_root(db, adopt=args.adopt_output_dir)  # as the scripts: this database's, writable
         stop = StopSignal()
         # The provider is set up before anything is reset, so a missing key changes nothing.
-        plan = transcription_plan(args, db, stop) if stage == TRANSCRIPTION else translation_plan(args, db, language, stop)
+        plan = plan_for(runs, db, language, stop, args)
         # Only the reset jobs run: a retry never starts unrelated queued work, and its summary and
         # exit code speak of the retried jobs alone.
         plan.options.file_ids = db.reset_failed(stage, language, error_class=args.error_class, limit=args.limit)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NO_SPEECH_NOTE, NOT_STARTED, REVIEW_NOTE, STATUSES,  # noqa: E402
                         TRANSCRIPTION, TRANSLATION)
 from pipeline import config, publish  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 
 LANGUAGE_NAMES = {"en": "English", "de": "German", "he": "Hebrew", "fr": "French", "es": "Spanish",
                   "it": "Italian", "nl": "Dutch", "pl": "Polish", "ru": "Russian", "uk": "Ukrainian",
@@ -241,16 +242,16 @@ def main(argv=None) -> int:
                        help="one file's jobs and events in time order (a file id, a unique prefix, or a media path)")
     config.add_common_args(parser)
     args = parser.parse_args(argv)
-    config.load_env(args.env_file)
-    config.setup_logging(args.verbose)
-    db = config.open_db(config.db_path(args), must_exist=True, read_only=True)
+    settings = Settings.load(args)
+    config.setup_logging(settings.debug)
+    db = config.open_db(settings.db, must_exist=True, read_only=True)
     try:
-        publish.settle_quietly(db, config.output_dir(args))  # a crash's staged outputs count as what they are
+        publish.settle_quietly(db, settings.output_dir)  # a crash's staged outputs count as what they are
         if args.history:
             item = history(db, resolve_file(db, args.history))
             print(json.dumps(item, ensure_ascii=True) if args.json else render_history(item))
             return config.EXIT_OK
-        report = summary(db, config.target_languages())
+        report = summary(db, list(settings.target_languages))
         if args.files:
             report["items"] = file_items(db)
         if args.failed:

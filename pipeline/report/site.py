@@ -31,6 +31,7 @@ from pathlib import Path
 import jinja2
 
 from db_manager import COMPLETED, FAILED, IN_PROGRESS, NOT_STARTED, STATUSES, TRANSCRIPTION
+from pipeline.config import DEFAULT_TARGET_LANGUAGES
 from pipeline.outputs import atomic_write
 from pipeline.report import data
 from pipeline.report.chart import build_chart
@@ -62,6 +63,7 @@ class ReportOptions:
     output_dir: str
     out_dir: str
     copy_media: bool = False
+    languages: tuple[str, ...] = DEFAULT_TARGET_LANGUAGES  # the settings' target languages
 
 
 @dataclass
