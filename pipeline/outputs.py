@@ -1,7 +1,7 @@
 """Output files: where they go and how they are written.
 
-Output folders are named from the file id (plus a readable slug of the original name); the
-original name is data and never becomes a path unchecked. Every path is resolved and checked to
+Output folders are named from the file id (plus a readable slug of the original name,
+``pipeline.names``); the original name is data and never becomes a path unchecked. Every path is resolved and checked to
 stay under the output root. Every file is written atomically: a unique temporary name in the
 destination folder, flush, fsync, ``os.replace``, and one fsync of the folder for all of a job's
 files. Only after that may the job be committed ``completed`` with the size and sha256 returned
@@ -28,7 +28,6 @@ import re
 import shutil
 import socket
 import time
-import unicodedata
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,22 +35,16 @@ from pathlib import Path
 from pipeline.errors import MACHINE_ERRNOS, MachineError
 from pipeline.faults import crash_point
 from pipeline.identity import process_gone
+from pipeline.names import MAX_SLUG_BYTES, UnsafePathError, folder_name, slugify  # noqa: F401 (re-exported)
 
 TEMP_SUFFIX = ".tmp"
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 _TEMP_WRITER_RE = re.compile(r"\.([A-Za-z0-9_]+)-(\d+)\.[0-9a-f]{32}\.tmp$")
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
-# A folder's readable part: at most this many UTF-8 bytes (a Hebrew letter takes 2, a CJK one 3; an
-# ASCII name keeps its 40 characters as before), far below every file system's 255-byte name limit.
-MAX_SLUG_BYTES = 40
 # Under the output root: staging folders of attempts and the spool of paid answers. Interview
 # folders are named by file id (hex), so this name never meets one.
 STATE_DIR = ".verbatim"
 _REMOVE_MANIFEST = ".remove.json"   # in a staging folder: final files the publication deletes
-
-
-class UnsafePathError(ValueError):
-    """An output path would land outside the output root."""
 
 
 @dataclass(frozen=True)
@@ -59,43 +52,6 @@ class WrittenFile:
     path: str      # absolute, resolved
     sha256: str
     size: int
-
-
-def slugify(name: str, max_bytes: int = MAX_SLUG_BYTES) -> str:
-    """The letters and digits of ``name``'s stem in every script (NFC, lower case), each run of
-    anything else one ``-``; at most ``max_bytes`` of UTF-8, cut between characters.
-
-    Only letters, digits (with their combining marks) and ``-`` remain, so no character is reserved
-    on Windows, macOS or Linux (``<>:"/\\|?*``, control and bidi characters, a lone surrogate of an
-    undecodable name), and the slug never ends in a dot or a space."""
-    stem = unicodedata.normalize("NFC", os.path.splitext(os.path.basename(name))[0])
-    kept: list[str] = []
-    for ch in stem:
-        category = unicodedata.category(ch)
-        if category[0] in "LN" or (category[0] == "M" and kept and kept[-1] != "-"):
-            kept.append(ch.lower())
-        elif kept and kept[-1] != "-":
-            kept.append("-")
-    slug = unicodedata.normalize("NFC", "".join(kept)).strip("-")
-    cut, size = 0, 0
-    for index, ch in enumerate(slug):
-        size += len(ch.encode("utf-8"))
-        if size > max_bytes:
-            break
-        cut = index + 1
-    return slug[:cut].strip("-")
-
-
-def folder_name(file_id: str, original_name: str = "") -> str:
-    """``<file_id>`` or ``<file_id>-<slug>``: unique by the id, readable by the slug. It starts with
-    the hex id, so it is never a reserved Windows device name (``CON``, ``NUL``, ``COM1`` ...).
-
-    A file's folder is chosen once, when it is registered, and stored with it: a change of this
-    naming renames no existing folder."""
-    if not re.fullmatch(r"[0-9a-f]{8,64}", file_id):
-        raise UnsafePathError(f"not a file id: {file_id!r}")
-    slug = slugify(original_name)
-    return f"{file_id}-{slug}" if slug else file_id
 
 
 def safe_join(root: str | os.PathLike, *parts: str) -> Path:

@@ -113,6 +113,17 @@ def test_folder_names_are_safe_on_every_file_system(name):
                                                 *(f"LPT{i}" for i in range(10))}
 
 
+def test_the_job_store_imports_nothing_above_it():
+    """db_manager names a file's folder from pipeline.names, which imports no other module."""
+    code = ("import sys, db_manager as d; d.DatabaseManager(':memory:').register_files("
+            "[d.MediaRecord('/a/b.wav', 'ab' * 32, 1, 1, 'audio')], ['he']); above = sorted(m for m in sys.modules"
+            " if m.startswith('pipeline.') and m not in ('pipeline.errors', 'pipeline.faults', 'pipeline.identity',"
+            " 'pipeline.names')); print(above)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.stdout.strip() == "[]"
+
+
 def test_existing_archives_keep_their_folder_names(db, tmp_path):
     import db_manager as dbm
 
