@@ -26,7 +26,8 @@ from pipeline.errors import AccountError, PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests, limiter_for
 from pipeline import publish
-from pipeline.outputs import as_recorded, keep_edits, recorded_state, safe_join, sha256_file, staging_folder
+from pipeline.outputs import (as_recorded, keep_edits, recorded_state, resolve_recorded, safe_join, sha256_file,
+                              staging_folder)
 from pipeline.runner import JobCalls, Plan, RunOptions, StopSignal, add_run_arguments, report, run_plans, thread_count
 from pipeline.spool import Spool
 from translation import (TRANSLATORS, Translation, UnitBatch, choose_fallback, choose_translator, load_source,
@@ -96,15 +97,16 @@ class TranslationWork:
                                  " run parallel_translation.py --retry-failed", error_class="language_review")
 
     def _transcript_path(self, job: Job) -> str:
-        """The transcript this job's transcription recorded, verified against its recorded hash.
+        """The transcript this job's transcription recorded, under this run's output root, verified
+        against its recorded hash.
         A transcript committed a moment ago by another process may still be staged: finish its
         publication before calling it missing or changed."""
         recorded = job.outputs.get("json") or job.outputs.get("txt")
         if not recorded:
             raise PermanentError("the transcription job recorded no transcript output",
                                  error_class="transcript_missing")
-        path = recorded["path"]
-        if recorded_state(recorded) != "same" and job.transcript_job is not None:
+        path = str(resolve_recorded(self.output_root, recorded["path"]))
+        if recorded_state(recorded, self.output_root) != "same" and job.transcript_job is not None:
             publish.settle(self.db, self.output_root, job.transcript_job)
         try:
             actual = sha256_file(path)
@@ -138,9 +140,10 @@ def translators_for(languages, name: str | None, model: str | None, env) -> dict
             for lang in languages}
 
 
-def needing_provider(db, language: str) -> int:
+def needing_provider(db, language: str, root: str) -> int:
     """Runnable ``language`` translations that need a provider: their transcript is in another (or an
-    unknown) language. Read from each transcript.json's recorded language, without detection."""
+    unknown) language. Read from each transcript.json's recorded language (under the output root
+    ``root``), without detection."""
     count = 0
     for row in db.jobs(stage=TRANSLATION, language=language, status="not_started"):
         if not _transcript_done(db, row["file_id"]):
@@ -149,7 +152,7 @@ def needing_provider(db, language: str) -> int:
         if transcript["note"] == NO_SPEECH_NOTE:
             continue
         try:
-            path = json.loads(transcript["outputs"] or "{}")["json"]["path"]
+            path = resolve_recorded(root, json.loads(transcript["outputs"] or "{}")["json"]["path"])
             with open(path, encoding="utf-8") as handle:
                 spoken = json.load(handle).get("language")
         except (OSError, KeyError, ValueError, AttributeError):
@@ -182,13 +185,13 @@ def translation_plan(db, language: str, translator, stop: StopSignal, *, output_
     return Plan(options, work, limiter)
 
 
-def dry_run(db, translators: dict, limit, as_json: bool) -> int:
+def dry_run(db, translators: dict, limit, as_json: bool, root: str) -> int:
     """Characters that would be sent and their estimated cost, per language; no API call."""
     plans = {}
     for language, translator in translators.items():
         eligible = [r for r in db.jobs(stage=TRANSLATION, language=language, status="not_started")
                     if _transcript_done(db, r["file_id"])][:limit]
-        chars = sum(_transcript_chars(db, r["file_id"]) for r in eligible)
+        chars = sum(_transcript_chars(db, r["file_id"], root) for r in eligible)
         usage = {"characters": chars, "prompt_tokens": chars // 3, "completion_tokens": chars // 3}
         plans[language] = {"jobs": len(eligible), "characters": chars,
                            "provider": translator.name if translator else None,
@@ -210,21 +213,21 @@ def _transcript_done(db, file_id) -> bool:
     return bool(rows) and rows[0]["status"] == COMPLETED
 
 
-def _transcript_chars(db, file_id) -> int:
+def _transcript_chars(db, file_id, root: str) -> int:
     outputs = json.loads(db.jobs(stage="transcription", file_id=file_id)[0]["outputs"] or "{}")
     try:
-        return len(load_source(outputs["json"]["path"]).text)
+        return len(load_source(resolve_recorded(root, outputs["json"]["path"])).text)
     except Exception:  # unreadable now: it will fail with a reason when it runs
         return 0
 
 
-def redo_stale(db, language: str) -> int:
+def redo_stale(db, language: str, root: str) -> int:
     """Translations whose transcript changed since (redone, or a hand correction adopted) go back
     to the queue, once per change: the new translation records the new transcript. A translation
     edited by hand is kept beside it (``.edited-<time>``) before it is redone."""
     stale = db.stale_translations(language)
     for row in stale:
-        for copy in keep_edits(json.loads(row["outputs"])):
+        for copy in keep_edits(json.loads(row["outputs"]), root):
             log.warning("kept the hand-edited %s before redoing its stale translation", copy)
     redone = db.reset_stale([row["id"] for row in stale])
     if redone:
@@ -241,9 +244,9 @@ def main(argv=None) -> int:
     try:
         translators = translators_for(languages, args.provider, args.model, os.environ)
         if args.dry_run:
-            return dry_run(db, translators, args.limit, args.json)
+            return dry_run(db, translators, args.limit, args.json, config.output_dir(args))
         for language, translator in translators.items():
-            if translator is None and needing_provider(db, language):
+            if translator is None and needing_provider(db, language, config.output_dir(args)):
                 choose_translator(language, None, os.environ)  # raises the usual "no provider configured" error
         prepare_output_root(db, config.output_dir(args), adopt=args.adopt_output_dir)
         stop = StopSignal()
@@ -251,7 +254,7 @@ def main(argv=None) -> int:
         plans = []
         for language, translator in translators.items():
             db.ensure_jobs(TRANSLATION, language)
-            redo_stale(db, language)
+            redo_stale(db, language, config.output_dir(args))
             if args.retry_failed:
                 log.info("reset %d failed %s job(s) for retry", len(db.reset_failed(TRANSLATION, language)), language)
             plans.append(translation_plan(db, language, translator, stop, output_root=config.output_dir(args),

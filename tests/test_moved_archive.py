@@ -98,3 +98,41 @@ def test_tools_judge_a_moved_archive_by_its_new_place(moved, tmp_path):
     assert report.returncode == 0, report.stderr
     pages = [p.read_text(encoding="utf-8") for p in (tmp_path / "report").rglob("*.html")]
     assert any("Tone" in page for page in pages)  # the adopted transcript, read from the moved root
+
+
+def test_an_archive_recorded_with_absolute_paths_still_works_after_a_move(tmp_path):
+    """Archives written before paths were recorded relative hold absolute paths: they are read
+    re-rooted under the output root in use, and left as recorded (no rewrite)."""
+    import hashlib
+
+    import db_manager as dbm
+    from db_manager import TRANSCRIPTION, MediaRecord, Outcome
+    from pipeline.outputs import safe_join
+    from tests.fake_translate import make_transcript
+    from transcription import Transcript, write_transcript_outputs
+
+    first, second = tmp_path / "A", tmp_path / "B"
+    first.mkdir()
+    db = dbm.DatabaseManager(str(first / "jobs.db"))
+    db.register_files([MediaRecord(f"/archive/interview-{n}.mp3", hashlib.sha256(b"%d" % n).hexdigest(), 1, 1,
+                                   "audio") for n in range(FILES)], ["en"])
+    for n, job in enumerate(db.claim(dbm.make_owner(), TRANSCRIPTION, limit=FILES)):
+        written = write_transcript_outputs(Transcript.from_dict(make_transcript(n, "en", n_segments=3)),
+                                           safe_join(first / "out", job.folder), root=first / "out")
+        legacy = {fmt: {"path": w.path, "sha256": w.sha256, "size": w.size} for fmt, w in written.items()}
+        db.complete(job, Outcome(legacy, provider="fake"))
+    db.close_all()
+    os.rename(first, second)
+
+    result = tool("parallel_translation.py", second, "--language", "en", "--quiet", cwd=tmp_path)  # copies: no key
+    assert result.returncode == 0, result.stderr
+    rows = query(second, "SELECT stage, status, outputs FROM jobs")
+    assert {(stage, status) for stage, status, _ in rows} == {("transcription", "completed"),
+                                                              ("translation", "completed")}
+    for stage, _status, outputs in rows:
+        paths = [info["path"] for info in json.loads(outputs).values()]
+        # the old records stay as they were; the new ones are relative
+        assert all(os.path.isabs(p) == (stage == "transcription") for p in paths), paths
+    for stage in ("transcription", "translation"):  # (the whole-archive check adds media, never on disk here)
+        check = tool("tools/check_missing_transcripts.py", second, "--stage", stage, "--json", cwd=tmp_path)
+        assert check.returncode == 0 and json.loads(check.stdout)["problems"] == [], check.stdout

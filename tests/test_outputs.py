@@ -133,3 +133,26 @@ def test_existing_archives_keep_their_folder_names(db, tmp_path):
     db.register_files([dbm.MediaRecord("/archive/04 Brief an Tante Ülla.wav", sha, 1, 2, "audio"),
                        dbm.MediaRecord("/elsewhere/copy.wav", sha, 1, 1, "audio")], [])
     assert [r["folder"] for r in db.files()] == [f"{sha[:16]}-04-brief-an-tante-lla"]
+
+
+# -- recorded paths: relative to the output root ----------------------------------------------------
+def test_recorded_paths_are_relative_and_legacy_absolute_ones_are_re_rooted(tmp_path):
+    from pipeline.outputs import as_recorded, resolve_recorded
+
+    root = tmp_path / "root"
+    written = write_files(root / "abcdef0123456789-talk", {"transcript.txt": "hi"}, root=root)
+    assert as_recorded(written)["transcript.txt"]["path"] == "abcdef0123456789-talk/transcript.txt"
+    assert str(resolve_recorded(root, "abcdef0123456789-talk/transcript.txt")) == written["transcript.txt"].path
+    with pytest.raises(UnsafePathError):
+        resolve_recorded(root, "../elsewhere/transcript.txt")
+
+    old = tmp_path / "old-root" / "abcdef0123456789-talk" / "transcript.txt"
+    # the old root is gone (moved): read under the root in use
+    assert resolve_recorded(root, str(old)) == (root / "abcdef0123456789-talk" / "transcript.txt").resolve()
+    old.parent.mkdir(parents=True)
+    old.write_text("hi")
+    # both exist (a copy): the root in use wins
+    assert resolve_recorded(root, str(old)) == (root / "abcdef0123456789-talk" / "transcript.txt").resolve()
+    os.unlink(root / "abcdef0123456789-talk" / "transcript.txt")
+    # only the recorded one exists (the tool was pointed at another root): read as recorded
+    assert resolve_recorded(root, str(old)) == old

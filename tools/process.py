@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         translators = translators_for(languages, args.translation_provider, args.translation_model, os.environ)
         for language, translator in translators.items():
             # Without a provider only copies run: transcripts already in this language (and empty ones).
-            if translator is None and (needing_provider(db, language) or (transcribing and spoken != language)):
+            if translator is None and (needing_provider(db, language, output_root) or (transcribing and spoken != language)):
                 choose_translator(language, None, os.environ)  # raises the usual "no provider configured" error
         stop = StopSignal()
         plans = []
