@@ -1,14 +1,14 @@
 """Output files: where they go and how they are written.
 
 Output folders are named from the file id (plus a readable slug of the original name,
-``pipeline.names``); the original name is data and never becomes a path unchecked. Every path is resolved and checked to
-stay under the output root. Every file is written atomically: a unique temporary name in the
-destination folder, flush, fsync, ``os.replace``, and one fsync of the folder for all of a job's
-files. Only after that may the job be committed ``completed`` with the size and sha256 returned
-here. A SIGKILL can leave a temporary file behind (``.<name>.<host>-<pid>.<random>.tmp``). Such a
-file is harmless, and it does not stay: the next write of the same output removes temporary files
-whose writer process on this host is gone, and ``sweep_temp_files`` (used by the fix tool) removes
-old ones anywhere.
+``pipeline.names``); the original name is data and never becomes a path unchecked. Every path is
+resolved and checked to stay under the output root. Every file is written atomically: a unique
+temporary name in the destination folder, flush, fsync, ``os.replace``, and one fsync of the folder
+for all of a job's files. Only after that may the job be committed ``completed`` with the size and
+sha256 returned here. A SIGKILL can leave a temporary file behind
+(``.<name>.<host>-<pid>.<random>.tmp``). Such a file is harmless, and it does not stay: the next
+write of the same output removes temporary files whose writer process on this host is gone, and
+``sweep_temp_files`` (used by the fix tool) removes old ones anywhere.
 
 A job's outputs are fenced like its row: a worker writes them into the staging folder of its own
 attempt (``staging_folder``: job id and claim number, under ``STATE_DIR``), where no final name can

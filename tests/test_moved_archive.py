@@ -60,9 +60,11 @@ def moved(stt, tmp_path):
 def test_translation_of_a_moved_archive_completes(moved, tmp_path):
     with FakeDeepL() as deepl:
         env = {**deepl.env(), "VERBATIM_TRANSLATION_PROVIDER": "deepl"}
-        result = tool("parallel_translation.py", moved, "--language", "he", "--workers", "2", "--quiet", env=env, cwd=tmp_path)
+        result = tool("parallel_translation.py", moved, "--language", "he", "--workers", "2", "--quiet", env=env,
+                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    rows = query(moved, "SELECT status, error_class, outputs FROM jobs WHERE stage = 'translation' AND language = 'he'")
+    rows = query(moved, "SELECT status, error_class, outputs FROM jobs WHERE stage = 'translation'"
+                        " AND language = 'he'")
     assert len(rows) == FILES and {(status, error) for status, error, _ in rows} == {("completed", None)}
     for _status, _error, outputs in rows:
         for info in json.loads(outputs).values():
