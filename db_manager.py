@@ -70,6 +70,7 @@ from pipeline.errors import redact
 from pipeline.dialects import POSTGRESQL, SQLITE, Dialect  # noqa: F401 (POSTGRESQL: for the PostgreSQL store)
 from pipeline.faults import crash_point
 from pipeline.identity import ALIVE, DEAD, HOSTNAME, make_owner, owner_state  # noqa: F401 (HOSTNAME, make_owner: part of the job store API)
+from pipeline.names import folder_name
 
 NOT_STARTED = "not_started"
 IN_PROGRESS = "in_progress"
@@ -503,8 +504,6 @@ class JobStore:
         Identical content at a second path is one file: the path is recorded, no new file.
         Returns counts: ``new_files``, ``new_paths``, ``duplicates``.
         """
-        from pipeline.outputs import folder_name
-
         languages = list(languages)
         records = list(records)
         counts = {"new_files": 0, "new_paths": 0, "duplicates": 0}

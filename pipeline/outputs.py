@@ -1,20 +1,24 @@
 """Output files: where they go and how they are written.
 
-Output folders are named from the file id (plus a readable slug of the original name); the
-original name is data and never becomes a path unchecked. Every path is resolved and checked to
-stay under the output root. Every file is written atomically: a unique temporary name in the
-destination folder, flush, fsync, ``os.replace``, and one fsync of the folder for all of a job's
-files. Only after that may the job be committed ``completed`` with the size and sha256 returned
-here. A SIGKILL can leave a temporary file behind (``.<name>.<host>-<pid>.<random>.tmp``). Such a
-file is harmless, and it does not stay: the next write of the same output removes temporary files
-whose writer process on this host is gone, and ``sweep_temp_files`` (used by the fix tool) removes
-old ones anywhere.
+Output folders are named from the file id (plus a readable slug of the original name,
+``pipeline.names``); the original name is data and never becomes a path unchecked. Every path is
+resolved and checked to stay under the output root. Every file is written atomically: a unique
+temporary name in the destination folder, flush, fsync, ``os.replace``, and one fsync of the folder
+for all of a job's files. Only after that may the job be committed ``completed`` with the size and
+sha256 returned here. A SIGKILL can leave a temporary file behind
+(``.<name>.<host>-<pid>.<random>.tmp``). Such a file is harmless, and it does not stay: the next
+write of the same output removes temporary files whose writer process on this host is gone, and
+``sweep_temp_files`` (used by the fix tool) removes old ones anywhere.
 
 A job's outputs are fenced like its row: a worker writes them into the staging folder of its own
 attempt (``staging_folder``: job id and claim number, under ``STATE_DIR``), where no final name can
 be touched; only after its fenced commit won are they moved to their final names (``publish``). A
 refused attempt's staging folder is discarded, and a crash between commit and publish is rolled
 forward from the staging folder the database names (``pipeline.publish``).
+
+The job store records each output's path relative to the output root (``as_recorded``), so the
+database and the root move together as one folder; every reader resolves a record against the root
+in use (``resolve_recorded``, which also reads the absolute records of older archives).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import re
 import shutil
 import socket
 import time
-import unicodedata
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,22 +39,16 @@ from pathlib import Path
 from pipeline.errors import MACHINE_ERRNOS, MachineError
 from pipeline.faults import crash_point
 from pipeline.identity import process_gone
+from pipeline.names import MAX_SLUG_BYTES, UnsafePathError, folder_name, slugify  # noqa: F401 (re-exported)
 
 TEMP_SUFFIX = ".tmp"
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 _TEMP_WRITER_RE = re.compile(r"\.([A-Za-z0-9_]+)-(\d+)\.[0-9a-f]{32}\.tmp$")
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
-# A folder's readable part: at most this many UTF-8 bytes (a Hebrew letter takes 2, a CJK one 3; an
-# ASCII name keeps its 40 characters as before), far below every file system's 255-byte name limit.
-MAX_SLUG_BYTES = 40
 # Under the output root: staging folders of attempts and the spool of paid answers. Interview
 # folders are named by file id (hex), so this name never meets one.
 STATE_DIR = ".verbatim"
 _REMOVE_MANIFEST = ".remove.json"   # in a staging folder: final files the publication deletes
-
-
-class UnsafePathError(ValueError):
-    """An output path would land outside the output root."""
 
 
 @dataclass(frozen=True)
@@ -59,43 +56,7 @@ class WrittenFile:
     path: str      # absolute, resolved
     sha256: str
     size: int
-
-
-def slugify(name: str, max_bytes: int = MAX_SLUG_BYTES) -> str:
-    """The letters and digits of ``name``'s stem in every script (NFC, lower case), each run of
-    anything else one ``-``; at most ``max_bytes`` of UTF-8, cut between characters.
-
-    Only letters, digits (with their combining marks) and ``-`` remain, so no character is reserved
-    on Windows, macOS or Linux (``<>:"/\\|?*``, control and bidi characters, a lone surrogate of an
-    undecodable name), and the slug never ends in a dot or a space."""
-    stem = unicodedata.normalize("NFC", os.path.splitext(os.path.basename(name))[0])
-    kept: list[str] = []
-    for ch in stem:
-        category = unicodedata.category(ch)
-        if category[0] in "LN" or (category[0] == "M" and kept and kept[-1] != "-"):
-            kept.append(ch.lower())
-        elif kept and kept[-1] != "-":
-            kept.append("-")
-    slug = unicodedata.normalize("NFC", "".join(kept)).strip("-")
-    cut, size = 0, 0
-    for index, ch in enumerate(slug):
-        size += len(ch.encode("utf-8"))
-        if size > max_bytes:
-            break
-        cut = index + 1
-    return slug[:cut].strip("-")
-
-
-def folder_name(file_id: str, original_name: str = "") -> str:
-    """``<file_id>`` or ``<file_id>-<slug>``: unique by the id, readable by the slug. It starts with
-    the hex id, so it is never a reserved Windows device name (``CON``, ``NUL``, ``COM1`` ...).
-
-    A file's folder is chosen once, when it is registered, and stored with it: a change of this
-    naming renames no existing folder."""
-    if not re.fullmatch(r"[0-9a-f]{8,64}", file_id):
-        raise UnsafePathError(f"not a file id: {file_id!r}")
-    slug = slugify(original_name)
-    return f"{file_id}-{slug}" if slug else file_id
+    recorded: str  # relative to the output root (``<folder>/<name>``): what the job store records
 
 
 def safe_join(root: str | os.PathLike, *parts: str) -> Path:
@@ -169,7 +130,8 @@ def write_files(folder: str | os.PathLike, contents: dict[str, bytes | str], *,
         if not name or name in (".", "..") or "/" in name or os.sep in name:
             raise UnsafePathError(f"not a plain file name: {name!r}")
     if staging is not None:
-        return _stage(folder, contents, staging, [str(folder / name) for name in remove])
+        return _stage(folder, contents, staging, [relative_to_root(root, folder / name) for name in remove],
+                      root=root)
     if not _make_folder(folder):  # a fresh folder cannot hold a killed writer's leftovers
         _remove_dead_writers_temps(folder, contents)
     temps: dict[str, Path] = {}
@@ -182,7 +144,8 @@ def write_files(folder: str | os.PathLike, contents: dict[str, bytes | str], *,
             with open(tmp, "xb") as handle:
                 temps[name] = tmp
                 _write_durably(handle, data)
-            written[name] = WrittenFile(str(folder / name), hashlib.sha256(data).hexdigest(), len(data))
+            written[name] = WrittenFile(str(folder / name), hashlib.sha256(data).hexdigest(), len(data),
+                                        relative_to_root(root, folder / name))
         for name in list(temps):
             os.replace(temps.pop(name), folder / name)
     except BaseException:
@@ -199,7 +162,7 @@ def write_files(folder: str | os.PathLike, contents: dict[str, bytes | str], *,
 
 
 def _stage(folder: Path, contents: dict[str, bytes | str], staging: Path,
-           remove: list[str]) -> dict[str, WrittenFile]:
+           remove: list[str], *, root: str | os.PathLike) -> dict[str, WrittenFile]:
     """Write an attempt's files into its own staging folder, durably; final names untouched."""
     staging.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -208,7 +171,8 @@ def _stage(folder: Path, contents: dict[str, bytes | str], staging: Path,
             data = data.encode("utf-8")
         with open(staging / name, "wb") as handle:
             _write_durably(handle, data)
-        written[name] = WrittenFile(str(folder / name), hashlib.sha256(data).hexdigest(), len(data))
+        written[name] = WrittenFile(str(folder / name), hashlib.sha256(data).hexdigest(), len(data),
+                                    relative_to_root(root, folder / name))
         crash_point("after_temp_write")
     if remove:
         with open(staging / _REMOVE_MANIFEST, "w", encoding="utf-8") as handle:
@@ -237,15 +201,15 @@ def staged_attempts(root: str | os.PathLike) -> list[tuple[int, int, Path]]:
     return found
 
 
-def publish(staging: str | os.PathLike, outputs: dict) -> None:
-    """Move a committed attempt's files from ``staging`` to their final names (``outputs``: format
-    -> {"path", ...}), delete the files it replaces by nothing, and remove the staging folder.
-    Idempotent, so a crash part-way is finished by running it again: a file no longer staged was
-    moved already."""
+def publish(staging: str | os.PathLike, outputs: dict, root: str | os.PathLike) -> None:
+    """Move a committed attempt's files from ``staging`` to their final names under ``root``
+    (``outputs``: format -> {"path", ...} as recorded), delete the files it replaces by nothing,
+    and remove the staging folder. Idempotent, so a crash part-way is finished by running it
+    again: a file no longer staged was moved already."""
     staging = Path(staging)
     folders = set()
     for info in outputs.values():
-        final = Path(info["path"])
+        final = resolve_recorded(root, info["path"])
         if final.parent not in folders:
             final.parent.mkdir(parents=True, exist_ok=True)
             folders.add(final.parent)
@@ -258,9 +222,10 @@ def publish(staging: str | os.PathLike, outputs: dict) -> None:
             obsolete = json.load(handle)
     except FileNotFoundError:
         obsolete = []
-    for path in obsolete:
-        Path(path).unlink(missing_ok=True)
-        folders.add(Path(path).parent)
+    for recorded in obsolete:
+        path = resolve_recorded(root, recorded)
+        path.unlink(missing_ok=True)
+        folders.add(path.parent)
     for folder in folders:
         _fsync_dir(folder)
     discard(staging)
@@ -305,25 +270,50 @@ def _remove_dead_writers_temps(folder: Path, names) -> None:
                 pass
 
 
-def recorded_state(info: dict) -> str:
-    """What the file of a recorded output (``{"path", "sha256", ...}``) holds now: "same" as was
-    recorded, "changed" (by hand, or damaged), or "missing" (gone or unreadable)."""
+def relative_to_root(root: str | os.PathLike, path: str | os.PathLike) -> str:
+    """How the job store records ``path`` (a resolved path under ``root``): relative to the output
+    root, with ``/`` between parts, so the database and the root move together as one folder."""
+    return Path(path).relative_to(os.path.realpath(root)).as_posix()
+
+
+def resolve_recorded(root: str | os.PathLike, recorded: str) -> Path:
+    """Where a recorded output path lies under the output root in use, ``root``.
+
+    Records are relative to the root (``<folder>/<name>``) and are joined to it (refused if they
+    would leave it). A record made before that is absolute, ``<old root>/<folder>/<name>``, and is
+    read re-rooted, as ``<root>/<folder>/<name>``, when that file exists or when the absolute one
+    does not (a moved or remounted archive; a check then names the file where it belongs); as it
+    stands only while the file still lies there and not under ``root``. Such records are not
+    rewritten: each is replaced by a relative one when its job next completes."""
+    if not os.path.isabs(recorded):
+        return safe_join(root, recorded)
+    old = Path(recorded)
     try:
-        return "same" if sha256_file(info["path"]) == info.get("sha256") else "changed"
-    except (OSError, KeyError, TypeError):
+        moved = safe_join(root, old.parent.name, old.name)
+    except UnsafePathError:
+        return old
+    return moved if moved.exists() or not old.exists() else old
+
+
+def recorded_state(info: dict, root: str | os.PathLike) -> str:
+    """What the file of a recorded output (``{"path", "sha256", ...}``) under ``root`` holds now:
+    "same" as was recorded, "changed" (by hand, or damaged), or "missing" (gone or unreadable)."""
+    try:
+        return "same" if sha256_file(resolve_recorded(root, info["path"])) == info.get("sha256") else "changed"
+    except (OSError, KeyError, TypeError, UnsafePathError):
         return "missing"
 
 
-def keep_edits(outputs: dict, *, now: float | None = None) -> list[str]:
-    """Before a job's recorded outputs are replaced: keep a copy of each one that no longer holds
-    what was recorded (a hand edit) as ``<name>.edited-<UTC time>`` beside it. Returns the copies.
-    Nothing ever overwrites an edit without this."""
+def keep_edits(outputs: dict, root: str | os.PathLike, *, now: float | None = None) -> list[str]:
+    """Before a job's recorded outputs are replaced: keep a copy of each one under ``root`` that no
+    longer holds what was recorded (a hand edit) as ``<name>.edited-<UTC time>`` beside it. Returns
+    the copies. Nothing ever overwrites an edit without this."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     kept = []
     for info in outputs.values():
-        if recorded_state(info) != "changed":
+        if recorded_state(info, root) != "changed":
             continue
-        path = Path(info["path"])
+        path = resolve_recorded(root, info["path"])
         copy = path.with_name(f"{path.name}.edited-{stamp}")
         shutil.copy2(path, copy)
         kept.append(str(copy))
@@ -361,5 +351,6 @@ def sweep_temp_files(root: str | os.PathLike, older_than: float = 3600.0, *, app
 
 
 def as_recorded(written: dict[str, WrittenFile]) -> dict:
-    """The ``outputs`` column: format -> {"path", "sha256", "size"}."""
-    return {fmt: {"path": w.path, "sha256": w.sha256, "size": w.size} for fmt, w in written.items()}
+    """The ``outputs`` column: format -> {"path", "sha256", "size"}, each path relative to the
+    output root (read back with ``resolve_recorded``)."""
+    return {fmt: {"path": w.recorded, "sha256": w.sha256, "size": w.size} for fmt, w in written.items()}

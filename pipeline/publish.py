@@ -37,7 +37,7 @@ def roll_forward(db: DatabaseManager, root: str | os.PathLike) -> dict:
         if row is not None and row["claims"] == claim and row["status"] == IN_PROGRESS:
             continue
         if row is not None and row["claims"] == claim and row["status"] == COMPLETED:
-            publish(folder, json.loads(row["outputs"]))
+            publish(folder, json.loads(row["outputs"]), root)
             counts["published"] += 1
         else:
             discard(folder)
@@ -71,5 +71,5 @@ def settle(db: DatabaseManager, root: str | os.PathLike, job_id: int) -> bool:
     folder = staging_folder(root, job_id, row["claims"])
     if not folder.is_dir():
         return False
-    publish(folder, json.loads(row["outputs"]))
+    publish(folder, json.loads(row["outputs"]), root)
     return True

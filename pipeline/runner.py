@@ -420,7 +420,7 @@ class Runner:
         """Move the winner's staged files to their final names; drop the job's spooled answers."""
         try:
             if outcome.staged:
-                outputs.publish(outcome.staged, outcome.outputs)
+                outputs.publish(outcome.staged, outcome.outputs, self.options.output_root)
             self._clear_spool(job)
         except OSError as exc:  # committed: the next run, status or check tool finishes the move
             log.error("job %s is recorded but publishing its outputs failed (it will be finished later): %s",

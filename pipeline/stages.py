@@ -22,7 +22,7 @@ from db_manager import COMPLETED, DEFAULT_LEASE_SECONDS, NO_SPEECH_NOTE, TRANSCR
 from pipeline.archive import prepare_output_root
 from pipeline.config import EXIT_FAILED, EXIT_OK, ConfigError
 from pipeline.limiter import RunRequests, limiter_for
-from pipeline.outputs import keep_edits
+from pipeline.outputs import keep_edits, resolve_recorded
 from pipeline.runner import Plan, RunOptions, StopSignal, thread_count
 from pipeline.settings import Settings
 from pipeline.work import TranscriptionWork, TranslationWork
@@ -195,7 +195,7 @@ class TranslationStage(_Stage):
         """Refuse to start (the usual "no provider configured" error) a language without a provider
         whose jobs need one: transcripts in another language, done or (``transcripts_to_come``) to come."""
         for language, translator in self.translators().items():
-            if translator is None and (needing_provider(db, language)
+            if translator is None and (needing_provider(db, language, self.settings.output_dir)
                                        or (transcripts_to_come and spoken != language)):
                 self.translator(language)  # raises
 
@@ -210,7 +210,7 @@ class TranslationStage(_Stage):
         """Before a run of ``language``: its jobs exist, stale ones are queued again, failed ones
         reset when asked."""
         db.ensure_jobs(TRANSLATION, language)
-        redo_stale(db, language)
+        redo_stale(db, language, self.settings.output_dir)
         if retry_failed:
             log.info("reset %d failed %s job(s) for retry", len(db.reset_failed(TRANSLATION, language)), language)
 
@@ -238,7 +238,7 @@ class TranslationStage(_Stage):
         for language, translator in self.translators().items():
             eligible = [r for r in db.jobs(stage=TRANSLATION, language=language, status="not_started")
                         if _transcript_done(db, r["file_id"])][:limit]
-            chars = sum(_transcript_chars(db, r["file_id"]) for r in eligible)
+            chars = sum(_transcript_chars(db, r["file_id"], self.settings.output_dir) for r in eligible)
             usage = {"characters": chars, "prompt_tokens": chars // 3, "completion_tokens": chars // 3}
             plans[language] = {"jobs": len(eligible), "characters": chars,
                                "provider": translator.name if translator else None,
@@ -284,9 +284,10 @@ def nothing_to_do(db, inputs, scan, retry_failed: bool) -> tuple[str, int] | Non
     return ", ".join(parts), EXIT_FAILED if failed else EXIT_OK
 
 
-def needing_provider(db, language: str) -> int:
+def needing_provider(db, language: str, root: str) -> int:
     """Runnable ``language`` translations that need a provider: their transcript is in another (or an
-    unknown) language. Read from each transcript.json's recorded language, without detection."""
+    unknown) language. Read from each transcript.json's recorded language (under the output root
+    ``root``), without detection."""
     count = 0
     for row in db.jobs(stage=TRANSLATION, language=language, status="not_started"):
         if not _transcript_done(db, row["file_id"]):
@@ -295,7 +296,7 @@ def needing_provider(db, language: str) -> int:
         if transcript["note"] == NO_SPEECH_NOTE:
             continue
         try:
-            path = json.loads(transcript["outputs"] or "{}")["json"]["path"]
+            path = resolve_recorded(root, json.loads(transcript["outputs"] or "{}")["json"]["path"])
             with open(path, encoding="utf-8") as handle:
                 spoken = json.load(handle).get("language")
         except (OSError, KeyError, ValueError, AttributeError):
@@ -304,13 +305,13 @@ def needing_provider(db, language: str) -> int:
     return count
 
 
-def redo_stale(db, language: str) -> int:
+def redo_stale(db, language: str, root: str) -> int:
     """Translations whose transcript changed since (redone, or a hand correction adopted) go back
     to the queue, once per change: the new translation records the new transcript. A translation
     edited by hand is kept beside it (``.edited-<time>``) before it is redone."""
     stale = db.stale_translations(language)
     for row in stale:
-        for copy in keep_edits(json.loads(row["outputs"])):
+        for copy in keep_edits(json.loads(row["outputs"]), root):
             log.warning("kept the hand-edited %s before redoing its stale translation", copy)
     redone = db.reset_stale([row["id"] for row in stale])
     if redone:
@@ -323,9 +324,9 @@ def _transcript_done(db, file_id) -> bool:
     return bool(rows) and rows[0]["status"] == COMPLETED
 
 
-def _transcript_chars(db, file_id) -> int:
+def _transcript_chars(db, file_id, root: str) -> int:
     outputs = json.loads(db.jobs(stage=TRANSCRIPTION, file_id=file_id)[0]["outputs"] or "{}")
     try:
-        return len(translation.load_source(outputs["json"]["path"]).text)
+        return len(translation.load_source(resolve_recorded(root, outputs["json"]["path"])).text)
     except Exception:  # unreadable now: it will fail with a reason when it runs
         return 0

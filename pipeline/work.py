@@ -13,7 +13,7 @@ from pipeline.errors import AccountError, PermanentError
 from pipeline.faults import crash_point
 from pipeline.limiter import RunRequests
 from pipeline.media import still_registered_content
-from pipeline.outputs import as_recorded, recorded_state, safe_join, sha256_file, staging_folder
+from pipeline.outputs import as_recorded, recorded_state, resolve_recorded, safe_join, sha256_file, staging_folder
 from pipeline.runner import JobCalls
 from pipeline.spool import Spool
 from transcription import Transcript, transcribe_media, write_transcript_outputs
@@ -140,15 +140,16 @@ class TranslationWork:
                                  " run parallel_translation.py --retry-failed", error_class="language_review")
 
     def _transcript_path(self, job: Job) -> str:
-        """The transcript this job's transcription recorded, verified against its recorded hash.
+        """The transcript this job's transcription recorded, under this run's output root, verified
+        against its recorded hash.
         A transcript committed a moment ago by another process may still be staged: finish its
         publication before calling it missing or changed."""
         recorded = job.outputs.get("json") or job.outputs.get("txt")
         if not recorded:
             raise PermanentError("the transcription job recorded no transcript output",
                                  error_class="transcript_missing")
-        path = recorded["path"]
-        if recorded_state(recorded) != "same" and job.transcript_job is not None:
+        path = str(resolve_recorded(self.output_root, recorded["path"]))
+        if recorded_state(recorded, self.output_root) != "same" and job.transcript_job is not None:
             publish.settle(self.db, self.output_root, job.transcript_job)
         try:
             actual = sha256_file(path)

@@ -43,3 +43,10 @@ def script_env(**extra) -> dict:
     env.update({k: str(v) for k, v in extra.items()})
     env["PYTHONPATH"] = str(ROOT)
     return env
+
+
+def recorded_file(root, info: dict):
+    """The file a recorded output (``{"path", ...}``, relative to the output root) names under ``root``."""
+    from pipeline.outputs import resolve_recorded
+
+    return resolve_recorded(root, info["path"])

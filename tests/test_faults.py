@@ -26,7 +26,7 @@ from pipeline.faults import POINTS
 from pipeline.limiter import PROBE_INTERVAL
 from pipeline.outputs import sha256_file
 from tests import mediagen
-from tests.conftest import ROOT, script_env
+from tests.conftest import ROOT, recorded_file, script_env
 from tests.fake_stt import FakeSTT, env_for
 from tests.fake_translate import FakeDeepL
 from tests.fakeserver import Fault, FakeServer
@@ -82,8 +82,9 @@ def assert_exactly_once_and_verified(tmp_path, stage, language="", expected=None
     assert all(completions[j["id"]] == 1 for j in jobs), "a job was completed more than once"
     for job in jobs:
         for info in json.loads(job["outputs"]).values():
-            assert sha256_file(info["path"]) == info["sha256"] and os.path.getsize(info["path"]) == info["size"]
-            assert Path(info["path"]).resolve().is_relative_to((tmp_path / "out").resolve())
+            path = recorded_file(tmp_path / "out", info)  # recorded relative to the output root
+            assert sha256_file(path) == info["sha256"] and os.path.getsize(path) == info["size"]
+            assert not os.path.isabs(info["path"]) and path.is_relative_to((tmp_path / "out").resolve())
     assert db_rows(tmp_path, "PRAGMA integrity_check")[0][0] == "ok"
     assert not db_rows(tmp_path, "SELECT 1 FROM jobs WHERE status = 'in_progress'")
     assert list((tmp_path / "out").rglob("*.tmp")) == []
@@ -273,7 +274,7 @@ def test_broken_responses_are_retried_and_never_completed_empty(kind, stt, tmp_p
     assert time.monotonic() - started < 60
     assert_exactly_once_and_verified(tmp_path, "transcription", expected=4)
     for row in db_rows(tmp_path, "SELECT outputs FROM jobs WHERE stage='transcription'"):
-        text = Path(json.loads(row["outputs"])["txt"]["path"]).read_text()
+        text = recorded_file(tmp_path / "out", json.loads(row["outputs"])["txt"]).read_text()
         assert "tone" in text  # real content, never the broken body
     retried = db_rows(tmp_path, "SELECT error_class FROM events WHERE to_status = 'not_started' AND error_class"
                                 " IS NOT NULL")
@@ -366,8 +367,9 @@ def test_generated_file_names_stay_under_the_output_root(names, stt, tmp_path_fa
     folders = set()
     for row in rows:
         for info in json.loads(row["outputs"]).values():
-            assert Path(info["path"]).resolve().is_relative_to((tmp_path / "out").resolve())
-            folders.add(Path(info["path"]).parent)
+            path = recorded_file(tmp_path / "out", info)
+            assert not os.path.isabs(info["path"]) and path.is_relative_to((tmp_path / "out").resolve())
+            folders.add(path.parent)
     assert len(folders) == len(rows)  # distinct inputs, distinct outputs
 
 

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from pipeline.outputs import sha256_file
-from tests.conftest import ROOT, script_env
+from tests.conftest import ROOT, recorded_file, script_env
 from tests.fake_stt import FakeSTT, env_for
 from tests.fakeserver import FakeServer
 from tests.test_faults import (TRANSCRIBE, TRANSLATE, assert_exactly_once_and_verified, assert_nothing_left_over,
@@ -294,11 +294,11 @@ def test_the_tools_finish_a_publication_a_crash_left_between_commit_and_rename(t
                   "--input", str(tmp_path / "in"), "--workers", "1")
     assert crashed.returncode == -signal.SIGKILL
     (row,) = db_rows(tmp_path, "SELECT outputs FROM jobs WHERE status = 'completed'")
-    assert not any(os.path.exists(info["path"]) for info in json.loads(row["outputs"]).values())
+    assert not any(recorded_file(tmp_path / "out", info).exists() for info in json.loads(row["outputs"]).values())
     checked = subprocess.run([sys.executable, str(ROOT / "tools" / tool), "--db", str(tmp_path / "jobs.db"),
                               "--output-dir", str(tmp_path / "out")], capture_output=True, text=True,
                              env=script_env(), timeout=60)
     assert checked.returncode in (0, 1), checked.stderr  # the check tool: 1 for the file never transcribed
     for info in json.loads(row["outputs"]).values():
-        assert sha256_file(info["path"]) == info["sha256"]
+        assert sha256_file(recorded_file(tmp_path / "out", info)) == info["sha256"]
     assert not list((tmp_path / "out" / ".verbatim" / "staging").iterdir())

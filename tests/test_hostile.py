@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests import mediagen
-from tests.conftest import ROOT, script_env
+from tests.conftest import ROOT, recorded_file, script_env
 from tests.fake_stt import ELEVENLABS_PATH, OPENAI_PATH, FakeSTT, env_for
 from tests.fake_translate import FakeDeepL
 from tests.fakeserver import Fault, FakeServer, json_response
@@ -164,7 +164,7 @@ def test_a_recording_replaced_after_registration_is_never_sent_as_the_old_one(st
     assert (jobs[old_sha]["status"], jobs[old_sha]["error_class"]) == ("failed", "media_changed")
     [new] = [row for sha, row in jobs.items() if sha != old_sha]
     assert new["status"] == "completed"
-    assert "tone880" in Path(json.loads(new["outputs"])["txt"]["path"]).read_text()
+    assert "tone880" in recorded_file(tmp_path / "out", json.loads(new["outputs"])["txt"]).read_text()
     assert stt.server.count() == 1  # the new content once; the old job paid for nothing
 
 

@@ -530,8 +530,6 @@ def test_the_retry_tool_builds_exactly_the_run_the_script_builds(model_path, tmp
     script's run (workers, threads, batch size, the provider limiter and its cap, the engine's
     device, compute type and workers, the model loaded, the spoken language as a code, the expected
     languages, the output folder claimed for this database); only the label and the scope differ."""
-    import argparse
-
     import db_manager as dbm
     import parallel_transcription
     from pipeline.archive import MARKER

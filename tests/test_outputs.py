@@ -113,6 +113,17 @@ def test_folder_names_are_safe_on_every_file_system(name):
                                                 *(f"LPT{i}" for i in range(10))}
 
 
+def test_the_job_store_imports_nothing_above_it():
+    """db_manager names a file's folder from pipeline.names, which imports no other module."""
+    code = ("import sys, db_manager as d; d.DatabaseManager(':memory:').register_files("
+            "[d.MediaRecord('/a/b.wav', 'ab' * 32, 1, 1, 'audio')], ['he']); above = sorted(m for m in sys.modules"
+            " if m.startswith('pipeline.') and m not in ('pipeline.errors', 'pipeline.faults', 'pipeline.identity',"
+            " 'pipeline.names', 'pipeline.dialects')); print(above)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.stdout.strip() == "[]"
+
+
 def test_existing_archives_keep_their_folder_names(db, tmp_path):
     import db_manager as dbm
 
@@ -122,3 +133,26 @@ def test_existing_archives_keep_their_folder_names(db, tmp_path):
     db.register_files([dbm.MediaRecord("/archive/04 Brief an Tante Ülla.wav", sha, 1, 2, "audio"),
                        dbm.MediaRecord("/elsewhere/copy.wav", sha, 1, 1, "audio")], [])
     assert [r["folder"] for r in db.files()] == [f"{sha[:16]}-04-brief-an-tante-lla"]
+
+
+# -- recorded paths: relative to the output root ----------------------------------------------------
+def test_recorded_paths_are_relative_and_legacy_absolute_ones_are_re_rooted(tmp_path):
+    from pipeline.outputs import as_recorded, resolve_recorded
+
+    root = tmp_path / "root"
+    written = write_files(root / "abcdef0123456789-talk", {"transcript.txt": "hi"}, root=root)
+    assert as_recorded(written)["transcript.txt"]["path"] == "abcdef0123456789-talk/transcript.txt"
+    assert str(resolve_recorded(root, "abcdef0123456789-talk/transcript.txt")) == written["transcript.txt"].path
+    with pytest.raises(UnsafePathError):
+        resolve_recorded(root, "../elsewhere/transcript.txt")
+
+    old = tmp_path / "old-root" / "abcdef0123456789-talk" / "transcript.txt"
+    # the old root is gone (moved): read under the root in use
+    assert resolve_recorded(root, str(old)) == (root / "abcdef0123456789-talk" / "transcript.txt").resolve()
+    old.parent.mkdir(parents=True)
+    old.write_text("hi")
+    # both exist (a copy): the root in use wins
+    assert resolve_recorded(root, str(old)) == (root / "abcdef0123456789-talk" / "transcript.txt").resolve()
+    os.unlink(root / "abcdef0123456789-talk" / "transcript.txt")
+    # only the recorded one exists (the tool was pointed at another root): read as recorded
+    assert resolve_recorded(root, str(old)) == old

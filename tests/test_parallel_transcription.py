@@ -16,7 +16,7 @@ import pytest
 from pipeline.outputs import sha256_file
 from pipeline.subtitles import parse_srt
 from tests import mediagen
-from tests.conftest import ROOT, script_env
+from tests.conftest import ROOT, recorded_file, script_env
 from tests.fake_stt import FakeSTT, env_for
 from tests.fakeserver import Fault, FakeServer
 
@@ -40,7 +40,7 @@ def run(stt, tmp_path, *args, timeout=120, **env):
 
 def status(tmp_path) -> dict:
     out = subprocess.run([sys.executable, str(ROOT / "tools/status.py"), "--db", str(tmp_path / "jobs.db"),
-                          "--files", "--json"], capture_output=True, text=True, env=script_env(), check=True)
+                          "--output-dir", str(tmp_path / "out"), "--files", "--json"], capture_output=True, text=True, env=script_env(), check=True)
     return json.loads(out.stdout)
 
 
@@ -86,8 +86,9 @@ def test_thirty_files_eight_workers_distinct_transcripts_and_bad_files(fake, tmp
                                          "WHERE m.path_display LIKE ? AND stage='transcription'",
                                          (f"%{name}",)).fetchone()[0])
         for fmt, info in recorded.items():
-            assert sha256_file(info["path"]) == info["sha256"] and os.path.getsize(info["path"]) == info["size"]
-            assert Path(info["path"]).resolve().is_relative_to((tmp_path / "out").resolve())
+            path = recorded_file(tmp_path / "out", info)  # recorded relative to the output root
+            assert sha256_file(path) == info["sha256"] and os.path.getsize(path) == info["size"]
+            assert not os.path.isabs(info["path"]) and path.is_relative_to((tmp_path / "out").resolve())
     assert "tone900" in Path(items["video-interview.mp4"]["transcription"]["outputs"]["txt"]).read_text()
 
     reasons = {name: items[name]["transcription"] for name in [*bad, "truncated.wav"]}

@@ -15,7 +15,7 @@ import db_manager as dbm
 from db_manager import TRANSCRIPTION, MediaRecord, Outcome
 from pipeline.outputs import as_recorded, safe_join, sha256_file
 from pipeline.subtitles import RLE, parse_srt, parse_vtt
-from tests.conftest import ROOT, script_env
+from tests.conftest import ROOT, recorded_file, script_env
 from tests.fake_translate import FakeDeepL, FakeMicrosoft, FakeOpenAIChat, fake_translate, make_transcript
 from tests.fakeserver import Fault
 from transcription import Transcript, write_transcript_outputs
@@ -75,12 +75,12 @@ def test_twenty_transcripts_into_three_languages(provider, tmp_path):
             outputs = json.loads(row["outputs"])
             assert set(outputs) == {"txt", "json", "srt", "vtt"}
             for info in outputs.values():
-                assert sha256_file(info["path"]) == info["sha256"]
-                assert Path(info["path"]).name.startswith(f"translation.{language}.")
-            cues = parse_srt(Path(outputs["srt"]["path"]).read_text())
+                assert sha256_file(recorded_file(tmp_path / "out", info)) == info["sha256"]
+                assert recorded_file(tmp_path / "out", info).name.startswith(f"translation.{language}.")
+            cues = parse_srt(recorded_file(tmp_path / "out", outputs["srt"]).read_text())
             source = [(s["start"], s["end"]) for s in doc["segments"]]
             assert [(c.start, c.end) for c in cues] == source  # the cue count and timings are the source's
-            assert len(parse_vtt(Path(outputs["vtt"]["path"]).read_text())) == len(source)
+            assert len(parse_vtt(recorded_file(tmp_path / "out", outputs["vtt"]).read_text())) == len(source)
             if doc["language"] == language:
                 assert row["provider"] == "copy" and row["cost"] == 0
                 assert [c.text for c in cues] == [s["text"] for s in doc["segments"]]
@@ -91,8 +91,8 @@ def test_twenty_transcripts_into_three_languages(provider, tmp_path):
                 assert shown == expected  # in order, unit for unit
             if language == "he":
                 assert all(c.text.startswith(RLE) for c in cues)
-                assert "\u200f" in Path(outputs["txt"]["path"]).read_text()
-                assert "\u202b" not in Path(outputs["json"]["path"]).read_text()
+                assert "\u200f" in recorded_file(tmp_path / "out", outputs["txt"]).read_text()
+                assert "\u202b" not in recorded_file(tmp_path / "out", outputs["json"]).read_text()
     # German sources were copied for "de": only the English transcripts were sent for German
     english = {s["text"] for doc in docs.values() if doc["language"] == "en" for s in doc["segments"]}
     into_german = [t for b in fake.batches if str(b["target"]).lower().startswith("de") for t in b["texts"]]
@@ -144,7 +144,7 @@ def test_fewer_lines_are_retried_smaller_and_stay_aligned(tmp_path):
     assert result.returncode == 0, result.stderr
     assert max(sizes) == 5 and 1 in sizes  # whole batches, then halves down to single units
     for row in translation_jobs(tmp_path, "en"):
-        data = json.loads(Path(json.loads(row["outputs"])["json"]["path"]).read_text())
+        data = json.loads(recorded_file(tmp_path / "out", json.loads(row["outputs"])["json"]).read_text())
         texts = [u["text"] for u in data.get("units", data.get("segments", []))]
         assert texts == [fake_translate(s["text"], "en") for s in docs[row["file_id"]]["segments"]]
 
@@ -239,10 +239,10 @@ def test_a_hand_correction_is_adopted_and_its_translations_are_redone_once(tmp_p
         (job, other) = translation_jobs(tmp_path, "en")
         transcript = json.loads(translation_jobs_transcript(tmp_path, job["file_id"]))
         assert job["source_sha256"] == transcript["json"]["sha256"]  # each translation names its source
-        srt = Path(transcript["srt"]["path"])
+        srt = recorded_file(tmp_path / "out", transcript["srt"])
         edited = srt.read_text().replace(parse_srt(srt.read_text())[0].text, "Korrigiert von Hand.", 1)
         srt.write_text(edited)
-        en_txt = Path(json.loads(job["outputs"])["txt"]["path"])
+        en_txt = recorded_file(tmp_path / "out", json.loads(job["outputs"])["txt"])
         checked = tool("check_missing_transcripts.py", "--json", "--stage", "transcription")
         kinds = {(p["kind"], p["format"]) for p in json.loads(checked.stdout)["problems"]}
         assert checked.returncode == 1 and kinds == {("edited", "srt")}
@@ -250,8 +250,8 @@ def test_a_hand_correction_is_adopted_and_its_translations_are_redone_once(tmp_p
         adopted = tool("adopt_edits.py", "--apply")
         assert adopted.returncode == 0 and "adopted 1" in adopted.stdout, adopted.stdout + adopted.stderr
         transcript = json.loads(translation_jobs_transcript(tmp_path, job["file_id"]))
-        assert "Korrigiert von Hand." in Path(transcript["json"]["path"]).read_text()
-        assert "Korrigiert von Hand." in Path(transcript["txt"]["path"]).read_text()
+        assert "Korrigiert von Hand." in recorded_file(tmp_path / "out", transcript["json"]).read_text()
+        assert "Korrigiert von Hand." in recorded_file(tmp_path / "out", transcript["txt"]).read_text()
         assert [p.read_text() for p in srt.parent.glob("transcript.srt.edited-*")] == [edited]
         stale = tool("check_missing_transcripts.py", "--json", "--stage", "translation")
         assert {(p["kind"], p["file_id"]) for p in json.loads(stale.stdout)["problems"]} == {("stale", job["file_id"])}
@@ -297,7 +297,7 @@ def test_same_language_copies_need_no_key(tmp_path):
     jobs = translation_jobs(tmp_path, "en")
     assert {j["status"] for j in jobs} == {"completed"} and {j["provider"] for j in jobs} == {"copy"}
     for job in jobs:
-        data = json.loads(Path(json.loads(job["outputs"])["json"]["path"]).read_text())
+        data = json.loads(recorded_file(tmp_path / "out", json.loads(job["outputs"])["json"]).read_text())
         assert [s["text"] for s in data["segments"]] == [s["text"] for s in docs[job["file_id"]]["segments"]]
 
 

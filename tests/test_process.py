@@ -42,7 +42,8 @@ def test_one_command_registers_transcribes_and_translates(tmp_path):
         assert transcribed == 8 and runs[("transcription", "")]["retried"] == 4
 
         status = json.loads(subprocess.run([sys.executable, str(ROOT / "tools/status.py"), "--db",
-                                            str(tmp_path / "jobs.db"), "--files", "--json"], capture_output=True,
+                                            str(tmp_path / "jobs.db"), "--output-dir", str(tmp_path / "out"),
+                                            "--files", "--json"], capture_output=True,
                                            text=True, env=script_env(), check=True).stdout)
         for item in status["items"]:
             assert item["transcription"]["status"] == "completed"

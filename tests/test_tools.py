@@ -17,7 +17,7 @@ import db_manager as dbm
 from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NOT_STARTED, TRANSCRIPTION, TRANSLATION, MediaRecord,
                         Outcome, make_owner)
 from pipeline import config
-from pipeline.outputs import as_recorded, atomic_write, safe_join
+from pipeline.outputs import as_recorded, atomic_write, resolve_recorded, safe_join
 from tests.conftest import ROOT, script_env
 from tools import adopt_edits as adopt_tool
 from tools import check_missing_transcripts as check_tool
@@ -309,7 +309,8 @@ def test_fix_apply_repairs_each_state_then_check_passes(archive, tmp_path, capsy
         job = archive.job(ids[name], stage)
         assert job["status"] == COMPLETED and job["note"] == fix_tool.ADOPTED_NOTE
         for info in json.loads(job["outputs"]).values():
-            data = open(info["path"], "rb").read()
+            assert not os.path.isabs(info["path"])  # recorded relative to the output root, as runs record
+            data = resolve_recorded(archive.root, info["path"]).read_bytes()
             assert info["size"] == len(data) and info["sha256"] == hashlib.sha256(data).hexdigest()
     assert set(json.loads(archive.job(ids["orphan"])["outputs"])) == {"txt", "json", "srt", "vtt", "raw"}
     assert archive.status(ids["alien"], TRANSLATION) == NOT_STARTED   # not adopted: not this transcript's

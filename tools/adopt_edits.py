@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import COMPLETED, TRANSCRIPTION  # noqa: E402
 from pipeline import config, publish  # noqa: E402
+from pipeline.outputs import as_recorded, keep_edits, resolve_recorded, safe_join  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.outputs import as_recorded, keep_edits, safe_join  # noqa: E402
 from pipeline.subtitles import parse_srt, parse_vtt  # noqa: E402
 from tools.check_missing_transcripts import EDITABLE_FORMATS, verify_recorded  # noqa: E402
 from transcription import Segment, Transcript, write_transcript_outputs  # noqa: E402
@@ -55,7 +55,7 @@ class CannotAdopt(ValueError):
 class Edit:
     job: object            # the job's row
     fmt: str               # the edited format
-    path: str
+    path: str              # the edited file, under the output root in use
 
     @property
     def subject(self) -> str:
@@ -64,14 +64,14 @@ class Edit:
 
 
 # -- finding edits ---------------------------------------------------------------------------------
-def find_edits(db, file_id: str | None = None) -> list[Edit]:
+def find_edits(db, root: str, file_id: str | None = None) -> list[Edit]:
     """One ``Edit`` per completed job whose txt/srt/vtt differs from the record and still parses
     (with two edited formats of one job, both are returned: the caller refuses the conflict)."""
     edits = []
     for row in db.jobs(status=COMPLETED, file_id=file_id):
         for fmt, info in sorted(json.loads(row["outputs"] or "{}").items()):
-            if fmt in EDITABLE_FORMATS and (verify_recorded(fmt, info) or ("",))[0] == "edited":
-                edits.append(Edit(row, fmt, info["path"]))
+            if fmt in EDITABLE_FORMATS and (verify_recorded(fmt, info, root) or ("",))[0] == "edited":
+                edits.append(Edit(row, fmt, str(resolve_recorded(root, info["path"]))))
     return edits
 
 
@@ -174,17 +174,17 @@ def adopt(db, root: str, edit: Edit) -> list[str]:
     """Make ``edit`` the record of its job; returns the copies kept of the edited files."""
     row = edit.job
     outputs = json.loads(row["outputs"])
-    doc = json.loads(Path(outputs["json"]["path"]).read_text(encoding="utf-8"))
+    doc = json.loads(resolve_recorded(root, outputs["json"]["path"]).read_text(encoding="utf-8"))
     folder = safe_join(root, row["folder"])
     if row["stage"] == TRANSCRIPTION:
-        raw = Path(outputs["raw"]["path"]).read_bytes() if "raw" in outputs else None
+        raw = resolve_recorded(root, outputs["raw"]["path"]).read_bytes() if "raw" in outputs else None
         old = Transcript.from_dict({**doc, "raw_responses": json.loads(gzip.decompress(raw)) if raw else []})
         new = transcript_from_edit(old, edit.fmt, edit.path)
-        kept = keep_edits(outputs)
+        kept = keep_edits(outputs, root)
         written = as_recorded(write_transcript_outputs(new, folder, root=root))
     else:
         new = translation_from_edit(doc, edit.fmt, edit.path)
-        kept = keep_edits(outputs)
+        kept = keep_edits(outputs, root)
         written = as_recorded(write_translation_outputs(new, folder, root=root))
     note = f"hand correction adopted from {Path(edit.path).name} (kept as {', '.join(Path(k).name for k in kept)})"
     if not db.record_edit(row["id"], written, outputs, note):
@@ -192,12 +192,12 @@ def adopt(db, root: str, edit: Edit) -> list[str]:
     return kept
 
 
-def retranscribe(db, file_id: str) -> int:
+def retranscribe(db, root: str, file_id: str) -> int:
     """Throw the transcript of record away (edits kept first) and put the file back in the queue."""
     rows = db.jobs(stage=TRANSCRIPTION, file_id=file_id)
     if not rows:
         raise config.ConfigError(f"no file {file_id!r} in the database")
-    kept = keep_edits(json.loads(rows[0]["outputs"] or "{}"))
+    kept = keep_edits(json.loads(rows[0]["outputs"] or "{}"), root)
     for copy in kept:
         print(f"kept {copy}")
     return db.reset([rows[0]["id"]], "re-transcription asked for (tools/adopt_edits.py --retranscribe)",
@@ -222,11 +222,11 @@ def main(argv=None) -> int:
     root = settings.output_dir
     try:
         if args.retranscribe:
-            done = retranscribe(db, args.retranscribe)
+            done = retranscribe(db, root, args.retranscribe)
             print(f"{args.retranscribe}: {'queued for transcription' if done else 'nothing to reset'}")
             return config.EXIT_OK
         publish.settle_quietly(db, root)
-        return _adopt_all(db, root, find_edits(db, args.file), args.apply)
+        return _adopt_all(db, root, find_edits(db, root, args.file), args.apply)
     finally:
         db.close_all()
 

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db_manager import COMPLETED, NO_SPEECH_NOTE, REVIEW_NOTE, STAGES, TRANSCRIPTION, TRANSLATION, display_path  # noqa: E402
 from pipeline import config, publish  # noqa: E402
+from pipeline.outputs import UnsafePathError, resolve_recorded, safe_join  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.outputs import safe_join  # noqa: E402
 from pipeline.subtitles import parse_srt, parse_vtt  # noqa: E402
 from transcription import OUTPUT_NAMES as TRANSCRIPT_NAMES  # noqa: E402
 from translation import output_name as translation_name  # noqa: E402
@@ -105,13 +105,15 @@ def _transcript_like(doc):
 
 
 # -- verifying recorded outputs ----------------------------------------------------------------------
-def verify_recorded(fmt: str, info: dict) -> tuple[str, str] | None:
-    """(kind, detail) of the first thing wrong with one recorded output, or None when it is sound."""
-    path = info.get("path")
-    if not path:
+def verify_recorded(fmt: str, info: dict, root: str) -> tuple[str, str] | None:
+    """(kind, detail) of the first thing wrong with one recorded output under the output root
+    ``root``, or None when it is sound."""
+    if not info.get("path"):
         return "missing", "no path recorded"
     try:
-        data = Path(path).read_bytes()
+        data = resolve_recorded(root, info["path"]).read_bytes()
+    except UnsafePathError:
+        return "missing", "its recorded path leaves the output root"
     except FileNotFoundError:
         return "missing", "file does not exist"
     except OSError as exc:
@@ -138,15 +140,25 @@ def verify_recorded(fmt: str, info: dict) -> tuple[str, str] | None:
     return None
 
 
-def output_problems(stage: str, language: str, outputs: dict, folder: Path) -> list[tuple[str, str, str, str]]:
-    """(format, kind, detail, path) for each problem of one job's recorded outputs."""
+def output_path(root: str, info: dict) -> str | None:
+    """The file a recorded output names, under the output root ``root`` (None: no usable path)."""
+    try:
+        return str(resolve_recorded(root, info["path"])) if info.get("path") else None
+    except UnsafePathError:
+        return None
+
+
+def output_problems(stage: str, language: str, outputs: dict, folder: Path, *,
+                    root: str) -> list[tuple[str, str, str, str]]:
+    """(format, kind, detail, path) for each problem of one job's recorded outputs (under ``root``,
+    the job's folder ``folder``)."""
     found = [(fmt, "missing", "not recorded in the database", expected_path(folder, stage, language, fmt))
              for fmt in REQUIRED_FORMATS if fmt not in outputs]
     for fmt, info in sorted(outputs.items()):
         info = info if isinstance(info, dict) else {}
-        problem = verify_recorded(fmt, info)
+        problem = verify_recorded(fmt, info, root)
         if problem:
-            found.append((fmt, *problem, info.get("path") or expected_path(folder, stage, language, fmt)))
+            found.append((fmt, *problem, output_path(root, info) or expected_path(folder, stage, language, fmt)))
     return found
 
 
@@ -155,7 +167,8 @@ def job_problems(row, root: str) -> list[Problem]:
     folder = safe_join(root, row["folder"])
     return [Problem(kind, path, detail, row["file_id"], row["path_display"], row["stage"],
                     row["language"] or None, fmt)
-            for fmt, kind, detail, path in output_problems(row["stage"], row["language"], outputs, folder)]
+            for fmt, kind, detail, path in output_problems(row["stage"], row["language"], outputs, folder,
+                                                                  root=root)]
 
 
 def stale_translations(db, root: str, language: str | None) -> list[Problem]:
@@ -194,14 +207,14 @@ def to_review(db) -> list[dict]:
             for row in db.jobs(stage=TRANSCRIPTION, status=COMPLETED) if (row["note"] or "").startswith(REVIEW_NOTE)]
 
 
-def no_speech(db, stage: str | None = None, language: str | None = None) -> list[dict]:
+def no_speech(db, root: str, stage: str | None = None, language: str | None = None) -> list[dict]:
     """Completed jobs with nothing said: noted "no speech found", or an empty .txt recorded."""
     found = []
     for row in db.jobs(stage=stage, language=language, status=COMPLETED):
         txt = json.loads(row["outputs"] or "{}").get("txt") or {}
         if row["note"] == NO_SPEECH_NOTE or txt.get("size") == 0:
             found.append({"file_id": row["file_id"], "stage": row["stage"], "language": row["language"] or None,
-                          "media_path": row["path_display"], "output": txt.get("path")})
+                          "media_path": row["path_display"], "output": output_path(root, txt)})
     return found
 
 
@@ -249,7 +262,7 @@ def main(argv=None) -> int:
     try:
         publish.settle_quietly(db, settings.output_dir)  # finish what a crash left staged, then check
         problems, checked = check(db, settings.output_dir, stage, language)
-        silent = no_speech(db, stage, language)
+        silent = no_speech(db, settings.output_dir, stage, language)
         review = to_review(db) if stage in (None, TRANSCRIPTION) else []
     finally:
         db.close_all()

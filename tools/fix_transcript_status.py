@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from db_manager import (COMPLETED, FAILED, IN_PROGRESS, MAX_LOST_LEASES, NOT_STARTED, TRANSCRIPTION,  # noqa: E402
                         TRANSLATION, lease_lost_reason)
 from pipeline import config, publish  # noqa: E402
+from pipeline.outputs import keep_edits, resolve_recorded, safe_join, sweep_temp_files  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.outputs import keep_edits, safe_join, sweep_temp_files  # noqa: E402
 from tools.check_missing_transcripts import Unparsable, output_name, output_problems, parse_output  # noqa: E402
 
 log = logging.getLogger("verbatim.fix")
@@ -183,16 +183,17 @@ def valid_output_set(job: JobState, folder: Path, source: dict | None,
             return None, f"{path.name}: {exc.strerror if isinstance(exc, OSError) else exc}"
         if not agrees_with_json(fmt, parsed, doc):
             return None, f"{path.name} does not agree with {name}"
-        outputs[fmt] = {"path": str(path), "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        outputs[fmt] = {"path": f"{job.folder}/{path.name}",  # relative to the output root, as runs record
+                        "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     return outputs, ""
 
 
-def transcript_source(outputs: dict) -> tuple[dict, str] | None:
-    """(transcript json, its sha256) when the recorded transcript json is intact, else None."""
+def transcript_source(outputs: dict, root: str) -> tuple[dict, str] | None:
+    """(transcript json, its sha256) when the recorded transcript json under ``root`` is intact, else None."""
     recorded = outputs.get("json") or {}
     try:
-        data, doc = _read_valid(Path(recorded["path"]), "json")
-    except (KeyError, TypeError, OSError, Unparsable):
+        data, doc = _read_valid(resolve_recorded(root, recorded["path"]), "json")
+    except (KeyError, TypeError, OSError, ValueError, Unparsable):
         return None
     sha = hashlib.sha256(data).hexdigest()
     return (doc, sha) if sha == recorded.get("sha256") else None
@@ -260,7 +261,7 @@ class Planner:
         for job in self.jobs:
             if job.status != COMPLETED:
                 continue
-            problems = output_problems(job.stage, job.language, job.outputs, self.folder(job))
+            problems = output_problems(job.stage, job.language, job.outputs, self.folder(job), root=self.root)
             if problems and all(kind == "edited" for _fmt, kind, _detail, _path in problems):
                 edited += 1  # a correction, not damage
                 continue
@@ -282,9 +283,9 @@ class Planner:
                 return False
             # Re-verified under the write lock: transcripts are small, and no runner can rewrite
             # them between this check and the reset.
-            if not output_problems(job.stage, job.language, outputs, self.folder(job)):
+            if not output_problems(job.stage, job.language, outputs, self.folder(job), root=self.root):
                 return False
-            keep_edits(outputs)  # a hand edit beside the damage is kept before the job is redone
+            keep_edits(outputs, self.root)  # a hand edit beside the damage is kept before the job is redone
             return self.db.reset([job.id], f"outputs broken: {reason}"[:2000], from_statuses=(COMPLETED,)) == 1
 
     # adopt valid outputs -----------------------------------------------------------------------------
@@ -298,7 +299,7 @@ class Planner:
             source_doc = source_sha = None
             if stage == TRANSLATION:
                 transcript = self.transcripts.get(job.file_id)
-                source = transcript_source(transcript.outputs) if transcript and transcript.status == COMPLETED \
+                source = transcript_source(transcript.outputs, self.root) if transcript and transcript.status == COMPLETED \
                     else None
                 if source is None:
                     continue  # nothing to translate from: the job must wait for its transcript
@@ -322,7 +323,7 @@ class Planner:
                                    (job.file_id, TRANSCRIPTION)).fetchone()
                 if row is None or row["status"] != COMPLETED:
                     return False
-                source = transcript_source(json.loads(row["outputs"] or "{}"))
+                source = transcript_source(json.loads(row["outputs"] or "{}"), self.root)
                 if source is None or source[1] != source_sha:
                     return False
                 source_doc = source[0]

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NO_SPEECH_NOTE, NOT_STARTED, REVIEW_NOTE, STATUSES,  # noqa: E402
                         TRANSCRIPTION, TRANSLATION)
 from pipeline import config, publish  # noqa: E402
+from pipeline.outputs import resolve_recorded  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 
 LANGUAGE_NAMES = {"en": "English", "de": "German", "he": "Hebrew", "fr": "French", "es": "Spanish",
@@ -99,27 +100,28 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _job_entry(row) -> dict:
+def _job_entry(row, root: str) -> dict:
     outputs = json.loads(row["outputs"] or "{}")
     entry = {"status": row["status"], "attempts": row["attempts"],
              "error": (f"{row['error_class']}: {row['error_message']}" if row["status"] == FAILED
                        else None),
-             "outputs": {fmt: os.path.abspath(info["path"]) for fmt, info in outputs.items()
+             "outputs": {fmt: str(resolve_recorded(root, info["path"])) for fmt, info in outputs.items()
                          if fmt in ("txt", "json", "srt", "vtt")}}
     if row["note"]:
         entry["note"] = row["note"]
     return entry
 
 
-def file_items(db) -> list[dict]:
+def file_items(db, root: str) -> list[dict]:
+    """Every media file with its jobs; output paths as they lie under the output root ``root``."""
     items: dict[str, dict] = {}
     for row in db.jobs():
         item = items.setdefault(row["file_id"], {"file_id": row["file_id"], "path": os.fsdecode(bytes(row["path_bytes"])),
                                                  "transcription": None, "translation": {}})
         if row["stage"] == TRANSCRIPTION:
-            item["transcription"] = _job_entry(row)
+            item["transcription"] = _job_entry(row, root)
         else:
-            item["translation"][row["language"]] = _job_entry(row)
+            item["translation"][row["language"]] = _job_entry(row, root)
     return list(items.values())
 
 
@@ -253,7 +255,7 @@ def main(argv=None) -> int:
             return config.EXIT_OK
         report = summary(db, list(settings.target_languages))
         if args.files:
-            report["items"] = file_items(db)
+            report["items"] = file_items(db, settings.output_dir)
         if args.failed:
             report["failed"] = failed_jobs(db)
     finally:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from db_manager import FAILED, NO_SPEECH_NOTE, REVIEW_NOTE, TRANSCRIPTION, TRANSLATION, is_postgres_url
 from pipeline.errors import redact
-from pipeline.outputs import UnsafePathError, recorded_state, safe_join
+from pipeline.outputs import UnsafePathError, recorded_state, resolve_recorded
 from pipeline.subtitles import RTL_LANGUAGES
 
 log = logging.getLogger("verbatim.report")
@@ -112,16 +112,13 @@ def href(target: str, start: str) -> str:
     return urllib.parse.quote(os.fsencode(relative.replace(os.sep, "/")), safe="/")
 
 
-def _resolve_output(recorded: str, output_dir: str, folder: str) -> str | None:
-    """The output file as recorded, or at the same name under the current output root (the root
-    may have moved since the job ran); None when it exists at neither."""
-    if os.path.isfile(recorded):
-        return recorded
+def _resolve_output(recorded: str, output_dir: str) -> str | None:
+    """Where a recorded output lies under the output root in use (``resolve_recorded``: relative
+    records, and absolute ones of an archive since moved); None for a path that leaves the root."""
     try:
-        moved = safe_join(output_dir, folder, os.path.basename(recorded))
+        return str(resolve_recorded(output_dir, recorded))
     except UnsafePathError:
         return None
-    return str(moved) if moved.is_file() else None
 
 
 def load_interviews(db, output_dir: str, page_dir: str) -> list[Interview]:
@@ -145,8 +142,8 @@ def load_interviews(db, output_dir: str, page_dir: str) -> list[Interview]:
         rows = jobs_by_file.get(media["file_id"], [])
         transcript_sha = next((_recorded_sha(r, "json") for r in rows if r["stage"] == TRANSCRIPTION), None)
         for row in rows:
-            job = _job_view(row, output_dir, media["folder"], page_dir)
-            job.marks = _marks(row, transcript_sha)
+            job = _job_view(row, output_dir, page_dir)
+            job.marks = _marks(row, transcript_sha, output_dir)
             jobs[job.key] = job
         interviews.append(Interview(
             file_id=media["file_id"], name=os.path.basename(media["path_display"]), path=media["path_display"],
@@ -163,7 +160,7 @@ def _recorded_sha(row, fmt: str) -> str | None:
         return None
 
 
-def _marks(row, transcript_sha: str | None) -> list[str]:
+def _marks(row, transcript_sha: str | None, output_dir: str) -> list[str]:
     """What an archivist should look at, beside the status: a hand edit not yet adopted, a
     translation of an older transcript, a transcript in a language the archive does not expect."""
     marks = []
@@ -175,21 +172,21 @@ def _marks(row, transcript_sha: str | None) -> list[str]:
     if row["stage"] == TRANSLATION and row["status"] == "completed" and row["source_sha256"] \
             and row["source_sha256"] != transcript_sha:
         marks.append("stale")
-    if row["status"] == "completed" and _edited(row):
+    if row["status"] == "completed" and _edited(row, output_dir):
         marks.append("edited")
     return marks
 
 
-def _edited(row) -> bool:
+def _edited(row, output_dir: str) -> bool:
     """A recorded .txt/.srt/.vtt whose content is no longer what was recorded (a hand correction)."""
     try:
         outputs = json.loads(row["outputs"] or "{}")
     except ValueError:
         return False
-    return any(recorded_state(outputs[fmt]) == "changed" for fmt in ("txt", "srt", "vtt") if fmt in outputs)
+    return any(recorded_state(outputs[fmt], output_dir) == "changed" for fmt in ("txt", "srt", "vtt") if fmt in outputs)
 
 
-def _job_view(row, output_dir: str, folder: str, page_dir: str) -> JobView:
+def _job_view(row, output_dir: str, page_dir: str) -> JobView:
     links, json_path = [], None
     try:
         outputs = json.loads(row["outputs"] or "{}")
@@ -197,8 +194,9 @@ def _job_view(row, output_dir: str, folder: str, page_dir: str) -> JobView:
         outputs = {}
     for fmt, info in sorted(outputs.items()):
         recorded = str(info.get("path", ""))
-        found = _resolve_output(recorded, output_dir, folder) if recorded else None
-        links.append(OutputLink(fmt, os.path.basename(recorded), href(found or recorded, page_dir),
+        where = _resolve_output(recorded, output_dir) if recorded else None
+        found = where if where and os.path.isfile(where) else None
+        links.append(OutputLink(fmt, os.path.basename(recorded), href(where or recorded, page_dir),
                                 info.get("size"), found is not None))
         if fmt == "json" and found:
             json_path = found
