@@ -23,9 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SPEECH_FIXTURES = ROOT / "tests" / "fixtures" / "speech"
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 FAKE_OPENAI_KEY = "sk-bench-openai-0000"
 FAKE_DEEPL_KEY = "bench-deepl-0000"
 

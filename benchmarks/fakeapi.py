@@ -29,15 +29,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
-
-if not __package__:  # run as a script: make the repository importable
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import FAKE_DEEPL_KEY, FAKE_OPENAI_KEY
 from tests.fakeserver import serve_local

@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import ROOT, script_env
 
 SCRIPTS = ["parallel_transcription.py", "parallel_translation.py", "transcription.py", "translation.py"]
-SCRIPTS += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tools").glob("*.py"))
+SCRIPTS += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tools").glob("*.py") if p.name != "__init__.py")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

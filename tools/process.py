@@ -19,18 +19,15 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from db_manager import DEFAULT_LEASE_SECONDS, TRANSCRIPTION, TRANSLATION  # noqa: E402
-from parallel_transcription import check_inputs, nothing_to_do, transcription_plan  # noqa: E402
-from parallel_translation import needing_provider, translation_plan, translators_for  # noqa: E402
-from pipeline import config  # noqa: E402
-from pipeline.media import describe, register_inputs  # noqa: E402
-from pipeline.runner import StopSignal, _positive, report, run_plans  # noqa: E402
-from transcription import add_local_arguments, check_language, choose_transcriber  # noqa: E402
-from translation import choose_translator  # noqa: E402
+from db_manager import DEFAULT_LEASE_SECONDS, TRANSCRIPTION, TRANSLATION
+from parallel_transcription import check_inputs, nothing_to_do, transcription_plan
+from parallel_translation import needing_provider, translation_plan, translators_for
+from pipeline import config
+from pipeline.media import describe, register_inputs
+from pipeline.runner import StopSignal, _positive, report, run_plans
+from transcription import add_local_arguments, check_language, choose_transcriber
+from translation import choose_translator
 
 log = logging.getLogger("verbatim.process")
 

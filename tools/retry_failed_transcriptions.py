@@ -21,12 +21,10 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from db_manager import NOT_STARTED, STAGES, TRANSCRIPTION, TRANSLATION  # noqa: E402
-from pipeline import config  # noqa: E402
-from pipeline.runner import Plan, StopSignal, report, run_plans  # noqa: E402
-from transcription import add_local_arguments  # noqa: E402
+from db_manager import NOT_STARTED, STAGES, TRANSCRIPTION, TRANSLATION
+from pipeline import config
+from pipeline.runner import Plan, StopSignal, report, run_plans
+from transcription import add_local_arguments
 
 log = logging.getLogger("verbatim.retry")
 
