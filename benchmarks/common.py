@@ -237,7 +237,7 @@ def make_transcribed_archive(db_path: Path, output_dir: Path, count: int, *, lan
 
     import db_manager as dbm
     from pipeline.outputs import as_recorded, safe_join
-    from tests.fake_translate import make_transcript
+    from benchmarks.fake_translate import make_transcript
     from transcription import Transcript, write_transcript_outputs
 
     db = dbm.DatabaseManager(str(db_path))

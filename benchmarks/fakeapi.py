@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 
 from benchmarks.common import FAKE_DEEPL_KEY, FAKE_OPENAI_KEY
-from tests.fakeserver import serve_local
+from benchmarks.fakeserver import serve_local
 
 STT_PATH = "/v1/audio/transcriptions"
 DEEPL_PATH = "/v2/translate"
@@ -225,7 +225,7 @@ class FakeAPI:
                                        "text": " Wir wohnten in einem kleinen Dorf."}],
                          "usage": {"type": "duration", "seconds": 3}}, _upload_name(body)
         if path == DEEPL_PATH:
-            from tests.fake_translate import fake_translate
+            from benchmarks.fake_translate import fake_translate
             if headers.get("Authorization") != f"DeepL-Auth-Key {FAKE_DEEPL_KEY}":
                 return 403, {"message": "Forbidden"}, None
             request = json.loads(body)

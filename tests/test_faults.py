@@ -22,14 +22,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks import mediagen
+from benchmarks.fake_translate import FakeDeepL
+from benchmarks.fakeserver import Fault, FakeServer
 from pipeline.faults import POINTS
 from pipeline.limiter import PROBE_INTERVAL
 from pipeline.outputs import sha256_file
-from tests import mediagen
 from tests.conftest import ROOT, script_env
 from tests.fake_stt import FakeSTT, env_for
-from tests.fake_translate import FakeDeepL
-from tests.fakeserver import Fault, FakeServer
 from tests.test_parallel_translation import make_archive
 
 pytestmark = pytest.mark.faults

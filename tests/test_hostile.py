@@ -28,11 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from tests import mediagen
+from benchmarks import mediagen
 from tests.conftest import ROOT, script_env
 from tests.fake_stt import ELEVENLABS_PATH, OPENAI_PATH, FakeSTT, env_for
-from tests.fake_translate import FakeDeepL
-from tests.fakeserver import Fault, FakeServer, json_response
+from benchmarks.fake_translate import FakeDeepL
+from benchmarks.fakeserver import Fault, FakeServer, json_response
 from tests.test_faults import TRANSCRIBE, TRANSLATE, command, db_rows, run, tones
 from tests.test_parallel_translation import FAKES, make_archive
 

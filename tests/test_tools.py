@@ -452,8 +452,8 @@ def test_a_retry_scope_claims_waits_for_and_counts_only_the_retried_jobs(archive
 def test_retry_runs_failed_files_again_once_the_api_heals(tmp_path):
     pytest.importorskip("tests.fake_stt")
     from tests.fake_stt import FakeSTT, analyse, decode_pcm, env_for
-    from tests.fakeserver import Fault, FakeServer
-    from tests.mediagen import make_tone
+    from benchmarks.fakeserver import Fault, FakeServer
+    from benchmarks.mediagen import make_tone
 
     media = tmp_path / "media"
     media.mkdir()

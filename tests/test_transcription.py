@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 import transcription as T
+from benchmarks import mediagen
+from benchmarks.fakeserver import FakeServer, Fault
 from pipeline.audio import Chunk
 from pipeline.config import ConfigError
 from pipeline.errors import AccountError, PermanentError, RateLimitError, RetryableError
 from pipeline.subtitles import parse_srt, parse_vtt
-from tests import mediagen
 from tests.fake_stt import ELEVENLABS_PATH, OPENAI_PATH, FakeSTT, env_for
-from tests.fakeserver import FakeServer, Fault
 
 SCRIPT = str(Path(__file__).resolve().parent.parent / "transcription.py")
 TONE_TEXTS = ["tone440 tone440 tone440.", "tone880 tone880 tone880.", "tone660 tone660 tone660."]
