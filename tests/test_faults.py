@@ -30,6 +30,7 @@ from pipeline.limiter import PROBE_INTERVAL
 from pipeline.outputs import sha256_file
 from tests.conftest import ROOT, script_env
 from tests.fake_stt import FakeSTT, env_for
+from tests.fakeclock import FakeClock
 from tests.test_parallel_translation import make_archive
 
 pytestmark = pytest.mark.faults
@@ -471,10 +472,10 @@ def test_a_lease_that_expires_while_the_worker_runs(stt, tmp_path):
     transcriber = OpenAITranscriber(api_key=stt.openai_key, base_url=stt.openai_base_url)
     call = RunRequests(ProviderLimiter("openai"), 1, stop.stop)
     work = TranscriptionWork(db, transcriber, call, str(tmp_path / "out"))
+    # The worker is alive but its heartbeat stalls: the runner's clock never moves, so it never beats.
     runner = Runner(db, RunOptions("transcription", workers=1, lease_seconds=10, limit=1, quiet=True,
                                    output_root=str(tmp_path / "out")), work,
-                    stop=stop, owner=dbm.make_owner(host="paused-laptop"))
-    runner._heartbeat_loop = lambda: None  # the worker is alive but its heartbeat stalls
+                    stop=stop, owner=dbm.make_owner(host="paused-laptop"), clock=FakeClock())
     thread = threading.Thread(target=runner.run)
     thread.start()
     deadline = time.monotonic() + 30
