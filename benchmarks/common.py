@@ -23,9 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SPEECH_FIXTURES = ROOT / "tests" / "fixtures" / "speech"
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 FAKE_OPENAI_KEY = "sk-bench-openai-0000"
 FAKE_DEEPL_KEY = "bench-deepl-0000"
 
@@ -240,7 +237,7 @@ def make_transcribed_archive(db_path: Path, output_dir: Path, count: int, *, lan
 
     import db_manager as dbm
     from pipeline.outputs import as_recorded, safe_join
-    from tests.fake_translate import make_transcript
+    from benchmarks.fake_translate import make_transcript
     from transcription import Transcript, write_transcript_outputs
 
     db = dbm.DatabaseManager(str(db_path))

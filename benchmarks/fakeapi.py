@@ -29,18 +29,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 
-if not __package__:  # run as a script: make the repository importable
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from benchmarks.common import FAKE_DEEPL_KEY, FAKE_OPENAI_KEY
-from tests.fakeserver import serve_local
+from benchmarks.fakeserver import serve_local
 
 STT_PATH = "/v1/audio/transcriptions"
 DEEPL_PATH = "/v2/translate"
@@ -229,7 +225,7 @@ class FakeAPI:
                                        "text": " Wir wohnten in einem kleinen Dorf."}],
                          "usage": {"type": "duration", "seconds": 3}}, _upload_name(body)
         if path == DEEPL_PATH:
-            from tests.fake_translate import fake_translate
+            from benchmarks.fake_translate import fake_translate
             if headers.get("Authorization") != f"DeepL-Auth-Key {FAKE_DEEPL_KEY}":
                 return 403, {"message": "Forbidden"}, None
             request = json.loads(body)

@@ -93,7 +93,6 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration (the median counts)")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
     import local_whisper
 
     model = args.model

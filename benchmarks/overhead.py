@@ -27,9 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import log, table, write_results  # noqa: E402
+from benchmarks.common import log, table, write_results
 
 COLUMNS = [("what", "what", ""), ("count", "count", ",d"), ("threads", "threads", "d"), ("seconds", "seconds", ".2f"),
            ("per_second", "per second", ",.0f"), ("target", "target", "")]

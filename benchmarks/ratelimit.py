@@ -28,9 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     ROOT,
     ScriptRun,
     log,
@@ -39,7 +37,7 @@ from benchmarks.common import (  # noqa: E402
     table,
     write_results,
 )
-from benchmarks.fakeapi import FakeAPI  # noqa: E402
+from benchmarks.fakeapi import FakeAPI
 
 COLUMNS = [("limit", "limit", ""), ("shape", "shape", ""), ("configured", "configured", ""), ("workers", "W", "d"), ("jobs", "jobs", "d"),
            ("bound_per_s", "bound/s", ".1f"), ("completed_per_s", "done/s", ".2f"), ("efficiency", "done/s ÷ bound", ".2f"),

@@ -3,7 +3,7 @@
 
 A demo archive is generated without any network: N media files registered with the default target
 languages (en, de, he); transcripts of ``--segments`` cues written for most of them, translations
-(the offline dictionary of ``tests/fake_translate.py``, Hebrew in Hebrew letters) for most of
+(the offline dictionary of ``benchmarks/fake_translate.py``, Hebrew in Hebrew letters) for most of
 those; a few jobs failed with realistic error classes, some in progress, the rest not started.
 The event log is then given the times of a run over 40 hours so the progress chart looks real
 (the one place this script writes the database directly: events are history, no API moves them).
@@ -35,9 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import ROOT, log, script_env, table, write_results  # noqa: E402
+from benchmarks.common import ROOT, log, script_env, table, write_results
 
 COLUMNS = [("what", "what", ""), ("seconds", "seconds", ".2f"), ("written", "files written", ""),
            ("target", "target", "")]
@@ -59,8 +57,8 @@ def make_archive(base: Path, count: int, segments: int, seed: int = 7) -> dict:
     """The demo archive under ``base``; returns the paths and the file id of the demo interview."""
     import db_manager as dbm
     from pipeline.outputs import safe_join
-    from tests.fake_translate import fake_translate, make_transcript
-    from tests.mediagen import make_tone
+    from benchmarks.fake_translate import fake_translate, make_transcript
+    from benchmarks.mediagen import make_tone
 
     rng = random.Random(seed)
     db_path, out, media = base / "jobs.db", base / "out", base / "media"

@@ -16,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, ROOT, log, table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, log, table, write_results
 
 BENCHMARKS = ("throughput", "ratelimit", "overhead", "scale", "upload")
 # Tiny configurations (the smoke test's), for checking this script itself.

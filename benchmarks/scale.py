@@ -27,9 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import ROOT, ScriptRun, log, script_env, table, write_results  # noqa: E402
+from benchmarks.common import ROOT, ScriptRun, log, script_env, table, write_results
 
 COLUMNS = [("what", "what", ""), ("measured", "measured", ""), ("target", "target", "")]
 

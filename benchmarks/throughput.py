@@ -30,9 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     ROOT,
     ScriptRun,
     log,
@@ -42,7 +40,7 @@ from benchmarks.common import (  # noqa: E402
     table,
     write_results,
 )
-from benchmarks.fakeapi import FakeAPI  # noqa: E402
+from benchmarks.fakeapi import FakeAPI
 
 SCRIPT_ARGS: list[str] = []  # passed on to both scripts (--batch-size)
 PROFILE_DIR: list[Path] = []  # --profile: where py-spy writes each run's folded stacks

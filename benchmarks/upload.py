@@ -25,9 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     ROOT,
     ScriptRun,
     _ffmpeg,
@@ -38,7 +36,7 @@ from benchmarks.common import (  # noqa: E402
     write_results,
     write_wav,
 )
-from benchmarks.fakeapi import FakeAPI  # noqa: E402
+from benchmarks.fakeapi import FakeAPI
 
 COLUMNS = [("source", "source", ""), ("seconds", "speech s", ",.0f"), ("original_mb_per_hour", "original MB/h", ",.1f"),
            ("sent_mb_per_hour", "sent MB/h", ",.2f"), ("sent_share", "sent ÷ original", ".3f"),

@@ -42,6 +42,9 @@ raised so the runner requeues the job for later instead of holding a thread. The
 toward ``patience`` across calls: once the provider has answered nothing but 429 for longer than
 that (or asks to wait beyond it), the run stops like on an account error, with one message,
 instead of asking for ever.
+
+Every reading of the time and every wait goes through the limiter's ``clock`` (``pipeline.clock``;
+the real one unless a test passes a fake).
 """
 
 from __future__ import annotations
@@ -51,11 +54,11 @@ import dataclasses
 import random
 import re
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 
 from pipeline import errors
+from pipeline.clock import SYSTEM, Clock
 
 UNLIMITED = 1_000_000
 PROBE_INTERVAL = 30.0
@@ -180,8 +183,9 @@ class LimiterStats:
 
 class ProviderLimiter:
     def __init__(self, name: str, *, max_concurrency: int | None = None, rpm: float | None = None,
-                 patience: float = DEFAULT_PATIENCE):
+                 patience: float = DEFAULT_PATIENCE, clock: Clock = SYSTEM):
         self.name = name
+        self.clock = clock  # every reading of the time and every wait goes through it
         self.max_concurrency = max_concurrency or UNLIMITED
         self.limit = self.max_concurrency
         self.ceiling = self.max_concurrency
@@ -206,7 +210,7 @@ class ProviderLimiter:
         self._learned_at = 0.0
         self._rate_probed = 0.0
         self._tokens = self._burst()
-        self._refilled = time.monotonic()
+        self._refilled = self.clock.monotonic()
         # header budget
         self._budget: _Budget | None = None
         self._starts: deque[float] = deque(maxlen=100_000)  # start times since the newest report
@@ -223,7 +227,7 @@ class ProviderLimiter:
     # -- the public entry point -----------------------------------------------------------
     def call(self, fn, stop: threading.Event | None = None):
         """Run ``fn()`` (one request) under the limits; wait out 429s; return its result."""
-        deadline = time.monotonic() + self.patience
+        deadline = self.clock.monotonic() + self.patience
         refused = 0
         while True:
             started = self._acquire(stop, deadline)
@@ -239,12 +243,12 @@ class ProviderLimiter:
                 else:
                     delay = self._on_rate_limited(exc, started)
                 self._check_patience(exc, delay)
-                if delay > errors.MAX_INLINE_WAIT_SECONDS or time.monotonic() + delay > deadline:
+                if delay > errors.MAX_INLINE_WAIT_SECONDS or self.clock.monotonic() + delay > deadline:
                     raise
                 if exc.concurrency and delay > 0:  # this request's own wait; the others go on
                     if stop is None:
-                        time.sleep(delay)
-                    elif stop.wait(delay):
+                        self.clock.sleep(delay)
+                    elif self.clock.wait(stop, delay):
                         raise Stopping(f"{self.name}: run is stopping") from None
                 continue
             except BaseException:
@@ -257,7 +261,7 @@ class ProviderLimiter:
 
     def _check_patience(self, exc: errors.RateLimitError, delay: float) -> None:
         """Raise AccountError once only-429 answers (and the wait now asked for) outlast ``patience``."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         with self._cond:
             if self._limited_since is None:
                 self._limited_since = now
@@ -272,13 +276,13 @@ class ProviderLimiter:
     # -- acquiring and releasing a slot ---------------------------------------------------
     def _acquire(self, stop, deadline) -> float:
         """Wait until a request may start; returns its start time."""
-        started = time.monotonic()
+        started = self.clock.monotonic()
         waited = False
         with self._cond:
             while True:
                 if stop is not None and stop.is_set():
                     raise Stopping(f"{self.name}: run is stopping")
-                now = time.monotonic()
+                now = self.clock.monotonic()
                 wait = self._cooldown_until - now
                 if wait > errors.MAX_INLINE_WAIT_SECONDS or (wait > 0 and now + wait > deadline):
                     raise errors.RateLimitError(
@@ -290,7 +294,7 @@ class ProviderLimiter:
                     if wait == 0.0:
                         break
                 waited = True
-                self._cond.wait(timeout=min(max(wait, 0.01), 0.5) if wait is not None and wait > 0 else 0.5)
+                self.clock.wait(self._cond, min(max(wait, 0.01), 0.5) if wait is not None and wait > 0 else 0.5)
             self._in_flight += 1
             self._running.append(now)
             self._starts.append(now)
@@ -307,7 +311,7 @@ class ProviderLimiter:
             self._in_flight -= 1
             self._running.remove(started)
             if success:
-                now = time.monotonic()
+                now = self.clock.monotonic()
                 self._consecutive_429 = 0
                 self._limited_since = None
                 self._accepted.append(started)
@@ -430,7 +434,7 @@ class ProviderLimiter:
         """A 429 about the rate: every thread waits out the cool-down. The first such 429 of an
         episode (not an echo of requests sent before the pace last changed) opens a measurement."""
         with self._cond:
-            now = time.monotonic()
+            now = self.clock.monotonic()
             self.stats.rate_limited += 1
             self._consecutive_429 += 1
             self._last_429 = now
@@ -471,7 +475,7 @@ class ProviderLimiter:
         how long this request waits before it tries again (a free slot is waited for anyway)."""
         with self._cond:
             self.stats.rate_limited += 1
-            self._last_429 = time.monotonic()
+            self._last_429 = self.clock.monotonic()
             held = self._held_by_provider(started)
             if self._cap_learned and held >= self.ceiling:
                 # Refused at the learned ceiling, not above it: the provider frees slots later

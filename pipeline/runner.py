@@ -34,7 +34,6 @@ import signal
 import sqlite3
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from db_manager import (DEFAULT_LEASE_SECONDS, FAILED, PARKED, TRANSCRIPTION, TRANSLATION, DatabaseManager, Job,
                         LeaseLostError, Outcome, make_owner)
 from pipeline import errors, outputs, publish
+from pipeline.clock import SYSTEM, Clock
 from pipeline.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_WORK_LEFT, positive_argument
 from pipeline.faults import crash_point
 from pipeline.limiter import Stopping
@@ -186,8 +186,11 @@ class StopSignal:
 
 class Runner:
     def __init__(self, db: DatabaseManager, options: RunOptions, work, *, stop: StopSignal | None = None,
-                 owner: str | None = None, progress=None, limiter=None):
+                 owner: str | None = None, progress=None, limiter=None, clock: Clock = SYSTEM):
         self.db = db
+        # Every reading of the time and every timed wait (idle polls, commit retries, the heartbeat)
+        # goes through the clock; waiting for a job to finish does not (it ends when the job does).
+        self.clock = clock
         self.options = options
         self.work = work            # callable(Job) -> Outcome, raising ProviderError kinds
         self.stop = stop or StopSignal()
@@ -207,7 +210,7 @@ class Runner:
 
     # -- the main loop --------------------------------------------------------------------
     def run(self) -> RunSummary:
-        started = self._started = time.monotonic()
+        started = self._started = self.clock.monotonic()
         self._reclaim(force=True)
         self._roll_forward()
         self._release_parked()
@@ -295,8 +298,8 @@ class Runner:
             return True
         if not count:
             return False
-        delay = min(max(0.0, (earliest or 0) - time.time()), IDLE_POLL_SECONDS * 4)
-        self.stop.stop.wait(delay)
+        delay = min(max(0.0, (earliest or 0) - self.clock.time()), IDLE_POLL_SECONDS * 4)
+        self.clock.wait(self.stop.stop, delay)
         return True
 
     def _transcripts_coming(self) -> bool:
@@ -308,7 +311,7 @@ class Runner:
         if not self.db.untranscribed_translations(language, file_ids=ids):
             return False
         return (self.db.live_runs(TRANSCRIPTION) > 0
-                or time.monotonic() - self._started < TRANSCRIPTION_GRACE_SECONDS)
+                or self.clock.monotonic() - self._started < TRANSCRIPTION_GRACE_SECONDS)
 
     def _release_parked(self) -> None:
         if self.options.stage != TRANSLATION:
@@ -331,7 +334,7 @@ class Runner:
             log.warning("could not settle the staged outputs of earlier runs: %s", exc)
 
     def _reclaim(self, force: bool = False) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if not force and now - self._last_reclaim < RECLAIM_EVERY_SECONDS:
             return
         self._last_reclaim = now
@@ -401,7 +404,7 @@ class Runner:
     def _commit(self, job: Job, outcome: Outcome) -> None:
         """Record the completion; a database error (a lock another program holds, a full disk) is
         retried with backoff for ``commit_patience`` seconds, never dropped."""
-        deadline = time.monotonic() + self.options.commit_patience
+        deadline = self.clock.monotonic() + self.options.commit_patience
         tries = 0
         while True:
             try:
@@ -409,12 +412,12 @@ class Runner:
                 return
             except sqlite3.Error as exc:
                 tries += 1
-                left = deadline - time.monotonic()
+                left = deadline - self.clock.monotonic()
                 if left <= 0 or self.stop.abort.is_set():
                     raise
                 delay = min(left, errors.retry_delay(tries, None, base=0.2, cap=COMMIT_RETRY_CAP_SECONDS))
                 log.warning("recording job %s failed (%s); retrying in %.1f s, the answer is kept", job.id, exc, delay)
-                self.stop.abort.wait(delay)
+                self.clock.wait(self.stop.abort, delay)
 
     def _publish(self, job: Job, outcome: Outcome) -> None:
         """Move the winner's staged files to their final names; drop the job's spooled answers."""
@@ -480,7 +483,7 @@ class Runner:
     # -- leases and shutdown ---------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
         interval = max(0.1, self.options.lease_seconds / 3)
-        while not self._done.wait(interval):
+        while not self.clock.wait(self._done, interval):
             with self._held_lock:
                 ids = list(self._held)
             if not ids:
@@ -531,7 +534,7 @@ class Runner:
                 self.options.language, file_ids=self.options.file_ids)
         self.summary.account_error = self.stop.account_error
         self.summary.interrupted = self.stop.interrupted
-        self.summary.seconds = round(time.monotonic() - started, 3)
+        self.summary.seconds = round(self.clock.monotonic() - started, 3)
 
     # -- progress -------------------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:

@@ -1,11 +1,12 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
+# The repository root: pytest puts it on sys.path (``pythonpath`` in pyproject.toml); a script run
+# as a subprocess gets it first in PYTHONPATH (``script_env``), so this checkout's code is what runs
+# even where another checkout is installed.
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # Tests never read the developer's .env or real keys, and retry backoff is shrunk to ~0.
 for _name in list(os.environ):
@@ -38,10 +39,11 @@ def db(db_path):
 
 
 def script_env(**extra) -> dict:
-    """Environment for running a script as a subprocess: no inherited keys, fast retries."""
+    """Environment for running a script as a subprocess: no inherited keys, fast retries, and this
+    checkout first on the import path."""
     env = {k: v for k, v in os.environ.items()}
     env.update({k: str(v) for k, v in extra.items()})
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
 
 

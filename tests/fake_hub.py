@@ -16,7 +16,7 @@ import re
 import threading
 from pathlib import Path
 
-from tests.fakeserver import serve_local
+from benchmarks.fakeserver import serve_local
 
 LFS_FROM_BYTES = 1_000_000  # bigger files are LFS files, as the hub stores model weights
 

@@ -21,8 +21,8 @@ import tempfile
 from array import array
 from dataclasses import dataclass, field
 
+from benchmarks.fakeserver import FakeServer, Request, Response, json_response
 from pipeline.audio import ffmpeg_input, ffmpeg_path
-from tests.fakeserver import FakeServer, Request, Response, json_response
 
 OPENAI_PATH = "/v1/audio/transcriptions"
 ELEVENLABS_PATH = "/v1/speech-to-text"

@@ -1,8 +1,8 @@
 """Archives for the report tests and the report demo: a job database in every state, with real
 transcript and translation files written by the pipeline's own writers and real short WAVs.
 
-No network: media are tones made by ffmpeg (``tests.mediagen``), translations come from the
-offline dictionary of ``tests.fake_translate`` (Hebrew really in Hebrew letters).
+No network: media are tones made by ffmpeg (``benchmarks.mediagen``), translations come from the
+offline dictionary of ``benchmarks.fake_translate`` (Hebrew really in Hebrew letters).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import hashlib
 import os
 from pathlib import Path
 
+from benchmarks.fake_translate import fake_translate
+from benchmarks.mediagen import make_tone
 from db_manager import TRANSCRIPTION, TRANSLATION, DatabaseManager, MediaRecord, Outcome, make_owner
 from pipeline.outputs import as_recorded, safe_join
-from tests.fake_translate import fake_translate
-from tests.mediagen import make_tone
 from transcription import Segment, Transcript, write_transcript_outputs
 from translation import Translation, Unit, write_translation_outputs
 
@@ -89,7 +89,7 @@ class ReportArchive:
 
 def sample_segments(seed: int = 0, count: int = 4) -> list[Segment]:
     """German-dictionary sentences, two speakers, starting after 0 s with pauses between cues."""
-    from tests.fake_translate import make_transcript
+    from benchmarks.fake_translate import make_transcript
 
     doc = make_transcript(seed, "de", n_segments=count)
     segments, clock = [], 0.8

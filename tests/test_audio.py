@@ -6,9 +6,9 @@ import os
 
 import pytest
 
+from benchmarks import mediagen
 from pipeline import audio
 from pipeline.errors import PermanentError
-from tests import mediagen
 from tests.fake_stt import analyse, decode_pcm
 
 GAPS = [(3.0, 4.0), (7.0, 8.0)]  # the silences in tones.wav

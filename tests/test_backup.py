@@ -16,9 +16,8 @@ TOOL = str(ROOT / "tools/backup.py")
 # Registers one file per transaction, for ever, and says after each commit how many it committed.
 WRITER = """
 import hashlib, sys
-sys.path.insert(0, sys.argv[1])
 from db_manager import DatabaseManager, MediaRecord
-db = DatabaseManager(sys.argv[2])
+db = DatabaseManager(sys.argv[1])
 n = 0
 while True:
     n += 1
@@ -29,9 +28,8 @@ while True:
 
 HOLDER = """
 import sys, time
-sys.path.insert(0, sys.argv[1])
 from db_manager import DatabaseManager, make_owner
-db = DatabaseManager(sys.argv[2])
+db = DatabaseManager(sys.argv[1])
 db.claim(make_owner(), "transcription")
 print("holding", flush=True)
 time.sleep(120)
@@ -68,7 +66,8 @@ def rows(path) -> int:
 def test_backups_taken_while_a_run_writes_are_whole(tmp_path):
     db_path = str(tmp_path / "jobs.db")
     dbm.DatabaseManager(db_path).close_all()
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT), db_path], stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, db_path], stdout=subprocess.PIPE, text=True,
+                              env=script_env())
     try:
         made = []
         for _ in range(3):
@@ -121,8 +120,8 @@ def test_restore_refuses_a_database_in_use_even_with_force(tmp_path, program):
     db_path = tmp_path / "jobs.db"
     make_db(db_path, 3)
     backup = json.loads(tool("create", "--db", str(db_path), "--json").stdout)["path"]
-    args = [HOLDER, str(ROOT), str(db_path)] if program == "holder" else [LOCKER, str(db_path)]
-    other = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True)
+    args = [HOLDER, str(db_path)] if program == "holder" else [LOCKER, str(db_path)]
+    other = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True, env=script_env())
     try:
         other.stdout.readline()
         before = db_path.read_bytes()

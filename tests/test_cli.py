@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import ROOT, script_env
 
 SCRIPTS = ["parallel_transcription.py", "parallel_translation.py", "transcription.py", "translation.py"]
-SCRIPTS += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tools").glob("*.py"))
+SCRIPTS += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tools").glob("*.py") if p.name != "__init__.py")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -117,3 +117,18 @@ def test_a_missing_setting_says_which_env_file_was_read(tmp_path):
                                "openai", "--env-file", str(settings)], capture_output=True, text=True,
                               env=script_env(), cwd=tmp_path, timeout=60)
     assert one_file.returncode == 2 and f"settings read from {settings}" in one_file.stderr
+
+
+def test_the_product_imports_neither_tests_nor_benchmarks():
+    """Fakes and test code stay out of verbatim's runtime: every module of the scripts, pipeline and
+    tools imports with ``tests`` and ``benchmarks`` unimportable."""
+    modules = ["db_manager", "transcription", "translation", "local_whisper", "parallel_transcription",
+               "parallel_translation"]
+    modules += [f"pipeline.{p.stem}" for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__init__"]
+    modules += ["pipeline.report"]
+    modules += [f"tools.{p.stem}" for p in (ROOT / "tools").glob("*.py") if p.stem != "__init__"]
+    code = ("import importlib, sys; sys.modules['tests'] = sys.modules['benchmarks'] = None; "
+            "[importlib.import_module(m) for m in sys.argv[1:]]")
+    result = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True,
+                            env=script_env(), cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -22,7 +22,7 @@ import pytest
 import db_manager as dbm
 from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NOT_STARTED, TRANSCRIPTION, TRANSLATION,
                         DatabaseError, DatabaseManager, LeaseLostError, MediaRecord, Outcome)
-from tests.conftest import ROOT
+from tests.conftest import ROOT, script_env
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -116,7 +116,7 @@ def test_odd_file_names_are_stored_and_listed(db, tmp_path):
         assert "/" not in row["folder"] and ".." not in row["folder"] and len(row["folder"]) <= 57
     # the status tool lists them all, as JSON, without error
     out = subprocess.run([sys.executable, str(ROOT / "tools/status.py"), "--db", db.path, "--files", "--json"],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env=script_env()).stdout
     items = json.loads(out)["items"]
     assert sorted(i["path"] for i in items) == sorted(rec.path for rec in recs)
 
@@ -270,12 +270,11 @@ def test_sixteen_threads_claim_two_thousand_jobs_exactly_once(store_url):
 
 WORKER_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
-    sys.path.insert(0, sys.argv[2])
     import db_manager as dbm
     db = dbm.open_job_store(sys.argv[1])
     owner = dbm.make_owner()
     done, errors = [], []
-    while time.time() < float(sys.argv[3]):  # all processes start together, however slow their start-up
+    while time.time() < float(sys.argv[2]):  # all processes start together, however slow their start-up
         time.sleep(0.001)
     def work():
         try:
@@ -306,7 +305,7 @@ def test_three_processes_share_one_database(store_url, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
     start = str(time.time() + 2.0)
-    procs = [subprocess.Popen([sys.executable, str(script), store_url, str(ROOT), start], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, str(script), store_url, start], stdout=subprocess.PIPE, env=script_env(),
                               text=True) for _ in range(3)]
     results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
     assert all(r["errors"] == [] for r in results)
@@ -322,7 +321,6 @@ def test_three_processes_share_one_database(store_url, tmp_path):
 
 HOLDER_SCRIPT = textwrap.dedent("""
     import sys, time
-    sys.path.insert(0, sys.argv[2])
     import db_manager as dbm
     db = dbm.open_job_store(sys.argv[1])
     jobs = db.claim(dbm.make_owner(), "transcription", limit=3, lease_seconds=3600)
@@ -336,7 +334,8 @@ def test_jobs_of_a_killed_process_are_reclaimed_at_once(store_url, tmp_path):
     db.register_files(records(5), [])
     script = tmp_path / "holder.py"
     script.write_text(HOLDER_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), store_url, str(ROOT)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), store_url], stdout=subprocess.PIPE, text=True,
+                            env=script_env())
     assert proc.stdout.readline().strip() == "3"
     assert db.reclaim() == []  # alive, lease valid for an hour: untouchable
     proc.send_signal(signal.SIGKILL)
@@ -375,13 +374,13 @@ def test_a_stopped_owner_is_left_to_its_lease_and_a_live_one_to_nobody(db, store
     db.register_files(records(2), [])
     script = textwrap.dedent("""
         import sys, time
-        sys.path.insert(0, sys.argv[2])
         import db_manager as dbm
         db = dbm.open_job_store(sys.argv[1])
         print(len(db.claim(dbm.make_owner(), "transcription", limit=1, lease_seconds=60)), flush=True)
         time.sleep(600)
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", script, store_url, str(ROOT)], stdout=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", script, store_url], stdout=subprocess.PIPE, text=True,
+                              env=script_env())
              for _ in range(2)]
     try:
         assert [p.stdout.readline().strip() for p in procs] == ["1", "1"]

@@ -17,10 +17,10 @@ import time
 
 import pytest
 
+from benchmarks.fakeserver import FakeServer
 from pipeline.outputs import sha256_file
 from tests.conftest import ROOT, recorded_file, script_env
 from tests.fake_stt import FakeSTT, env_for
-from tests.fakeserver import FakeServer
 from tests.test_faults import (TRANSCRIBE, TRANSLATE, assert_exactly_once_and_verified, assert_nothing_left_over,
                                command, db_rows, run, tones)
 
@@ -114,7 +114,7 @@ def test_a_paused_run_that_lost_its_lease_never_overwrites_the_winner(stt, tmp_p
     run B takes the job over, pays again and completes; A continues and gets its answer. A's
     files must never reach the final names: they hold what the database recorded (B's), and the
     translations made from them still complete."""
-    from tests.fake_translate import FakeDeepL
+    from benchmarks.fake_translate import FakeDeepL
 
     tones(tmp_path / "in", 2)
     env = env_for(stt)

@@ -22,17 +22,16 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from tests import mediagen
+from benchmarks import mediagen
 from tests.conftest import ROOT, recorded_file, script_env
 from tests.fake_stt import ELEVENLABS_PATH, OPENAI_PATH, FakeSTT, env_for
-from tests.fake_translate import FakeDeepL
-from tests.fakeserver import Fault, FakeServer, json_response
+from benchmarks.fake_translate import FakeDeepL
+from benchmarks.fakeserver import Fault, FakeServer, json_response
 from tests.test_faults import TRANSCRIBE, TRANSLATE, command, db_rows, run, tones
 from tests.test_parallel_translation import FAKES, make_archive
 
@@ -271,11 +270,11 @@ def _first_n(n: int, fault: Fault):
 def test_a_dripping_answer_meets_the_total_deadline(provider, stt, tmp_path):
     tones(tmp_path / "in", 2)
     stt.server.fault = _first_n(1, Fault("drip", body={"text": "x" * 200}, interval=0.3))
-    started = time.monotonic()
+    finished_before = stt.server.drips_finished
     result = run(TRANSCRIBE, tmp_path, {**env_for(stt), "VERBATIM_REQUEST_TIMEOUT": "3"}, "--input",
                  str(tmp_path / "in"), "--provider", provider, "--workers", "2", timeout=100)
     assert result.returncode == 0, result.stderr
-    assert time.monotonic() - started < 40  # the drip alone lasts 60 s
+    assert stt.server.drips_finished == finished_before  # the run was done before the drip (60 s) was
     assert {r[0] for r in db_rows(tmp_path, "SELECT status FROM jobs WHERE stage='transcription'")} == {"completed"}
     assert db_rows(tmp_path, "SELECT 1 FROM events WHERE error_class = 'timeout'")
 
@@ -286,11 +285,10 @@ def test_a_dripping_translation_answer_meets_the_total_deadline(provider, tmp_pa
     make_archive(tmp_path, n_german=2, n_english=0)
     with FAKES[provider]() as fake:
         fake.server.fault = _first_n(1, Fault("drip", body={"pad": "x" * 200}, interval=0.3))
-        started = time.monotonic()
         result = run(TRANSLATE, tmp_path, {**fake.env(), "VERBATIM_REQUEST_TIMEOUT": "2"}, "--language", "en",
                      "--provider", provider, timeout=100)
+        assert fake.server.drips_finished == 0  # the run was done before the drip (a minute) was
     assert result.returncode == 0, result.stderr
-    assert time.monotonic() - started < 30  # the drip alone lasts a minute
     assert db_rows(tmp_path, "SELECT 1 FROM events WHERE error_class = 'timeout'")
 
 
@@ -303,11 +301,11 @@ def test_a_translation_answer_held_back_times_out_per_the_setting(provider, tmp_
     (tmp_path / "settings.env").write_text("VERBATIM_REQUEST_TIMEOUT=1\n")
     with FAKES[provider]() as fake:
         fake.server.fault = _first_n(1, Fault("hang"))
-        started = time.monotonic()
         result = run(TRANSLATE, tmp_path, fake.env(), "--language", "en", "--provider", provider,
                      "--env-file", str(tmp_path / "settings.env"), timeout=100)
+        held = fake.server.in_flight  # the run ended while the server still held the answer back
     assert result.returncode == 0, result.stderr
-    assert time.monotonic() - started < 30  # the held answer alone would last ten minutes
+    assert held >= 1
     assert db_rows(tmp_path, "SELECT 1 FROM events WHERE error_class = 'timeout'")
 
 
@@ -322,6 +320,7 @@ class TrickleReader:
         self._sock.listen(8)
         self._sock.settimeout(0.2)
         self._stop = threading.Event()
+        self.received = 0  # bytes read so far, all connections
         threading.Thread(target=self._serve, daemon=True).start()
 
     @property
@@ -341,8 +340,10 @@ class TrickleReader:
             conn.settimeout(0.2)
             while not self._stop.wait(0.01):
                 try:
-                    if not conn.recv(1024):
+                    data = conn.recv(1024)
+                    if not data:
                         return
+                    self.received += len(data)
                 except socket.timeout:
                     continue
                 except OSError:
@@ -367,14 +368,13 @@ def test_an_upload_read_at_a_trickle_meets_the_total_deadline(provider, tmp_path
                "ELEVENLABS_API_KEY": "el-test-0000", "ELEVENLABS_BASE_URL": server.url,
                "VERBATIM_REQUEST_TIMEOUT": "2"}
         transcriber = PROVIDERS[provider].from_env(env)
-        started = time.monotonic()
         with pytest.raises(RetryableError) as caught:
             transcriber.transcribe_chunk(str(upload))
-        elapsed = time.monotonic() - started
+        received = server.received
     finally:
         server.close()
     assert caught.value.error_class == "timeout"
-    assert elapsed < 10  # the upload alone would take about 80 s
+    assert received < upload.stat().st_size // 4  # it gave up long before the upload (about 80 s) was read
 
 
 # -- 8. hostile Retry-After -----------------------------------------------------------------------

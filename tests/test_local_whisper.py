@@ -507,7 +507,7 @@ def test_the_readme_quick_start_transcribes_with_no_key(model_path, tmp_path):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     quick_start = readme[readme.index("## Quick start"):readme.index("## ", readme.index("## Quick start") + 3)]
     install_and_run = next(line for line in quick_start.splitlines() if "parallel_transcription.py" in line)
-    assert "pip install -r requirements.txt" in install_and_run
+    assert "pip install -r requirements.txt -e ." in install_and_run
     requirements = (ROOT / "requirements.txt").read_text(encoding="utf-8")
     assert any(line.split(">")[0].strip() == "faster-whisper" for line in requirements.splitlines())
     run = install_and_run.split("&&")[-1].split()
@@ -533,7 +533,7 @@ def test_the_retry_tool_builds_exactly_the_run_the_script_builds(model_path, tmp
     import db_manager as dbm
     import parallel_transcription
     from pipeline.archive import MARKER
-    from tests import mediagen
+    from benchmarks import mediagen
     from tools import retry_failed_transcriptions as retry_tool
 
     (tmp_path / "in").mkdir()

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests import mediagen
+from benchmarks import mediagen
 from tests.conftest import ROOT, script_env
 from tests.fake_stt import FakeSTT, env_for
-from tests.fake_translate import FakeDeepL
-from tests.fakeserver import FakeServer
+from benchmarks.fake_translate import FakeDeepL
+from benchmarks.fakeserver import FakeServer
 
 FILES = 3
 
@@ -110,7 +110,7 @@ def test_an_archive_recorded_with_absolute_paths_still_works_after_a_move(tmp_pa
     import db_manager as dbm
     from db_manager import TRANSCRIPTION, MediaRecord, Outcome
     from pipeline.outputs import safe_join
-    from tests.fake_translate import make_transcript
+    from benchmarks.fake_translate import make_transcript
     from transcription import Transcript, write_transcript_outputs
 
     first, second = tmp_path / "A", tmp_path / "B"

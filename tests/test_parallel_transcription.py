@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import mediagen
+from benchmarks.fakeserver import Fault, FakeServer
 from pipeline.outputs import sha256_file
 from pipeline.subtitles import parse_srt
-from tests import mediagen
 from tests.conftest import ROOT, recorded_file, script_env
 from tests.fake_stt import FakeSTT, env_for
-from tests.fakeserver import Fault, FakeServer
 
 SCRIPT = str(ROOT / "parallel_transcription.py")
 
@@ -258,7 +258,7 @@ def write_silence(path: Path, seconds: float = 5.0) -> Path:
 
 
 def test_silence_completes_as_no_speech_found_and_is_never_sent_to_translation(fake, tmp_path):
-    from tests.fake_translate import FakeDeepL
+    from benchmarks.fake_translate import FakeDeepL
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -331,7 +331,7 @@ def test_a_transcript_in_a_language_the_archive_does_not_expect_is_marked_and_no
     """VERBATIM_LANGUAGES names what the archive speaks. A provider that hears another language
     (the fake hears German) gives a transcript that is kept but marked for review in the status
     and the check tool, and its translations are refused with the reason, nothing sent."""
-    from tests.fake_translate import FakeDeepL
+    from benchmarks.fake_translate import FakeDeepL
 
     tone_files(tmp_path / "in", 2)
     expects = {"VERBATIM_LANGUAGES": "en,he"}

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 import db_manager as dbm
+from benchmarks.fake_translate import FakeDeepL, FakeMicrosoft, FakeOpenAIChat, fake_translate, make_transcript
+from benchmarks.fakeserver import Fault
 from db_manager import TRANSCRIPTION, MediaRecord, Outcome
 from pipeline.outputs import as_recorded, safe_join, sha256_file
 from pipeline.subtitles import RLE, parse_srt, parse_vtt
 from tests.conftest import ROOT, recorded_file, script_env
-from tests.fake_translate import FakeDeepL, FakeMicrosoft, FakeOpenAIChat, fake_translate, make_transcript
-from tests.fakeserver import Fault
 from transcription import Transcript, write_transcript_outputs
 
 SCRIPT = str(ROOT / "parallel_translation.py")

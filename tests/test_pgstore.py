@@ -16,7 +16,7 @@ import pytest
 
 import db_manager as dbm
 from db_manager import COMPLETED, IN_PROGRESS, NOT_STARTED, TRANSCRIPTION, TRANSLATION, DatabaseError, Outcome
-from tests.conftest import ROOT, script_env
+from tests.conftest import ROOT, recorded_file, script_env
 
 
 def records(n, prefix="/archive/file"):
@@ -47,7 +47,6 @@ def test_a_claim_steps_over_rows_another_transaction_holds(pg, pg_url):
 
 RECLAIMER = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, sys.argv[2])
     import time
     import db_manager as dbm
     db = dbm.open_job_store(sys.argv[1])
@@ -66,7 +65,7 @@ def test_a_client_whose_clock_is_ahead_cannot_reclaim_a_live_lease(backend, requ
     elsewhere = dbm.make_owner(host="other-machine")  # not provable from here: only its lease counts
     (job,) = db.claim(elsewhere, TRANSCRIPTION, lease_seconds=300)
     db.close_all()
-    out = subprocess.run(["faketime", "-f", "+10m", sys.executable, "-c", RECLAIMER, target, str(ROOT)],
+    out = subprocess.run(["faketime", "-f", "+10m", sys.executable, "-c", RECLAIMER, target],
                          capture_output=True, text=True, timeout=60, env=script_env())
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -261,9 +260,9 @@ def test_parallel_transcription_with_db_url_end_to_end(pg_url, tmp_path):
     import os
 
     from pipeline.outputs import sha256_file
-    from tests import mediagen
+    from benchmarks import mediagen
     from tests.fake_stt import FakeSTT, env_for
-    from tests.fakeserver import FakeServer
+    from benchmarks.fakeserver import FakeServer
 
     server = FakeServer().start()
     try:
@@ -286,7 +285,8 @@ def test_parallel_transcription_with_db_url_end_to_end(pg_url, tmp_path):
         assert transcribe().returncode == 0 and len(stt.uploads) == 6  # nothing to do the second time
     finally:
         server.stop()
-    out = subprocess.run([sys.executable, str(ROOT / "tools/status.py"), "--db", pg_url, "--files", "--json"],
+    out = subprocess.run([sys.executable, str(ROOT / "tools/status.py"), "--db", pg_url, "--files", "--json",
+                          "--output-dir", str(tmp_path / "out")],
                          capture_output=True, text=True, env=script_env(), timeout=60)
     assert out.returncode == 0, out.stderr
     items = json.loads(out.stdout)["items"]
@@ -297,7 +297,7 @@ def test_parallel_transcription_with_db_url_end_to_end(pg_url, tmp_path):
     db = dbm.open_job_store(pg_url, read_only=True)
     for row in db.jobs(stage=TRANSCRIPTION):
         for info in json.loads(row["outputs"]).values():
-            assert sha256_file(info["path"]) == info["sha256"]
+            assert sha256_file(recorded_file(tmp_path / "out", info)) == info["sha256"]
     assert db.query("SELECT COUNT(*) FROM live_runs")[0][0] == 0  # the run said goodbye
     db.close_all()
     from pipeline.archive import MARKER

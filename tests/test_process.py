@@ -4,11 +4,11 @@ import json
 import subprocess
 import sys
 
-from tests import mediagen
+from benchmarks import mediagen
 from tests.conftest import ROOT, script_env
 from tests.fake_stt import FakeSTT, env_for
-from tests.fake_translate import FakeDeepL
-from tests.fakeserver import Fault, FakeServer
+from benchmarks.fake_translate import FakeDeepL
+from benchmarks.fakeserver import Fault, FakeServer
 
 TOOL = str(ROOT / "tools/process.py")
 

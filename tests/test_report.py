@@ -23,11 +23,11 @@ from threading import Thread
 
 import pytest
 
+from benchmarks.mediagen import make_video
 from db_manager import DatabaseManager, MediaRecord
 from pipeline import config
 from pipeline.report import ReportOptions
 from tests.conftest import ROOT, script_env
-from tests.mediagen import make_video
 from tests.report_archive import ReportArchive, newest_mtimes, sample_segments
 from tools import report as report_tool
 from transcription import Segment

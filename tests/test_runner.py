@@ -13,6 +13,7 @@ from pipeline import errors
 from pipeline import limiter as limiter_module
 from pipeline.limiter import ProviderLimiter
 from pipeline.runner import RunOptions, Runner, StopSignal, exit_code
+from tests.fakeclock import FakeClock
 
 
 def register(db, n):
@@ -29,14 +30,16 @@ def options(**kw):
 def test_every_job_is_done_once_and_workers_stay_busy(db):
     register(db, 40)
     seen, lock = Counter(), threading.Lock()
-    running, peak = [0], [0]
+    running, peak, all_busy = [0], [0], threading.Event()
 
     def work(job):
         with lock:
             seen[job.id] += 1
             running[0] += 1
             peak[0] = max(peak[0], running[0])
-        time.sleep(0.02)
+            if running[0] == 8:
+                all_busy.set()
+        all_busy.wait(10)  # the first jobs hold their workers until all eight run at once
         with lock:
             running[0] -= 1
         return Outcome({})
@@ -85,16 +88,19 @@ def test_disk_errors_are_retryable(db):
 
 def test_account_error_stops_the_run_and_releases_everything(db):
     register(db, 30)
-    started = []
+    started, lock = [], threading.Lock()
+    stop = StopSignal()
 
     def work(job):
-        started.append(job.id)
-        if len(started) == 3:
+        with lock:
+            started.append(job.id)
+            n = len(started)
+        if n == 3:
             raise errors.AccountError("the API key was rejected", status=401, error_class="auth")
-        time.sleep(0.05)
+        if n > 3:
+            stop.stop.wait(10)  # started beside the failing one: still running when the run stops
         return Outcome({})
 
-    stop = StopSignal()
     summary = Runner(db, options(workers=2, batch_size=5), work, stop=stop).run()
     counts = db.counts()[(TRANSCRIPTION, "")]
     assert counts[FAILED] == 0 and counts["in_progress"] == 0
@@ -107,12 +113,13 @@ def test_account_error_stops_the_run_and_releases_everything(db):
 def test_graceful_stop_releases_queued_jobs(db):
     register(db, 20)
     stop = StopSignal()
-    both_running = threading.Barrier(2)
+    both_running, requested = threading.Barrier(2), threading.Event()
 
     def work(job):
         if both_running.wait(timeout=5) == 0:
             stop.request()  # one Ctrl-C arrives while the first two jobs run (a second would abort)
-        time.sleep(0.05)
+            requested.set()
+        requested.wait(5)
         return Outcome({})
 
     summary = Runner(db, options(workers=2, batch_size=10), work, stop=stop).run()
@@ -131,8 +138,9 @@ def test_a_late_result_after_the_lease_moved_on_is_discarded(db):
         assert taken_over.wait(10)  # paused past its lease while another run finishes the job
         return Outcome({"txt": {"path": "/late", "sha256": "0" * 64, "size": 1}})
 
-    runner = Runner(db, options(lease_seconds=10, limit=1), slow, owner=dbm.make_owner(host="paused-laptop"))
-    runner._heartbeat_loop = lambda: None  # a frozen heartbeat: the lease really expires
+    # The runner's clock never moves: its heartbeat never beats, so the lease really expires.
+    runner = Runner(db, options(lease_seconds=10, limit=1), slow, owner=dbm.make_owner(host="paused-laptop"),
+                    clock=FakeClock())
     thread = threading.Thread(target=runner.run)
     thread.start()
     assert working.wait(10)
@@ -146,15 +154,33 @@ def test_a_late_result_after_the_lease_moved_on_is_discarded(db):
     assert len(rows) == 1 and rows[0]["status"] == COMPLETED and "/winner" in rows[0]["outputs"]
 
 
-def test_heartbeat_keeps_long_jobs_alive(db):
+def test_heartbeat_keeps_long_jobs_alive(db, monkeypatch):
+    """A job that runs for several leases: the heartbeat renews its lease every third of one."""
     register(db, 1)
+    clock, beat, renewed = FakeClock(), threading.Event(), []
+    heartbeat = db.heartbeat
 
-    def slow(job):
-        time.sleep(0.8)
+    def recorded(owner, ids, lease_seconds):
+        kept = heartbeat(owner, ids, lease_seconds)
+        renewed.append((set(kept), db.jobs(stage=TRANSCRIPTION)[0]["lease_expires_at"]))
+        beat.set()
+        return kept
+
+    monkeypatch.setattr(db, "heartbeat", recorded)
+
+    def slow(job):  # three leases long on the runner's clock
+        for _ in range(9):
+            beat.clear()
+            while not beat.wait(0.01):
+                clock.advance(0.1)
         return Outcome({})
 
-    summary = Runner(db, options(lease_seconds=0.3), slow).run()
+    summary = Runner(db, options(lease_seconds=0.3), slow, clock=clock).run()
     assert summary.completed == 1 and summary.lease_lost == 0
+    assert len(renewed) >= 9 and all(kept == {1} for kept, _ in renewed[:9])
+    expiries = [expires for _, expires in renewed[:9]]
+    assert expiries == sorted(expiries) and expiries[0] < expiries[-1]
+    assert set(clock.waits) == {0.1}  # a beat every third of the lease
 
 
 def call_from_threads(limiter: ProviderLimiter, request, *, threads: int, each: int) -> None:
@@ -226,17 +252,19 @@ def test_limiter_gives_a_provider_time_to_free_a_slot_and_keeps_the_cap():
 
 
 def test_limiter_waits_out_a_storm_without_multiplying_requests():
-    storm_until = time.monotonic() + 1.0
-    calls = Counter()
+    clock = FakeClock(autojump=True)
+    storm_until = clock.monotonic() + 1.0
+    calls, lock = Counter(), threading.Lock()
 
     def request():
-        if time.monotonic() < storm_until:
-            calls["429"] += 1
-            raise errors.RateLimitError("rate limited", retry_after=0.1)
-        calls["ok"] += 1
+        with lock:
+            if clock.monotonic() < storm_until:
+                calls["429"] += 1
+                raise errors.RateLimitError("rate limited", retry_after=0.1)
+            calls["ok"] += 1
         return True
 
-    limiter = ProviderLimiter("fake")
+    limiter = ProviderLimiter("fake", clock=clock)
     workers, per_worker = 16, 5
     call_from_threads(limiter, request, threads=workers, each=per_worker)
     assert calls["ok"] == workers * per_worker
@@ -267,11 +295,14 @@ def test_limiter_stops_the_run_when_asked_to_wait_beyond_its_patience():
 
 
 def test_limiter_rpm_spaces_requests():
-    limiter = ProviderLimiter("fake", rpm=600)  # 10 per second, burst of 10
-    start = time.monotonic()
+    clock = FakeClock(autojump=True)
+    limiter = ProviderLimiter("fake", rpm=600, clock=clock)  # 10 per second, burst of 10
+    starts = []
     for _ in range(15):
-        limiter.call(lambda: True)
-    assert time.monotonic() - start >= 0.4
+        limiter.call(lambda: starts.append(clock.monotonic()))
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps[:9] == [0.0] * 9  # the burst goes at once ...
+    assert gaps[9:] == pytest.approx([0.1] * 5, abs=0.011)  # ... then one start every 0.1 s
 
 
 def test_retry_policy_functions():
@@ -349,7 +380,7 @@ def test_waiting_for_a_request_slot_ends_when_the_run_stops():
     assert outcome == ["stopped"]
 
 
-def test_a_translation_left_parked_behind_a_done_transcript_still_runs(db):
+def test_a_translation_left_parked_behind_a_done_transcript_still_runs(db, monkeypatch):
     """Completing a transcript releases its translations; if one was missed, the run releases it
     instead of waiting for ever."""
     from db_manager import PARKED, TRANSLATION
@@ -361,14 +392,13 @@ def test_a_translation_left_parked_behind_a_done_transcript_still_runs(db):
         conn.execute("UPDATE jobs SET run_after = ? WHERE stage = 'translation'", (PARKED,))
     stop = StopSignal()
     runner = Runner(db, RunOptions(TRANSLATION, "en", workers=1, quiet=True), lambda job: Outcome({}), stop=stop)
-    real, calls = runner._release_parked, []
+    real, calls = db.release_parked, []
 
-    def release_but_not_at_start():  # so the idle loop has to notice it too
+    def release_but_not_at_start(*args, **kwargs):  # so the idle loop has to notice it too
         calls.append(1)
-        if len(calls) > 1:
-            real()
+        return real(*args, **kwargs) if len(calls) > 1 else 0
 
-    runner._release_parked = release_but_not_at_start
+    monkeypatch.setattr(db, "release_parked", release_but_not_at_start)
     timer = threading.Timer(10, stop.request)  # a spinning run would be stopped here, and fail below
     timer.start()
     summary = runner.run()

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests import mediagen
+from benchmarks import mediagen
 from tests.conftest import ROOT, script_env
 
 # Library modules: none of them may read the process environment. The entry points (scripts,

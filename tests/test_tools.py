@@ -29,12 +29,11 @@ from translation import Translation, Unit, write_translation_outputs
 
 HOLDER = """
 import sys, time
-sys.path.insert(0, sys.argv[1])
 from db_manager import DatabaseManager, make_owner
-db = DatabaseManager(sys.argv[2])
-job = db.claim(make_owner(), "transcription", file_ids=[sys.argv[3]])[0]
+db = DatabaseManager(sys.argv[1])
+job = db.claim(make_owner(), "transcription", file_ids=[sys.argv[2]])[0]
 print(job.id, flush=True)
-if sys.argv[4] == "hold":
+if sys.argv[3] == "hold":
     time.sleep(120)
 """
 
@@ -337,12 +336,12 @@ def test_fix_never_touches_jobs_that_live_owners_hold(archive, tmp_path):
     ids = {name: archive.add(name) for name in ("mine", "theirs", "dead")}
     archive.claim(ids["mine"])                       # held by this (live) test process
     archive.write_transcript(ids["mine"])            # outputs already written: still not adoptable
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(ROOT), archive.db_path, ids["theirs"], "hold"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, archive.db_path, ids["theirs"], "hold"],
+                              stdout=subprocess.PIPE, text=True, env=script_env())
     try:
         holder.stdout.readline()
-        subprocess.run([sys.executable, "-c", HOLDER, str(ROOT), archive.db_path, ids["dead"], "exit"],
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run([sys.executable, "-c", HOLDER, archive.db_path, ids["dead"], "exit"],
+                       check=True, capture_output=True, timeout=60, env=script_env())
         live = {name: tuple(archive.job(ids[name])) for name in ("mine", "theirs")}
         live_events = {name: len(archive.db.events(file_id=ids[name])) for name in live}
         result = subprocess.run([sys.executable, str(ROOT / "tools/fix_transcript_status.py"), *archive.args("--apply")],
@@ -475,8 +474,8 @@ def test_a_retry_refuses_an_output_folder_another_database_owns_as_the_scripts_d
 def test_retry_runs_failed_files_again_once_the_api_heals(tmp_path):
     pytest.importorskip("tests.fake_stt")
     from tests.fake_stt import FakeSTT, analyse, decode_pcm, env_for
-    from tests.fakeserver import Fault, FakeServer
-    from tests.mediagen import make_tone
+    from benchmarks.fakeserver import Fault, FakeServer
+    from benchmarks.mediagen import make_tone
 
     media = tmp_path / "media"
     media.mkdir()

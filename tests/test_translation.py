@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 import translation as tr
+from benchmarks.fake_translate import (FakeDeepL, FakeMicrosoft, FakeOpenAIChat, fake_translate, make_sentence,
+                                       make_transcript)
+from benchmarks.fakeserver import Fault
 from pipeline.config import ConfigError
 from pipeline.errors import AccountError, PermanentError, RateLimitError, RetryableError
 from pipeline.subtitles import PDF, RLE, Cue, format_srt, format_vtt, parse_srt, parse_vtt
-from tests.fake_translate import (FakeDeepL, FakeMicrosoft, FakeOpenAIChat, fake_translate, make_sentence,
-                                  make_transcript)
-from tests.fakeserver import Fault
 
 REPO = Path(__file__).resolve().parents[1]
 FAKES = {"deepl": FakeDeepL, "microsoft": FakeMicrosoft, "openai": FakeOpenAIChat}

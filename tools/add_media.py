@@ -9,13 +9,10 @@ files (same path, size and mtime) are not hashed again.
 import json
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline import config  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from pipeline.media import describe, register_inputs  # noqa: E402
+from pipeline import config
+from pipeline.settings import Settings
+from pipeline.media import describe, register_inputs
 
 
 def main(argv=None) -> int:

@@ -28,20 +28,17 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from db_manager import COMPLETED, TRANSCRIPTION  # noqa: E402
-from pipeline import config, publish  # noqa: E402
-from pipeline.outputs import as_recorded, keep_edits, resolve_recorded, safe_join  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from pipeline.subtitles import parse_srt, parse_vtt  # noqa: E402
-from tools.check_missing_transcripts import EDITABLE_FORMATS, verify_recorded  # noqa: E402
-from transcription import Segment, Transcript, write_transcript_outputs  # noqa: E402
-from translation import Translation, Unit, write_translation_outputs  # noqa: E402
+from db_manager import COMPLETED, TRANSCRIPTION
+from pipeline import config, publish
+from pipeline.outputs import as_recorded, keep_edits, resolve_recorded, safe_join
+from pipeline.settings import Settings
+from pipeline.subtitles import parse_srt, parse_vtt
+from tools.check_missing_transcripts import EDITABLE_FORMATS, verify_recorded
+from transcription import Segment, Transcript, write_transcript_outputs
+from translation import Translation, Unit, write_translation_outputs
 
 log = logging.getLogger("verbatim.adopt")
 _MARKS = dict.fromkeys(map(ord, "\u200e\u200f\u202a\u202b\u202c\u202d\u202e"))  # bidi marks the writers add

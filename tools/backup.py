@@ -24,15 +24,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from db_manager import SCHEMA_VERSION, lease_lost_reason  # noqa: E402
-from pipeline import config  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
+from db_manager import SCHEMA_VERSION, lease_lost_reason
+from pipeline import config
+from pipeline.settings import Settings
 
 SUFFIX = ".db"
 LOCK_PROBE_SECONDS = 0.5   # how long restore waits for the write lock before calling the database in use

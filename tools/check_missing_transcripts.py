@@ -26,20 +26,17 @@ import gzip
 import hashlib
 import json
 import os
-import sys
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from db_manager import COMPLETED, NO_SPEECH_NOTE, REVIEW_NOTE, STAGES, TRANSCRIPTION, TRANSLATION, display_path  # noqa: E402
-from pipeline import config, publish  # noqa: E402
-from pipeline.outputs import UnsafePathError, resolve_recorded, safe_join  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from pipeline.subtitles import parse_srt, parse_vtt  # noqa: E402
-from transcription import OUTPUT_NAMES as TRANSCRIPT_NAMES  # noqa: E402
-from translation import output_name as translation_name  # noqa: E402
+from db_manager import COMPLETED, NO_SPEECH_NOTE, REVIEW_NOTE, STAGES, TRANSCRIPTION, TRANSLATION, display_path
+from pipeline import config, publish
+from pipeline.outputs import UnsafePathError, resolve_recorded, safe_join
+from pipeline.settings import Settings
+from pipeline.subtitles import parse_srt, parse_vtt
+from transcription import OUTPUT_NAMES as TRANSCRIPT_NAMES
+from translation import output_name as translation_name
 
 REQUIRED_FORMATS = ("txt", "json")   # what readers and the translation stage need from every job
 EDITABLE_FORMATS = ("txt", "srt", "vtt")   # what an archivist corrects by hand; json and raw are the machine's

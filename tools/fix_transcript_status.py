@@ -35,20 +35,17 @@ import json
 import logging
 import os
 import sqlite3
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from db_manager import (COMPLETED, FAILED, IN_PROGRESS, MAX_LOST_LEASES, NOT_STARTED, TRANSCRIPTION,  # noqa: E402
+from db_manager import (COMPLETED, FAILED, IN_PROGRESS, MAX_LOST_LEASES, NOT_STARTED, TRANSCRIPTION,
                         TRANSLATION, lease_lost_reason)
-from pipeline import config, publish  # noqa: E402
-from pipeline.outputs import keep_edits, resolve_recorded, safe_join, sweep_temp_files  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from tools.check_missing_transcripts import Unparsable, output_name, output_problems, parse_output  # noqa: E402
+from pipeline import config, publish
+from pipeline.outputs import keep_edits, resolve_recorded, safe_join, sweep_temp_files
+from pipeline.settings import Settings
+from tools.check_missing_transcripts import Unparsable, output_name, output_problems, parse_output
 
 log = logging.getLogger("verbatim.fix")
 

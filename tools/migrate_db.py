@@ -23,13 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline import config  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
+from pipeline import config
+from pipeline.settings import Settings
 
 # Every table of the schema, parents before children, with the column that identifies a row.
 TABLES = (("archive_identity", "id"), ("media_files", "file_id"), ("media_paths", "path_bytes"),

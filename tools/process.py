@@ -18,18 +18,15 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from db_manager import DEFAULT_LEASE_SECONDS, TRANSCRIPTION, TRANSLATION  # noqa: E402
-from pipeline import config  # noqa: E402
-from pipeline.config import positive_argument as _positive  # noqa: E402
-from pipeline.media import describe, register_inputs  # noqa: E402
-from pipeline.runner import StopSignal, report, run_plans  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from pipeline.stages import TranscriptionStage, TranslationStage, check_inputs, nothing_to_do  # noqa: E402
-from transcription import add_local_arguments  # noqa: E402
+from db_manager import DEFAULT_LEASE_SECONDS, TRANSCRIPTION, TRANSLATION
+from pipeline import config
+from pipeline.config import positive_argument as _positive
+from pipeline.media import describe, register_inputs
+from pipeline.runner import StopSignal, report, run_plans
+from pipeline.settings import Settings
+from pipeline.stages import TranscriptionStage, TranslationStage, check_inputs, nothing_to_do
+from transcription import add_local_arguments
 
 log = logging.getLogger("verbatim.process")
 

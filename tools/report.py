@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline import config  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from pipeline.report import BuildResult, ReportOptions, build  # noqa: E402
-from tools.status import LANGUAGE_NAMES, summary  # noqa: E402
+from pipeline import config
+from pipeline.settings import Settings
+from pipeline.report import BuildResult, ReportOptions, build
+from tools.status import LANGUAGE_NAMES, summary
 
 log = logging.getLogger("verbatim.report")
 

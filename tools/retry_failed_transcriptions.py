@@ -19,15 +19,13 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from db_manager import NOT_STARTED, STAGES, TRANSCRIPTION, TRANSLATION  # noqa: E402
-from pipeline import config  # noqa: E402
-from pipeline.config import positive_argument as _positive  # noqa: E402
-from pipeline.runner import Plan, StopSignal, report, run_plans  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from pipeline.stages import TranscriptionStage, TranslationStage  # noqa: E402
-from transcription import add_local_arguments  # noqa: E402
+from db_manager import NOT_STARTED, STAGES, TRANSCRIPTION, TRANSLATION
+from pipeline import config
+from pipeline.config import positive_argument as _positive
+from pipeline.runner import Plan, StopSignal, report, run_plans
+from pipeline.settings import Settings
+from pipeline.stages import TranscriptionStage, TranslationStage
+from transcription import add_local_arguments
 
 log = logging.getLogger("verbatim.retry")
 

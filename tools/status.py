@@ -12,18 +12,14 @@ not started, in progress and failed; audio hours; cost so far; the most common e
 import json
 import os
 import re
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NO_SPEECH_NOTE, NOT_STARTED, REVIEW_NOTE, STATUSES,  # noqa: E402
+from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NO_SPEECH_NOTE, NOT_STARTED, REVIEW_NOTE, STATUSES,
                         TRANSCRIPTION, TRANSLATION)
-from pipeline import config, publish  # noqa: E402
-from pipeline.outputs import resolve_recorded  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
+from pipeline import config, publish
+from pipeline.outputs import resolve_recorded
+from pipeline.settings import Settings
 
 LANGUAGE_NAMES = {"en": "English", "de": "German", "he": "Hebrew", "fr": "French", "es": "Spanish",
                   "it": "Italian", "nl": "Dutch", "pl": "Polish", "ru": "Russian", "uk": "Ukrainian",

@@ -230,14 +230,6 @@ def _time(value) -> float | None:
         return None
 
 
-def count_speakers(interview: Interview) -> int | None:
-    """Distinct speaker labels in the recorded transcript; None when there is no transcript."""
-    doc = _read_json(interview.jobs.get(TRANSCRIPTION) and interview.jobs[TRANSCRIPTION].json_path)
-    if doc is None:
-        return None
-    return len({s.get("speaker") for s in _segments(doc) if s.get("speaker")})
-
-
 def load_cues(interview: Interview) -> tuple[list[Cue], list[str], int | None]:
     """The transcript's cues with each translation beside them, the translation languages shown,
     and the speaker count.

@@ -120,8 +120,9 @@ class FakeServer:
         self.requests: list[Request] = []
         self.answered = 0
         self.answered_at: list[float] = []   # when each answer was written out
-        self.in_flight = 0
+        self.in_flight = 0           # requests being served, a hanging one until the server stops
         self.max_in_flight = 0
+        self.drips_finished = 0      # "drip" answers sent to their last byte (a client that waited)
         self.concurrency_log: list[tuple[float, int]] = []
         # A plan's concurrency limit, as ElevenLabs enforces it: over the cap, 429 at once.
         self.concurrency_cap: int | None = None
@@ -286,4 +287,7 @@ class FakeServer:
                 break
             handler.wfile.write(payload[at:at + 1])
             handler.wfile.flush()
+        else:
+            with self.lock:
+                self.drips_finished += 1
         handler.close_connection = True

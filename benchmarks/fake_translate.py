@@ -22,7 +22,7 @@ import re
 import threading
 import time
 
-from tests.fakeserver import FakeServer, Request, json_response
+from benchmarks.fakeserver import FakeServer, Request, json_response
 
 # (German, English, Hebrew). German and English entries are single words and never collide with
 # a word of the other column, so a lookup by any word is unambiguous.

@@ -1,6 +1,6 @@
 """Test media made on the spot by ffmpeg's lavfi sources: no fixtures in git, no network.
 
-Tones stand in for speech: the fake speech-to-text servers (``tests/fake_stt.py``) turn each
+Tones stand in for speech: the fake speech-to-text servers (``tests/fake_stt.py``; its HTTP base is ``benchmarks/fakeserver.py``) turn each
 voiced second into a word named after its frequency, so a file's expected transcript follows from
 how it was made. Everything is short, mono and low bitrate so the tests stay fast.
 """
