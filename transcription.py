@@ -45,6 +45,7 @@ from pipeline.errors import (AccountError, PermanentError, ProviderError, Retrya
                              classify_http, from_openai_exception, from_requests_exception, redact, register_secret)
 from pipeline.httpbounds import (DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream,
                                  request_timeout)
+from pipeline.languages import reported_language
 from pipeline.limiter import RateLimitInfo, expect_rate_limit_headers, report_rate_limit
 from pipeline.outputs import WrittenFile, write_files
 from pipeline.settings import Settings  # main() only: the entry point's settings
@@ -59,24 +60,6 @@ DEADLINE_BASE_SECONDS = 300.0
 DEADLINE_PER_AUDIO_SECOND = 0.5
 OUTPUT_NAMES = {"txt": "transcript.txt", "json": "transcript.json", "srt": "transcript.srt",
                 "vtt": "transcript.vtt", "raw": "transcript.raw.json.gz"}
-
-# Providers name languages differently (Whisper: "german", Scribe: "deu"); we store ISO 639-1.
-_LANGUAGE_CODES = {
-    "german": "de", "deu": "de", "ger": "de", "english": "en", "eng": "en", "hebrew": "he", "heb": "he",
-    "french": "fr", "fra": "fr", "fre": "fr", "spanish": "es", "spa": "es", "italian": "it", "ita": "it",
-    "dutch": "nl", "nld": "nl", "dut": "nl", "polish": "pl", "pol": "pl", "russian": "ru", "rus": "ru",
-    "ukrainian": "uk", "ukr": "uk", "czech": "cs", "ces": "cs", "cze": "cs", "hungarian": "hu",
-    "hun": "hu", "yiddish": "yi", "yid": "yi", "arabic": "ar", "ara": "ar",
-}
-
-
-def normalize_language(value) -> str | None:
-    """An ISO 639-1 code where we know one, else the provider's value in lower case."""
-    if not value:
-        return None
-    value = str(value).strip().lower()
-    return _LANGUAGE_CODES.get(value, value)
-
 
 # -- the transcript contract ----------------------------------------------------------------
 @dataclass
@@ -352,7 +335,7 @@ class OpenAITranscriber(Transcriber):
             raise _invalid_response(self.name, "malformed segments") from exc
         return Transcript(
             text=data["text"].strip(), segments=[s for s in segments if s.text],
-            language=normalize_language(data.get("language")) or language,
+            language=reported_language(data.get("language")) or language,
             duration=data.get("duration"), provider=self.name, model=self.model,
             usage=self._usage(data.get("usage")), has_timestamps=not text_only,
             note=f"{self.model} returns text only: no subtitles" if text_only else None,
@@ -581,7 +564,7 @@ class ElevenLabsTranscriber(Transcriber):
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _invalid_response(self.name, "malformed words") from exc
         return Transcript(text=data["text"].strip(), segments=segments,
-                          language=normalize_language(data.get("language_code")) or language,
+                          language=reported_language(data.get("language_code")) or language,
                           duration=None, provider=self.name, model=self.model, usage={},
                           has_timestamps=True, raw_responses=[data])
 
@@ -654,7 +637,7 @@ class LocalWhisperTranscriber(Transcriber):
                                          expected=self.expected_languages)
         segments = [Segment(s.start, s.end, s.text) for s in result.segments]
         return Transcript(text=" ".join(s.text for s in segments), segments=segments,
-                          language=normalize_language(result.language) or language, duration=result.duration,
+                          language=reported_language(result.language) or language, duration=result.duration,
                           provider=self.name, model=self.model, usage={}, has_timestamps=True,
                           raw_responses=result.raw)
 

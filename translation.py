@@ -42,13 +42,14 @@ import requests
 from lingua import Language, LanguageDetectorBuilder
 
 from pipeline import httpbounds
-from pipeline.config import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, SUPPORTED_LANGUAGES, ConfigError, check_header_value,
+from pipeline.config import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, check_header_value,
                              make_parser, run_main, setup_logging)
 from pipeline.errors import (MAX_INLINE_WAIT_SECONDS, AccountError, PermanentError, ProviderError,
                              RetryableError, classify_http, from_openai_exception, from_requests_exception,
                              register_secret, retry_delay)
 from pipeline.httpbounds import (DEFAULT_MAX_RESPONSE_BYTES, Deadline, max_response_bytes, read_sdk_stream,
                                  request_timeout)
+from pipeline.languages import LANGUAGE_NAMES, SUPPORTED_LANGUAGES, language_code, language_name
 from pipeline.limiter import RateLimitInfo, expect_rate_limit_headers, report_rate_limit
 from pipeline.outputs import WrittenFile, write_files
 from pipeline.settings import Settings  # main() only: the entry point's settings
@@ -59,9 +60,6 @@ log = logging.getLogger("translation")
 # A translation request's total deadline where VERBATIM_REQUEST_TIMEOUT does not set one.
 DEFAULT_TIMEOUT = 120.0
 
-LANGUAGE_NAMES = {"en": "English", "de": "German", "he": "Hebrew", "fr": "French", "es": "Spanish",
-                  "it": "Italian", "nl": "Dutch", "pl": "Polish", "ru": "Russian", "uk": "Ukrainian",
-                  "cs": "Czech", "hu": "Hungarian", "yi": "Yiddish", "ar": "Arabic"}
 FORMATS = ("txt", "json", "srt", "vtt")
 RLM = "\u200f"  # RIGHT-TO-LEFT MARK: makes a plain-text line render right to left
 _BIDI_MARKS = dict.fromkeys(map(ord, "\u200e\u200f\u202a\u202b\u202c\u202d\u202e"))
@@ -106,16 +104,6 @@ _SENTENCE_END_RE = re.compile(r"(?<=[.!?…])\s+")
 def _clean(text: str) -> str:
     """One line without bidi marks: units travel as single numbered lines, outputs add marks back."""
     return " ".join(text.translate(_BIDI_MARKS).split())
-
-
-def _normalise_language(value) -> str | None:
-    """``de``, ``de-DE``, ``German`` -> ``de``; anything unknown -> None (then it is detected)."""
-    if not isinstance(value, str):
-        return None
-    value = value.strip().lower()
-    by_name = {name.lower(): code for code, name in LANGUAGE_NAMES.items()}
-    code = by_name.get(value) or value.replace("_", "-").split("-")[0]
-    return code if code in LANGUAGE_NAMES else None
 
 
 def _bad_source(path, reason: str) -> PermanentError:
@@ -185,7 +173,7 @@ def load_source(path: str | os.PathLike) -> SourceDocument:
             units, language, timed = _units_from_text(raw), None, False
     except (UnicodeDecodeError, json.JSONDecodeError, SubtitleError) as exc:
         raise _bad_source(path, str(exc)) from exc
-    document = SourceDocument(units, _normalise_language(language), timed)
+    document = SourceDocument(units, language_code(language), timed)
     if document.language is None:
         document.language = detect_language(document.text)
     return document
@@ -259,10 +247,6 @@ def _in_language(text: str, target: str) -> bool:
     return detect_language(text) == target
 
 
-def _language_name(code: str | None) -> str:
-    return LANGUAGE_NAMES.get(code, code) if code else "unknown"
-
-
 # -- validation ---------------------------------------------------------------------------
 def validate_translation(source_units: list[str], translated_units: list[str], target: str) -> None:
     """Raise PermanentError unless the translation is complete, plausible and in ``target``."""
@@ -282,11 +266,11 @@ def validate_translation(source_units: list[str], translated_units: list[str], t
         return  # numbers and punctuation only: no language to check
     text = "\n".join(translated_units)
     if not _in_language(text, target):
-        raise PermanentError(f"output is {_language_name(detect_language(text))}, "
-                             f"not {_language_name(target)}", error_class="wrong_language")
+        raise PermanentError(f"output is {language_name(detect_language(text))}, "
+                             f"not {language_name(target)}", error_class="wrong_language")
     foreign = [out for out in translated_units if _confident_language(out) not in (None, _detected_as(target))]
     if sum(map(len, foreign)) > MAX_FOREIGN_SHARE * output_chars:
-        raise PermanentError(f"{len(foreign)} of {len(pairs)} units are not in {_language_name(target)}",
+        raise PermanentError(f"{len(foreign)} of {len(pairs)} units are not in {language_name(target)}",
                              error_class="wrong_language")
 
 
@@ -560,9 +544,9 @@ class OpenAIChatTranslator(Translator):
     @staticmethod
     def messages(texts: list[str], *, source: str | None, target: str, context: str | None) -> list[dict]:
         source_name = LANGUAGE_NAMES.get(source, "the source language") if source else "the source language"
-        system = _SYSTEM_PROMPT.format(source=source_name, target=_language_name(target), code=target)
+        system = _SYSTEM_PROMPT.format(source=source_name, target=language_name(target), code=target)
         numbered = "\n".join(f"[{n}] {text}" for n, text in enumerate(texts, 1))
-        user = f"Translate into {_language_name(target)}:\n{numbered}"
+        user = f"Translate into {language_name(target)}:\n{numbered}"
         if context:
             user = f"Context (do not translate):\n{context}\n\n{user}"
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -643,7 +627,7 @@ def choose_translator(language: str, name: str | None = None, env: Mapping | Non
             return cls.from_env(env, model=model)
         fallback = _fallback_name(language, env)
         if fallback and _translator_class(fallback).supports(language):
-            log.info("%s cannot translate into %s; using the fallback %s", cls.name, _language_name(language),
+            log.info("%s cannot translate into %s; using the fallback %s", cls.name, language_name(language),
                      fallback)
             return _translator_class(fallback).from_env(env, model=model)
         raise ConfigError(_unsupported(cls, language))
@@ -660,7 +644,7 @@ def choose_translator(language: str, name: str | None = None, env: Mapping | Non
 
 def _unsupported(cls: type[Translator], language: str) -> str:
     able = ", ".join(c.name for c in TRANSLATORS.values() if c.supports(language)) or "none"
-    return (f"{cls.name} cannot translate into {_language_name(language)} ({language}); providers that can: "
+    return (f"{cls.name} cannot translate into {language_name(language)} ({language}); providers that can: "
             f"{able}. Set VERBATIM_TRANSLATION_PROVIDER_{language.upper()} or "
             f"VERBATIM_TRANSLATION_FALLBACK_{language.upper()} to one of them")
 

@@ -19,6 +19,7 @@ import sys
 from dotenv import dotenv_values
 
 from pipeline.errors import ConfigError, redact, register_secret, register_url_credentials  # noqa: F401 (ConfigError: re-exported for the scripts)
+from pipeline.languages import SUPPORTED_LANGUAGES, language_code
 
 EXIT_OK = 0
 EXIT_FAILED = 1            # the run finished but some jobs failed
@@ -30,8 +31,6 @@ EXIT_CLOSED_PIPE = 141     # stdout's reader left (``| head``): 128 + SIGPIPE, w
 DEFAULT_DB = "verbatim.db"
 DEFAULT_OUTPUT_DIR = "output"
 DEFAULT_TARGET_LANGUAGES = ("en", "de", "he")
-# Language codes we accept as job languages: an allowlist, never free text from the user.
-SUPPORTED_LANGUAGES = {"en", "de", "he", "fr", "es", "it", "nl", "pl", "ru", "uk", "cs", "hu", "yi", "ar"}
 
 _SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
@@ -142,12 +141,12 @@ def positive_float(name: str, value) -> float:
 
 def parse_languages(codes) -> list[str]:
     result = []
-    for code in codes:
-        code = code.strip().lower()
-        if not code:
+    for text in codes:
+        if not text.strip():
             continue
-        if code not in SUPPORTED_LANGUAGES:
-            raise ConfigError(f"unsupported language code {code!r}; "
+        code = language_code(text)
+        if code is None:
+            raise ConfigError(f"unsupported language code {text.strip()!r}; "
                               f"choose from {', '.join(sorted(SUPPORTED_LANGUAGES))}")
         if code not in result:
             result.append(code)

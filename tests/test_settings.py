@@ -104,6 +104,21 @@ def test_languages_are_normalised_once():
     assert Settings.load(_args(), environ={}, target_languages=["DE", "de", "HE"]).target_languages == ("de", "he")
 
 
+def test_one_language_table_reads_every_spelling():
+    """Codes in any case, regional tags, English names and the providers' ISO 639-2 codes all
+    become one ISO 639-1 code, whether a user typed them or a provider answered them."""
+    from pipeline.config import parse_languages
+    from pipeline.languages import language_code, reported_language
+    from pipeline.settings import Settings
+
+    assert parse_languages(["DE", "de-AT", "German", "he_IL", "Hebrew"]) == ["de", "he"]
+    assert Settings.load(_args(), environ={"VERBATIM_TARGET_LANGUAGES": "English"}).target_languages == ("en",)
+    assert [language_code(v) for v in ("deu", "ger", "heb", "fre", "Yiddish", "xx", "", None)] == \
+        ["de", "de", "he", "fr", "yi", None, None, None]
+    # What a provider heard in a language we do not handle is kept as it said it, not dropped.
+    assert [reported_language(v) for v in ("german", "DEU", "Swedish", "", None)] == ["de", "de", "swedish", None, None]
+
+
 @pytest.mark.parametrize("name, value, message", [
     ("VERBATIM_REQUEST_TIMEOUT", "0", "VERBATIM_REQUEST_TIMEOUT must be a positive number"),
     ("VERBATIM_RETRY_CAP_SECONDS", "x", "VERBATIM_RETRY_CAP_SECONDS must be a positive number"),

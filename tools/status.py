@@ -18,12 +18,9 @@ from collections import Counter
 from db_manager import (COMPLETED, FAILED, IN_PROGRESS, NO_SPEECH_NOTE, NOT_STARTED, REVIEW_NOTE, STATUSES,
                         TRANSCRIPTION, TRANSLATION)
 from pipeline import config, publish
+from pipeline.languages import LANGUAGE_NAMES
 from pipeline.outputs import resolve_recorded
 from pipeline.settings import Settings
-
-LANGUAGE_NAMES = {"en": "English", "de": "German", "he": "Hebrew", "fr": "French", "es": "Spanish",
-                  "it": "Italian", "nl": "Dutch", "pl": "Polish", "ru": "Russian", "uk": "Ukrainian",
-                  "cs": "Czech", "hu": "Hungarian", "yi": "Yiddish", "ar": "Arabic"}
 
 
 def summary(db, languages) -> dict:
