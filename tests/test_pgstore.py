@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 
 import pytest
@@ -38,9 +39,13 @@ def test_a_claim_steps_over_rows_another_transaction_holds(pg, pg_url):
     first = pg.query("SELECT MIN(id) FROM jobs")[0][0]
     with psycopg.connect(pg_url) as holder:  # another machine's claim, still in its transaction
         holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (first,))
-        started = time.monotonic()
-        jobs = pg.claim(dbm.make_owner(), TRANSCRIPTION, limit=3)
-        assert time.monotonic() - started < 2  # no waiting for the lock: SKIP LOCKED
+        # Without SKIP LOCKED this claim would wait for the holder, which waits for this test:
+        # run it aside, so such a wait fails here instead of hanging the suite.
+        aside = ThreadPoolExecutor(1)
+        try:
+            jobs = aside.submit(pg.claim, dbm.make_owner(), TRANSCRIPTION, limit=3).result(timeout=60)
+        finally:
+            aside.shutdown(wait=False)  # not waiting here: the holder lets go when this block ends
         assert first not in {j.id for j in jobs} and len(jobs) == 2
     assert [j.id for j in pg.claim(dbm.make_owner(), TRANSCRIPTION, limit=3)] == [first]
 
@@ -138,10 +143,8 @@ def test_a_completed_transcript_wakes_a_waiting_translation_run(pg):
     assert pg.wait_for_transcripts(0.3) is False  # nothing happened: it waited and says so
     woke = {}
 
-    def wait():
-        started = time.monotonic()
+    def wait():  # True: woken by the notification; False: the 20 s ran out
         woke["signalled"] = pg.wait_for_transcripts(20)
-        woke["after"] = time.monotonic() - started
 
     pg.wait_for_transcripts(0.01)  # listening from now on
     waiter = threading.Thread(target=wait)
@@ -149,7 +152,7 @@ def test_a_completed_transcript_wakes_a_waiting_translation_run(pg):
     (job,) = pg.claim(dbm.make_owner(), TRANSCRIPTION)
     pg.complete(job, Outcome({}))
     waiter.join(30)
-    assert woke["signalled"] is True and woke["after"] < 5
+    assert woke["signalled"] is True
     assert len(pg.claim(dbm.make_owner(), TRANSLATION, "en")) == 1
     stop = threading.Event()
     stop.set()
