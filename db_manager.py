@@ -70,7 +70,7 @@ from pipeline.errors import redact
 from pipeline.dialects import POSTGRESQL, SQLITE, Dialect  # noqa: F401 (POSTGRESQL: for the PostgreSQL store)
 from pipeline.faults import crash_point
 from pipeline.identity import ALIVE, DEAD, HOSTNAME, make_owner, owner_state  # noqa: F401 (HOSTNAME, make_owner: part of the job store API)
-from pipeline.names import folder_name
+from pipeline.names import display_path, folder_name  # noqa: F401 (display_path: part of the job store API)
 
 NOT_STARTED = "not_started"
 IN_PROGRESS = "in_progress"
@@ -322,12 +322,6 @@ def lease_lost_reason(owner: str | None, expires_at: float | None, now: float, s
 
 def path_to_bytes(path: str | bytes) -> bytes:
     return path if isinstance(path, bytes) else os.fsencode(path)
-
-
-def display_path(path: str | bytes) -> str:
-    """A printable, single-line form of any path (bad bytes and control characters escaped)."""
-    text = path_to_bytes(path).decode("utf-8", "backslashreplace")
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 class _Unit:

@@ -53,7 +53,7 @@ from pipeline.languages import LANGUAGE_NAMES, SUPPORTED_LANGUAGES, language_cod
 from pipeline.limiter import RateLimitInfo, expect_rate_limit_headers, report_rate_limit
 from pipeline.outputs import WrittenFile, write_files
 from pipeline.settings import Settings  # main() only: the entry point's settings
-from pipeline.subtitles import RTL_LANGUAGES, Cue, SubtitleError, format_srt, format_vtt, parse_srt, parse_vtt
+from pipeline.subtitles import BIDI_MARKS, RTL_LANGUAGES, Cue, SubtitleError, format_srt, format_vtt, parse_srt, parse_vtt
 
 log = logging.getLogger("translation")
 
@@ -62,7 +62,6 @@ DEFAULT_TIMEOUT = 120.0
 
 FORMATS = ("txt", "json", "srt", "vtt")
 RLM = "\u200f"  # RIGHT-TO-LEFT MARK: makes a plain-text line render right to left
-_BIDI_MARKS = dict.fromkeys(map(ord, "\u200e\u200f\u202a\u202b\u202c\u202d\u202e"))
 
 # Validation thresholds.
 HEBREW_SHARE = 0.6             # Hebrew-script letters among all letters for a Hebrew(-script) text
@@ -103,7 +102,7 @@ _SENTENCE_END_RE = re.compile(r"(?<=[.!?…])\s+")
 
 def _clean(text: str) -> str:
     """One line without bidi marks: units travel as single numbered lines, outputs add marks back."""
-    return " ".join(text.translate(_BIDI_MARKS).split())
+    return " ".join(text.translate(BIDI_MARKS).split())
 
 
 def _bad_source(path, reason: str) -> PermanentError:

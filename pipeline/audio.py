@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConfigError, PermanentError, RetryableError
+from pipeline.names import display_path
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ _DURATION_RE = re.compile(r"^\s+Duration: (N/A|(\d+):(\d{2}):(\d{2}(?:\.\d+)?))"
 _STREAM_RE = re.compile(r"^\s+Stream #0:\d+.*?: (Audio|Video): ([^\s,]+)(.*)$", re.M)
 _OUT_TIME_RE = re.compile(r"^out_time_us=(\d+)$", re.M)
 _SILENCE_RE = re.compile(r"silence_(start|end): (-?\d+(?:\.\d+)?)")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -152,12 +152,6 @@ def _last_error_line(text: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-def _display(path) -> str:
-    """A file name fit for a one-line message: undecodable bytes and control characters escaped."""
-    text = os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
-    return _CONTROL_RE.sub(lambda match: repr(match.group())[1:-1], text)
-
-
 # -- probing ---------------------------------------------------------------------------------
 def probe(path: str | bytes | os.PathLike) -> MediaInfo:
     """Describe a media file from ``ffmpeg -i``; decode it for the duration only when the header lacks one.
@@ -169,19 +163,19 @@ def probe(path: str | bytes | os.PathLike) -> MediaInfo:
         size = os.stat(os.fsencode(path)).st_size
         _check_readable(path)
     except FileNotFoundError as exc:
-        raise PermanentError(f"no such file: {_display(path)}", error_class="not_found") from exc
+        raise PermanentError(f"no such file: {display_path(path)}", error_class="not_found") from exc
     except PermissionError as exc:
-        raise PermanentError(f"permission denied: this process may not read {_display(path)}",
+        raise PermanentError(f"permission denied: this process may not read {display_path(path)}",
                              error_class="permission_denied") from exc
     if size == 0:
-        raise PermanentError(f"empty file (0 bytes): {_display(path)}", error_class="empty_file")
+        raise PermanentError(f"empty file (0 bytes): {display_path(path)}", error_class="empty_file")
     info = quick_probe(path, size)
     if info is not None:
         return info
     text = _stderr(run_ffmpeg(["-i", ffmpeg_input(path)], timeout=PROBE_TIMEOUT))
     info = _parse_probe(text, size)
     if info is None:
-        raise PermanentError(f"not a readable audio or video file ({_last_error_line(text)}): {_display(path)}",
+        raise PermanentError(f"not a readable audio or video file ({_last_error_line(text)}): {display_path(path)}",
                              error_class="unsupported_media")
     if info.duration is None and info.has_audio:
         info = MediaInfo(_decoded_duration(path, PROBE_TIMEOUT * 10), info.has_audio, info.has_video,
@@ -199,10 +193,10 @@ def check_complete(info: MediaInfo, path) -> None:
     duration = info.duration or 0.0
     if info.claimed_duration is not None and info.claimed_duration - duration > TRUNCATION_TOLERANCE_SECONDS:
         raise PermanentError(f"truncated: the header promises {info.claimed_duration:.3g} s of audio, the file"
-                             f" holds {duration:.3g} s: {_display(path)}", error_class="truncated")
+                             f" holds {duration:.3g} s: {display_path(path)}", error_class="truncated")
     if info.duration is not None and duration < MIN_AUDIO_SECONDS:
         raise PermanentError(f"too short: {duration:.3g} s of audio, providers need at least {MIN_AUDIO_SECONDS} s:"
-                             f" {_display(path)}", error_class="too_short")
+                             f" {display_path(path)}", error_class="too_short")
 
 
 def _parse_probe(text: str, size: int) -> MediaInfo | None:
@@ -240,7 +234,7 @@ def _decoded_duration(path, timeout: float) -> float:
                          "-progress", "pipe:1"], timeout=timeout)
     seconds = _progress_seconds(result.stdout)
     if result.returncode != 0 or seconds <= 0:
-        raise PermanentError(f"no decodable audio ({_last_error_line(_stderr(result))}): {_display(path)}",
+        raise PermanentError(f"no decodable audio ({_last_error_line(_stderr(result))}): {display_path(path)}",
                              error_class="unsupported_media")
     return seconds
 
@@ -427,7 +421,7 @@ def prepare(path: str | bytes | os.PathLike, workdir: str | os.PathLike, *,
     info = info or probe(path)
     workdir = Path(os.path.abspath(workdir))
     if not info.has_audio:
-        raise PermanentError(f"video without an audio track: {_display(path)}", error_class="no_audio")
+        raise PermanentError(f"video without an audio track: {display_path(path)}", error_class="no_audio")
     limits = _Limits(max_upload_bytes, max_chunk_seconds)
     upload_ext = None if info.has_video else _UPLOAD_EXTENSIONS.get(info.container or "")
     estimate = info.duration * OPUS_BYTES_PER_SECOND
@@ -493,7 +487,7 @@ def _scan(path, compact: Path | None, timeout: float) -> tuple[float, list[tuple
     text = _stderr(result)
     duration = _progress_seconds(result.stdout)
     if result.returncode != 0 or duration <= 0:
-        raise PermanentError(f"audio could not be decoded ({_last_error_line(text)}): {_display(path)}",
+        raise PermanentError(f"audio could not be decoded ({_last_error_line(text)}): {display_path(path)}",
                              error_class="unsupported_media")
     return duration, parse_silences(text, duration)
 

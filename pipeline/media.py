@@ -10,7 +10,6 @@ the same file, never as a second file.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat as stat_module
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 
 from db_manager import DatabaseManager, MediaRecord, display_path, path_to_bytes
 from pipeline.errors import PermanentError
+from pipeline.outputs import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +98,10 @@ def iter_media(inputs, report: ScanReport):
                     yield os.path.abspath(os.path.join(dirpath, name))
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _record(path: str) -> MediaRecord | tuple[str, str]:
     try:
         stat = os.stat(path)
-        return MediaRecord(path, sha256_of(path), stat.st_size, stat.st_mtime_ns, media_type(path))
+        return MediaRecord(path, sha256_file(path), stat.st_size, stat.st_mtime_ns, media_type(path))
     except OSError as exc:
         return path, f"{type(exc).__name__}: {exc.strerror or exc}"
 

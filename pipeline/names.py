@@ -44,6 +44,13 @@ def slugify(name: str, max_bytes: int = MAX_SLUG_BYTES) -> str:
     return slug[:cut].strip("-")
 
 
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """A printable, single-line form of any path for a message or a report: undecodable bytes and
+    control characters escaped, so a hostile file name cannot forge or split a line."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def folder_name(file_id: str, original_name: str = "") -> str:
     """``<file_id>`` or ``<file_id>-<slug>``: unique by the id, readable by the slug. It starts with
     the hex id, so it is never a reserved Windows device name (``CON``, ``NUL``, ``COM1`` ...).

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 # Right-to-left embedding for players that do not apply the Unicode bidi algorithm per line.
 RLE, PDF = "\u202b", "\u202c"
 RTL_LANGUAGES = {"he", "ar", "fa", "ur", "yi"}
+# The directional marks, embeddings and overrides (LRM, RLM, LRE, RLE, PDF, LRO, RLO): outputs add
+# them for display; text that is compared or translated goes without them (``text.translate``).
+BIDI_MARKS = dict.fromkeys(map(ord, "\u200e\u200f\u202a\u202b\u202c\u202d\u202e"))
 
 
 class SubtitleError(ValueError):

@@ -34,8 +34,8 @@ def test_scan_registers_media_once_and_rescans_without_hashing(db, tmp_path, mon
     assert all(counts[(TRANSLATION, lang)]["not_started"] == 16 for lang in ("en", "de", "he"))
 
     hashed = []
-    real = media.sha256_of
-    monkeypatch.setattr(media, "sha256_of", lambda p: hashed.append(p) or real(p))
+    real = media.sha256_file
+    monkeypatch.setattr(media, "sha256_file", lambda p: hashed.append(p) or real(p))
     again = media.register_inputs(db, [str(tmp_path / "in")], ["en", "de", "he"])
     assert again.unchanged == 17 and hashed == [] and again.new_files == 0
     (tmp_path / "in" / "f1.MP3").write_bytes(b"changed content")

@@ -45,13 +45,13 @@ from db_manager import (COMPLETED, FAILED, IN_PROGRESS, MAX_LOST_LEASES, NOT_STA
 from pipeline import config, publish
 from pipeline.outputs import keep_edits, resolve_recorded, safe_join, sweep_temp_files
 from pipeline.settings import Settings
+from pipeline.subtitles import BIDI_MARKS
 from tools.check_missing_transcripts import Unparsable, output_name, output_problems, parse_output
 
 log = logging.getLogger("verbatim.fix")
 
 DEFAULT_TEMP_AGE = 3600.0   # a live writer's temp file exists for milliseconds; an hour-old one is orphaned
 ADOPTED_NOTE = "adopted by fix_transcript_status: its valid outputs were already on disk"
-_BIDI_MARKS = dict.fromkeys(map(ord, "\u200e\u200f\u202a\u202b\u202c\u202d\u202e"))
 _TIME_TOLERANCE = 0.002     # json keeps times to 1 ms and subtitles round to 1 ms
 
 
@@ -102,7 +102,7 @@ class Change:
 # -- what a valid output set is ----------------------------------------------------------------------
 def words(text: str) -> list[str]:
     """Text compared without bidi marks and line layout (the renderers add both)."""
-    return text.translate(_BIDI_MARKS).split()
+    return text.translate(BIDI_MARKS).split()
 
 
 def agrees_with_json(fmt: str, parsed, doc: dict) -> bool:
