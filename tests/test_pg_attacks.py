@@ -5,11 +5,13 @@ pool sized for the workers. Each asserts counts and order, never wall-clock dura
 """
 
 import json
+import logging
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -175,3 +177,131 @@ def test_three_machines_killed_at_random_transcribe_and_translate_each_file_once
     assert_each_once_and_verified(pg_url, out, "translation", "he", expected=files)
     assert requests <= files + min(machines.exposed, kills * thread_count(workers)), (requests, machines.exposed)
     print(f"translation: {files} files, {kills} kills, {requests} requests, exposed {machines.exposed}")
+
+
+def _wait_for(condition, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_server_stopped_for_ten_seconds_mid_run_loses_nothing_and_pays_nothing_twice(stt, pg_server, pg_url,
+                                                                                      tmp_path):
+    """The database server goes away for 10 s while a transcription run and a translation run that
+    follows it are working: both wait it out and finish with exit 0; every file is asked for once."""
+    files = 10
+    out = tmp_path / "out"
+    tones(tmp_path / "in", files)
+    env = {**env_for(stt), "VERBATIM_TARGET_LANGUAGES": "he"}
+    registered = subprocess.run(script(TRANSCRIBE, pg_url, out, "--input", str(tmp_path / "in"), "--dry-run"),
+                                env=script_env(**env), capture_output=True, text=True, timeout=120)
+    assert registered.returncode == 0, registered.stderr
+    stt.server.latency = 0.3
+    with FakeDeepL() as deepl:
+        tenv = {**deepl.env(), "VERBATIM_TRANSLATION_PROVIDER": "deepl"}
+        transcribing = subprocess.Popen(script(TRANSCRIBE, pg_url, out, "--workers", "2", "--batch-size", "2"),
+                                        env=script_env(**env), stderr=subprocess.PIPE, text=True)
+        translating = subprocess.Popen(script(TRANSLATE, pg_url, out, "--language", "he", "--workers", "2"),
+                                       env=script_env(**tenv), stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for(lambda: stt.server.answered >= 3, "the first answers")
+            pg_server.stop()
+            stopped_at = stt.server.answered
+            time.sleep(10)  # the outage itself; nothing is asserted about time
+            pg_server.start()
+            _, terr = transcribing.communicate(timeout=240)
+            _, lerr = translating.communicate(timeout=240)
+        finally:
+            for proc in (transcribing, translating):
+                if proc.poll() is None:
+                    proc.kill()
+        translated = deepl.server.count()
+    assert transcribing.returncode == 0, terr[-3000:]
+    assert translating.returncode == 0, lerr[-3000:]
+    assert stopped_at < files  # the outage came mid-run
+    assert_each_once_and_verified(pg_url, out, "transcription", expected=files)
+    assert_each_once_and_verified(pg_url, out, "translation", "he", expected=files)
+    assert stt.server.count() == files and translated == files  # nothing paid for twice
+    print(f"outage after {stopped_at} answers; warnings: transcription {terr.count('WARNING')},"
+          f" translation {lerr.count('WARNING')}")
+
+
+class _Seen(logging.Handler):
+    """Sets ``event`` when the runner logs a message containing ``text``."""
+
+    def __init__(self, text):
+        super().__init__(logging.DEBUG)
+        self.text, self.event, self.messages = text, threading.Event(), []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+def _following_runner(pg_url, *, patience):
+    """A translation run with nothing to claim yet that follows a transcription (``follow``): it
+    keeps asking the store for work, on a pool whose wait (0.5 s) is shorter than the outage."""
+    import db_manager as dbm
+    from pipeline.runner import RunOptions, Runner
+
+    store = dbm.open_job_store(pg_url, pool_timeout=0.5)
+    following = threading.Event()
+    following.set()
+    options = RunOptions("translation", "he", workers=1, quiet=True, commit_patience=patience,
+                         follow=following.is_set)
+    return store, Runner(store, options, lambda job: None), following
+
+
+def test_an_outage_longer_than_the_pool_wait_is_waited_out_by_a_run_looking_for_work(pg_server, pg_url):
+    from pipeline import runner as runner_module
+
+    store, runner, following = _following_runner(pg_url, patience=600)
+    seen = _Seen("retrying")
+    runner_module.log.addHandler(seen)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("summary", runner.run()))
+    try:
+        thread.start()
+        pg_server.stop()
+        try:
+            assert seen.event.wait(60), seen.messages  # the store said "unavailable" to the waiting run
+        finally:
+            pg_server.start()
+        following.clear()  # the transcription it followed is over: the run may end
+        thread.join(120)
+    finally:
+        runner_module.log.removeHandler(seen)
+        following.clear()
+        if thread.is_alive():
+            runner.stop.request()
+            thread.join(30)
+        store.close_all()
+    assert "summary" in result, "the run died while the database was away"
+    assert runner_module.exit_code([result["summary"]], runner.stop) == 0 and runner.stop.unrecorded is None
+
+
+def test_a_database_away_longer_than_the_patience_stops_the_run_with_exit_2_and_one_message(pg_server, pg_url):
+    from pipeline import runner as runner_module
+
+    store, runner, following = _following_runner(pg_url, patience=0.5)
+    seen = _Seen("retrying")
+    runner_module.log.addHandler(seen)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("summary", runner.run()))
+    try:
+        thread.start()
+        _wait_for(lambda: store.query("SELECT 1"), "the run to start")
+        pg_server.stop()
+        try:
+            thread.join(120)
+        finally:
+            pg_server.start()
+    finally:
+        runner_module.log.removeHandler(seen)
+        following.clear()
+        store.close_all()
+    assert not thread.is_alive() and "summary" in result, "the run died or hung while the database was away"
+    assert runner_module.exit_code([result["summary"]], runner.stop) == 2
+    assert "job database" in runner.stop.unrecorded and "unavailable" in runner.stop.unrecorded
