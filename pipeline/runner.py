@@ -295,7 +295,8 @@ class Runner:
         if following:
             # A transcription run is producing transcripts, or is about to: follow it instead of leaving
             # (PostgreSQL wakes this at once when one is completed; SQLite waits out the interval).
-            self.db.wait_for_transcripts(IDLE_POLL_SECONDS * 2, interrupt=self.stop.stop)
+            if self.db.wait_for_transcripts(IDLE_POLL_SECONDS * 2, interrupt=self.stop.stop):
+                log.debug("a completed transcript woke this run")
             return True
         if not count:
             return False

@@ -19,6 +19,7 @@ import pytest
 
 from benchmarks.fake_translate import FakeDeepL
 from benchmarks.fakeserver import FakeServer
+from pipeline.dialects import TRANSCRIPTS_CHANNEL
 from pipeline.outputs import sha256_file
 from pipeline.runner import thread_count
 from tests.conftest import ROOT, recorded_file, script_env
@@ -305,3 +306,47 @@ def test_a_database_away_longer_than_the_patience_stops_the_run_with_exit_2_and_
     assert not thread.is_alive() and "summary" in result, "the run died or hung while the database was away"
     assert runner_module.exit_code([result["summary"]], runner.stop) == 2
     assert "job database" in runner.stop.unrecorded and "unavailable" in runner.stop.unrecorded
+
+
+WOKEN = "a completed transcript woke this run"
+
+
+def test_a_following_translation_run_is_woken_by_notify_not_by_its_poll(stt, pg_url, tmp_path):
+    """A translation run started beside a transcription run follows it: it LISTENs, and each
+    completed transcript's NOTIFY wakes it (its debug log says so) before its poll would have."""
+    files = 3
+    out = tmp_path / "out"
+    tones(tmp_path / "in", files)
+    env = {**env_for(stt), "VERBATIM_TARGET_LANGUAGES": "he"}
+    registered = subprocess.run(script(TRANSCRIBE, pg_url, out, "--input", str(tmp_path / "in"), "--dry-run"),
+                                env=script_env(**env), capture_output=True, text=True, timeout=120)
+    assert registered.returncode == 0, registered.stderr
+
+    def listening():
+        return rows(pg_url, "SELECT 1 FROM pg_stat_activity WHERE query = %s",
+                    (f"LISTEN {TRANSCRIPTS_CHANNEL}",))
+
+    def hold_until_listening(request):  # no transcript is answered before the follower listens
+        _wait_for(listening, "the translation run to LISTEN", timeout=120)
+        return None
+
+    stt.server.fault = hold_until_listening
+    with FakeDeepL() as deepl:
+        tenv = {**deepl.env(), "VERBATIM_TRANSLATION_PROVIDER": "deepl"}
+        follower = subprocess.Popen([sys.executable, TRANSLATE, "--db", pg_url, "--output-dir", str(out),
+                                     "--language", "he", "--workers", "1", "-v"],
+                                    env=script_env(**tenv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True)
+        try:
+            transcribed = subprocess.run(script(TRANSCRIBE, pg_url, out, "--workers", "1", "--batch-size", "1"),
+                                         env=script_env(**env), capture_output=True, text=True, timeout=180)
+            _, err = follower.communicate(timeout=180)
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+    assert transcribed.returncode == 0, transcribed.stderr[-3000:]
+    assert follower.returncode == 0, err[-3000:]
+    assert_each_once_and_verified(pg_url, out, "translation", "he", expected=files)
+    woken = err.count(WOKEN)
+    assert woken >= 1, err[-3000:]
+    print(f"the follower was woken by NOTIFY {woken} time(s) for {files} transcripts")
