@@ -631,6 +631,14 @@ def thread_count(workers: int) -> int:
     return workers + workers // 4
 
 
+def connections_needed(runner_threads: list[int]) -> int:
+    """Job-store connections one process may use at once, for runners with these worker thread
+    counts: each worker thread, each runner's loop and its heartbeat, and one for the process
+    (its main thread, the live-run registration). The PostgreSQL pool is opened this size, so a
+    thread never waits for a connection another thread holds (``--workers 32``: 43)."""
+    return sum(threads + 2 for threads in runner_threads) + 1
+
+
 _positive = positive_argument  # the scripts' --workers, --batch-size, --limit
 
 

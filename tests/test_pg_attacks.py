@@ -350,3 +350,58 @@ def test_a_following_translation_run_is_woken_by_notify_not_by_its_poll(stt, pg_
     woken = err.count(WOKEN)
     assert woken >= 1, err[-3000:]
     print(f"the follower was woken by NOTIFY {woken} time(s) for {files} transcripts")
+
+
+def test_the_pool_is_sized_for_every_thread_of_a_run(pg_url):
+    """Every thread of a run (workers, each runner's loop and heartbeat, the process) may be in a
+    transaction at the same moment (a slow server, a lock held elsewhere): with the pool sized by
+    ``connections_needed`` none of them waits for a connection another holds, and none fails."""
+    import db_manager as dbm
+    from pipeline.runner import connections_needed
+
+    threads = thread_count(32)
+    needed = connections_needed([threads])
+    assert needed == threads + 3 == 43
+    assert connections_needed([thread_count(2)] * 3) == 3 * (2 + 2) + 1  # translation into three languages
+
+    def all_at_once(store, n):
+        """``n`` threads each hold a transaction until all ``n`` are in one (or gave up)."""
+        barrier, failures = threading.Barrier(n, timeout=30), []
+
+        def hold():
+            try:
+                with store.transaction() as conn:
+                    conn.execute("SELECT 1")
+                    barrier.wait()
+            except dbm.DatabaseUnavailable as exc:
+                failures.append(exc)
+                barrier.abort()
+            except threading.BrokenBarrierError:
+                pass
+
+        workers = [threading.Thread(target=hold) for _ in range(n)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        return failures
+
+    sized = dbm.open_job_store(pg_url, pool_size=needed, pool_timeout=5)
+    default = dbm.open_job_store(pg_url, pool_timeout=1)
+    try:
+        assert all_at_once(sized, needed) == []
+        assert all_at_once(default, needed)  # the default pool starves a run of --workers 32
+    finally:
+        sized.close_all()
+        default.close_all()
+
+
+def test_a_run_opens_its_pool_for_its_workers(stt, pg_url, tmp_path):
+    from pipeline.runner import connections_needed
+
+    tones(tmp_path / "in", 1)
+    done = subprocess.run([sys.executable, TRANSCRIBE, "--db", pg_url, "--output-dir", str(tmp_path / "out"),
+                           "--input", str(tmp_path / "in"), "--workers", "32", "-v"],
+                          env=script_env(**env_for(stt)), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"a pool of up to {connections_needed([thread_count(32)])} connections" in done.stderr
