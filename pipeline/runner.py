@@ -403,6 +403,9 @@ class Runner:
             self._record_failure(job, exc, retryable=True)
         except errors.PermanentError as exc:
             self._record_failure(job, exc, retryable=False)
+        except sqlite3.OperationalError as exc:  # the job database (locked, its server away), not the file
+            wrapped = errors.RetryableError(f"job database unavailable: {exc}", error_class="database_unavailable")
+            self._record_failure(job, wrapped, retryable=True, spend_attempt=False)
         except OSError as exc:  # our own disk: ENOSPC, EIO on fsync ... the file is not at fault
             wrapped = errors.RetryableError(f"writing outputs failed: {type(exc).__name__}: {exc}",
                                             error_class="disk")
@@ -486,14 +489,19 @@ class Runner:
                                     cap=self.options.retry_cap_seconds)
         self._discard(job)
         try:
-            status = self.db.fail(job, exc.error_class, str(exc), retryable=retryable, delay=delay,
-                                  spend_attempt=spend_attempt)
+            # Waited for like a completion: a failure left unrecorded would hold the job in progress
+            # until its lease expired, while the run ended as if all were done.
+            status = self._with_database(
+                lambda: self.db.fail(job, exc.error_class, str(exc), retryable=retryable, delay=delay,
+                                     spend_attempt=spend_attempt), f"recording the failure of job {job.id}")
         except LeaseLostError as lost:
             self._count("lease_lost")
             log.warning("%s", lost)
             return
         except sqlite3.Error as db_exc:
             log.error("could not record failure of job %s: %s", job.id, db_exc)
+            return
+        if status is None:  # the database stayed unavailable: the run stops (exit 2)
             return
         with self._count_lock:
             self.summary.errors[exc.error_class] += 1

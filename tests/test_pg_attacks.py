@@ -405,3 +405,51 @@ def test_a_run_opens_its_pool_for_its_workers(stt, pg_url, tmp_path):
                           env=script_env(**env_for(stt)), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"a pool of up to {connections_needed([thread_count(32)])} connections" in done.stderr
+
+
+def test_a_job_whose_work_finds_the_database_away_is_retried_unspent_not_left_in_progress(pg_server, pg_url):
+    """The work itself reads the store (a transcription looks up the file's paths) and the server
+    is gone for longer than the pool's wait: the job is not the file's failure, and recording that
+    must wait for the server too, or the run would end with exit 0 and the job still in progress."""
+    import hashlib
+
+    import db_manager as dbm
+    from pipeline import runner as runner_module
+    from pipeline.runner import RunOptions, Runner
+
+    store = dbm.open_job_store(pg_url, pool_timeout=0.5)
+    store.register_files([dbm.MediaRecord(f"/archive/f{i}.wav", hashlib.sha256(b"%d" % i).hexdigest(), 1, 1, "audio")
+                          for i in range(2)], [])
+    seen = _Seen("retrying")
+    calls = []
+
+    def work(job):
+        calls.append(job.id)
+        if len(calls) == 1:
+            pg_server.stop()  # restarted once the run has said that it waits for the server
+            threading.Thread(target=lambda: (seen.event.wait(30), pg_server.start())).start()
+        store.paths_of(job.file_id)
+        return dbm.Outcome({}, provider="fake")
+
+    runner = Runner(store, RunOptions("transcription", workers=1, threads=1, batch_size=1, quiet=True), work)
+    runner_module.log.addHandler(seen)
+    try:
+        summary = runner.run()
+    finally:
+        runner_module.log.removeHandler(seen)
+        _wait_for(lambda: _server_up(store), "the server to be back")
+    jobs = store.jobs(stage="transcription")
+    store.close_all()
+    assert [j["status"] for j in jobs] == ["completed", "completed"], [dict(j) for j in jobs]
+    assert runner_module.exit_code([summary], runner.stop) == 0
+    assert all(j["attempts"] == 1 for j in jobs)  # the database's outage spent no attempt of the file
+    assert summary.errors == {"database_unavailable": 1}
+
+
+def _server_up(store) -> bool:
+    import db_manager as dbm
+
+    try:
+        return bool(store.query("SELECT 1"))
+    except dbm.DatabaseUnavailable:
+        return False
