@@ -404,8 +404,10 @@ class Runner:
         except errors.PermanentError as exc:
             self._record_failure(job, exc, retryable=False)
         except sqlite3.OperationalError as exc:  # the job database (locked, its server away), not the file
+            # Retried as any transient error, an attempt spent: a database error that is not
+            # transient after all cannot requeue the job for ever.
             wrapped = errors.RetryableError(f"job database unavailable: {exc}", error_class="database_unavailable")
-            self._record_failure(job, wrapped, retryable=True, spend_attempt=False)
+            self._record_failure(job, wrapped, retryable=True)
         except OSError as exc:  # our own disk: ENOSPC, EIO on fsync ... the file is not at fault
             wrapped = errors.RetryableError(f"writing outputs failed: {type(exc).__name__}: {exc}",
                                             error_class="disk")
