@@ -17,7 +17,7 @@ from db_manager import TRANSCRIPTION
 from pipeline import config
 from pipeline.liveruns import LiveRun
 from pipeline.media import describe, register_inputs
-from pipeline.runner import StopSignal, add_run_arguments, report, run_plans
+from pipeline.runner import StopSignal, add_run_arguments, connections_needed, report, run_plans
 from pipeline.settings import Settings
 from pipeline.stages import TranscriptionStage, check_inputs, nothing_to_do
 from transcription import add_local_arguments
@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     check_inputs(args.input)
     # A dry run that registers nothing only reads: it works on a read-only database too.
     db = config.open_db(settings.db, read_only=args.dry_run and not args.input,
-                        must_exist=args.dry_run and not args.input)
+                        must_exist=args.dry_run and not args.input,
+                        connections=connections_needed(stage.runner_threads()))
     live = None if args.dry_run else LiveRun(db, TRANSCRIPTION).start()  # translation runs follow it
     try:
         scan = None

@@ -18,7 +18,7 @@ translations wait for transcripts not done yet (run parallel_transcription.py, t
 import logging
 
 from pipeline import config
-from pipeline.runner import StopSignal, add_run_arguments, report, run_plans
+from pipeline.runner import StopSignal, add_run_arguments, connections_needed, report, run_plans
 from pipeline.settings import Settings
 from pipeline.stages import TranslationStage
 
@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     config.setup_logging(settings.debug, args.quiet)
     stage = TranslationStage(settings, args.language, provider=args.provider, model=args.model,
                              workers=args.workers)  # --language DE runs as "de"
-    db = config.open_db(settings.db, must_exist=True, read_only=args.dry_run)
+    db = config.open_db(settings.db, must_exist=True, read_only=args.dry_run,
+                        connections=connections_needed(stage.runner_threads()))
     try:
         if args.dry_run:
             return stage.dry_run(db, args.limit, args.json)

@@ -214,20 +214,24 @@ def make_parser(prog_doc: str, example: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def open_db(path: str, *, must_exist: bool = False, read_only: bool = False):
+def open_db(path: str, *, must_exist: bool = False, read_only: bool = False,
+            connections: int | None = None):
     """Open the job store (``db_manager.open_job_store``: a SQLite path, or a ``postgresql://`` URL
     shared by several machines); a read-only tool refuses to create an empty database by mistake,
-    and opens it ``read_only`` (then a copied archive or a read-only mount works too)."""
+    and opens it ``read_only`` (then a copied archive or a read-only mount works too). A run says
+    how many ``connections`` its threads use at once (``runner.connections_needed``): PostgreSQL's
+    pool is that size (SQLite needs no pool)."""
     from db_manager import DatabaseError, is_postgres_url, open_job_store, sqlite_path
 
     postgres = is_postgres_url(path)
+    options = {"pool_size": connections} if postgres and connections else {}
     if postgres:
         register_url_credentials(path)  # the URL's password never reaches a message
     elif (must_exist or read_only) and not os.path.exists(sqlite_path(path)):
         raise ConfigError(f"no database at {path}: register media first "
                           "(tools/add_media.py PATH or parallel_transcription.py --input PATH), or pass --db")
     try:
-        return open_job_store(path, read_only=read_only)
+        return open_job_store(path, read_only=read_only, **options)
     except DatabaseError as exc:
         raise ConfigError(str(exc)) from exc
     except ImportError as exc:  # psycopg is not installed

@@ -29,6 +29,7 @@ version numbers. What differs here:
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import urllib.parse
@@ -41,6 +42,10 @@ from db_manager import DatabaseUnavailable, JobStore, StoreError, StoreIntegrity
 from pipeline.dialects import POSTGRESQL, TRANSCRIPTS_CHANNEL
 from pipeline.errors import register_url_credentials
 
+log = logging.getLogger(__name__)
+
+# Connections a store's pool opens at most, unless the opener says how many its threads use at
+# once (the runs do: ``runner.connections_needed``); the tools use one or two.
 DEFAULT_POOL_SIZE = 16
 # How long a call waits for a pooled connection (the server down or every connection busy)
 # before it fails as DatabaseUnavailable: the runner then retries it as it does a locked database.
@@ -210,6 +215,7 @@ class PostgresJobStore(JobStore):
                     check=psycopg_pool.ConnectionPool.check_connection,  # a broken one is replaced, not lent
                     reconnect_timeout=max(60.0, self.pool_timeout))
                 self._pool.open(wait=False)
+                log.debug("job store %s: a pool of up to %d connections", self.path, self.pool_size)
             return self._pool
 
     @contextlib.contextmanager

@@ -283,24 +283,60 @@ class Runner:
         if self.options.limit is not None and claimed >= self.options.limit:
             return False
         self._reclaim()
-        count, earliest = self.db.pending(self.options.stage, self.options.language,
-                                          file_ids=self.options.file_ids)
+        ahead = self._with_database(self._work_ahead, "looking for work")
+        if ahead is None:  # the database stayed unavailable: the run stops (exit 2)
+            return False
+        count, earliest, following = ahead
         if count and earliest is not None and earliest >= PARKED:
             # A transcript was completed without releasing its translations (it should not
             # happen; completing one releases them): release them rather than wait for ever.
             self._release_parked()
             return True
-        if not count and self.options.stage == TRANSLATION and (
-                self._transcripts_coming() or (self.options.follow and self.options.follow())):
+        if following:
             # A transcription run is producing transcripts, or is about to: follow it instead of leaving
             # (PostgreSQL wakes this at once when one is completed; SQLite waits out the interval).
-            self.db.wait_for_transcripts(IDLE_POLL_SECONDS * 2, interrupt=self.stop.stop)
+            if self.db.wait_for_transcripts(IDLE_POLL_SECONDS * 2, interrupt=self.stop.stop):
+                log.debug("a completed transcript woke this run")
             return True
         if not count:
             return False
         delay = min(max(0.0, (earliest or 0) - self.clock.time()), IDLE_POLL_SECONDS * 4)
         self.clock.wait(self.stop.stop, delay)
         return True
+
+    def _work_ahead(self) -> tuple[int, float | None, bool]:
+        """(not_started jobs, the earliest one's run_after, whether this translation run follows
+        transcripts still to come while it has nothing to claim)."""
+        count, earliest = self.db.pending(self.options.stage, self.options.language,
+                                          file_ids=self.options.file_ids)
+        following = not count and self.options.stage == TRANSLATION and (
+            self._transcripts_coming() or bool(self.options.follow and self.options.follow()))
+        return count, earliest, following
+
+    def _with_database(self, action, what: str, *, retry_on=sqlite3.OperationalError):
+        """``action()``, retried with backoff while the job database cannot be used (``retry_on``:
+        by default what the stores classify as "retry later": a lock, a busy file, a PostgreSQL
+        server that is down or unreachable) for ``commit_patience`` seconds. Then, or once the
+        run was stopped for this already, the run stops with exit 2 (``StopSignal.not_recorded``)
+        and this returns None; on an abort it returns None at once."""
+        deadline = self.clock.monotonic() + self.options.commit_patience
+        tries = 0
+        while True:
+            try:
+                return action()
+            except retry_on as exc:
+                tries += 1
+                left = deadline - self.clock.monotonic()
+                if self.stop.abort.is_set():
+                    return None
+                if left <= 0 or self.stop.unrecorded:
+                    self.stop.not_recorded(f"the job database was unavailable for {self.options.commit_patience:.0f} s"
+                                           f" while {what} ({exc})")
+                    log.error("%s: the job database stayed unavailable: %s", what, exc)
+                    return None
+                delay = min(left, errors.retry_delay(tries, None, base=0.2, cap=COMMIT_RETRY_CAP_SECONDS))
+                log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+                self.clock.wait(self.stop.abort, delay)
 
     def _transcripts_coming(self) -> bool:
         """Transcripts this translation run waits for are being made (a transcription job runs), or
@@ -367,6 +403,11 @@ class Runner:
             self._record_failure(job, exc, retryable=True)
         except errors.PermanentError as exc:
             self._record_failure(job, exc, retryable=False)
+        except sqlite3.OperationalError as exc:  # the job database (locked, its server away), not the file
+            # Retried as any transient error, an attempt spent: a database error that is not
+            # transient after all cannot requeue the job for ever.
+            wrapped = errors.RetryableError(f"job database unavailable: {exc}", error_class="database_unavailable")
+            self._record_failure(job, wrapped, retryable=True)
         except OSError as exc:  # our own disk: ENOSPC, EIO on fsync ... the file is not at fault
             wrapped = errors.RetryableError(f"writing outputs failed: {type(exc).__name__}: {exc}",
                                             error_class="disk")
@@ -450,14 +491,19 @@ class Runner:
                                     cap=self.options.retry_cap_seconds)
         self._discard(job)
         try:
-            status = self.db.fail(job, exc.error_class, str(exc), retryable=retryable, delay=delay,
-                                  spend_attempt=spend_attempt)
+            # Waited for like a completion: a failure left unrecorded would hold the job in progress
+            # until its lease expired, while the run ended as if all were done.
+            status = self._with_database(
+                lambda: self.db.fail(job, exc.error_class, str(exc), retryable=retryable, delay=delay,
+                                     spend_attempt=spend_attempt), f"recording the failure of job {job.id}")
         except LeaseLostError as lost:
             self._count("lease_lost")
             log.warning("%s", lost)
             return
         except sqlite3.Error as db_exc:
             log.error("could not record failure of job %s: %s", job.id, db_exc)
+            return
+        if status is None:  # the database stayed unavailable: the run stops (exit 2)
             return
         with self._count_lock:
             self.summary.errors[exc.error_class] += 1
@@ -525,16 +571,20 @@ class Runner:
 
     def _finish(self, started: float) -> None:
         self._roll_forward()  # a late attempt of this run may have spooled an answer its winner no longer needs
-        counts = self.db.counts(file_ids=self.options.file_ids).get(
-            (self.options.stage, self.options.language), {})
-        self.summary.failed_total = counts.get(FAILED, 0)
-        self.summary.remaining = counts.get("not_started", 0)
-        if self.options.stage == TRANSLATION:
-            self.summary.waiting_for_transcripts = self.db.untranscribed_translations(
-                self.options.language, file_ids=self.options.file_ids)
+        counts = self._with_database(self._final_counts, "counting what is left")
+        if counts is not None:  # else the run says that the database was unavailable (exit 2)
+            self.summary.failed_total, self.summary.remaining, self.summary.waiting_for_transcripts = counts
         self.summary.account_error = self.stop.account_error
         self.summary.interrupted = self.stop.interrupted
         self.summary.seconds = round(self.clock.monotonic() - started, 3)
+
+    def _final_counts(self) -> tuple[int, int, int]:
+        """(failed jobs, not_started jobs, translations waiting for transcripts) of this run's kind."""
+        counts = self.db.counts(file_ids=self.options.file_ids).get((self.options.stage, self.options.language), {})
+        waiting = 0
+        if self.options.stage == TRANSLATION:
+            waiting = self.db.untranscribed_translations(self.options.language, file_ids=self.options.file_ids)
+        return counts.get(FAILED, 0), counts.get("not_started", 0), waiting
 
     # -- progress -------------------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:
@@ -589,6 +639,14 @@ def thread_count(workers: int) -> int:
     answer's outputs and preparing the next file do not hold a request slot idle when many
     answers arrive at once. A kill loses the answers not yet committed: at most this many."""
     return workers + workers // 4
+
+
+def connections_needed(runner_threads: list[int]) -> int:
+    """Job-store connections one process may use at once, for runners with these worker thread
+    counts: each worker thread, each runner's loop and its heartbeat, and one for the process
+    (its main thread, the live-run registration). The PostgreSQL pool is opened this size, so a
+    thread never waits for a connection another thread holds (``--workers 32``: 43)."""
+    return sum(threads + 2 for threads in runner_threads) + 1
 
 
 _positive = positive_argument  # the scripts' --workers, --batch-size, --limit

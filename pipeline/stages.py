@@ -44,6 +44,10 @@ class _Stage:
         self.model = model
         self.workers = workers or self.default_workers
 
+    def runner_threads(self) -> list[int]:
+        """Worker threads of each runner this stage starts (at most: a provider may allow fewer)."""
+        return [thread_count(self.workers)]
+
     def prepare_output_root(self, db, *, adopt: bool = False) -> str:
         """The output folder is writable and this database's, or nothing runs (ConfigError)."""
         prepare_output_root(db, self.settings.output_dir, adopt=adopt)
@@ -168,6 +172,10 @@ class TranslationStage(_Stage):
         super().__init__(settings, provider=provider, model=model, workers=workers)
         self.languages = settings.languages(languages)  # "DE" -> "de"; none given: the target languages
         self._translators: dict | None = None
+
+    def runner_threads(self) -> list[int]:
+        """One runner per language, each with its worker threads."""
+        return [thread_count(self.workers)] * len(self.languages)
 
     @staticmethod
     def output_name(language: str, fmt: str) -> str:

@@ -23,7 +23,7 @@ from db_manager import DEFAULT_LEASE_SECONDS, TRANSCRIPTION, TRANSLATION
 from pipeline import config
 from pipeline.config import positive_argument as _positive
 from pipeline.media import describe, register_inputs
-from pipeline.runner import StopSignal, report, run_plans
+from pipeline.runner import StopSignal, connections_needed, report, run_plans
 from pipeline.settings import Settings
 from pipeline.stages import TranscriptionStage, TranslationStage, check_inputs, nothing_to_do
 from transcription import add_local_arguments
@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     translate = TranslationStage(settings, languages, provider=args.translation_provider,
                                  model=args.translation_model, workers=args.translation_workers)
     check_inputs(args.input)
-    db = config.open_db(settings.db)
+    db = config.open_db(settings.db,
+                        connections=connections_needed(transcribe.runner_threads() + translate.runner_threads()))
     try:
         scan = None
         if args.input:

@@ -22,7 +22,7 @@ from pathlib import Path
 from db_manager import NOT_STARTED, STAGES, TRANSCRIPTION, TRANSLATION
 from pipeline import config
 from pipeline.config import positive_argument as _positive
-from pipeline.runner import Plan, StopSignal, report, run_plans
+from pipeline.runner import Plan, StopSignal, connections_needed, report, run_plans
 from pipeline.settings import Settings
 from pipeline.stages import TranscriptionStage, TranslationStage
 from transcription import add_local_arguments
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     stage, language = selection(args)
     what = stage + (f" {language}" if language else "")
     runs = stage_for(args, settings, stage)
-    db = config.open_db(settings.db, must_exist=True)
+    db = config.open_db(settings.db, must_exist=True, connections=connections_needed(runs.runner_threads()))
     db.actor = f"tool:{Path(__file__).name}"  # a file's history names the tool that changed it
     try:
         rows = db.failed_jobs(stage, language, error_class=args.error_class, limit=args.limit)
