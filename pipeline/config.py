@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import re
+import sqlite3
 import sys
 
 from dotenv import dotenv_values
@@ -254,6 +255,9 @@ def run_main(main) -> None:
             code = exc.code
         except ConfigError as exc:
             print(f"error: {redact(with_env_note(str(exc)))}", file=sys.stderr)
+            code = EXIT_USAGE
+        except sqlite3.OperationalError as exc:  # both stores' "unavailable, retry later", outside a run's patience
+            print(f"error: the job database is unavailable: {redact(str(exc))}", file=sys.stderr)
             code = EXIT_USAGE
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

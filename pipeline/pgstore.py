@@ -100,7 +100,7 @@ def _mapped(exc: BaseException) -> BaseException:
     """psycopg's (and the pool's) error as the store's error class, its message kept."""
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout,
                         psycopg_pool.TooManyRequests)):  # deadlocks, serialization failures too
-        return DatabaseUnavailable(f"database unavailable: {exc}")
+        return DatabaseUnavailable("database unavailable: " + " ".join(str(exc).split()))  # libpq's hint: same line
     if isinstance(exc, psycopg.IntegrityError):
         return StoreIntegrityError(str(exc))
     return StoreError(str(exc))
@@ -187,6 +187,7 @@ class PostgresJobStore(JobStore):
         self._listener: psycopg.Connection | None = None
         self._listener_lock = threading.Lock()
         try:
+            self._first_contact()
             if read_only:
                 self._check_schema()
             else:
@@ -203,6 +204,13 @@ class PostgresJobStore(JobStore):
         if self.read_only:
             kwargs["options"] = "-c default_transaction_read_only=on"
         return kwargs
+
+    def _first_contact(self) -> None:
+        """One direct connection before the pool: a wrong address, a stopped server or a refused
+        login ends the opening at once with psycopg's reason, where the pool would keep trying
+        for ``pool_timeout`` seconds, warning at each try (right mid-run, wrong at the start)."""
+        with _store_errors():
+            psycopg.connect(self.url, **self._connect_kwargs()).close()
 
     @property
     def pool(self) -> psycopg_pool.ConnectionPool:

@@ -555,7 +555,17 @@ class Runner:
             with self._held_lock:
                 for job in cancelled:
                     self._held.pop(job.id, None)
-            self._count("released", self.db.release(cancelled, "run stopped before this job started"))
+            self._give_back(cancelled, "run stopped before this job started")
+
+    def _give_back(self, jobs: list, reason: str) -> None:
+        """Release ``jobs`` this run will not do. Once: a stopping run does not wait out a database
+        outage for this, since nothing is lost without it (the jobs are this run's, so the next
+        run on this machine reclaims them at once, and any other once their lease expires)."""
+        try:
+            self._count("released", self.db.release(jobs, reason))
+        except sqlite3.OperationalError as exc:
+            log.warning("could not give back %d job(s) (%s): the job database is unavailable (%s); "
+                        "they return to the queue when their lease expires", len(jobs), reason, exc)
 
     def _shutdown(self, pool: ThreadPoolExecutor, pending: dict) -> None:
         self._cancel_queued(pending)
@@ -564,7 +574,7 @@ class Runner:
                 running = list(self._held.values())
                 self._held.clear()
             if running:
-                self._count("released", self.db.release(running, "run aborted"))
+                self._give_back(running, "run aborted")
             pool.shutdown(wait=False, cancel_futures=True)
             return
         pool.shutdown(wait=True)

@@ -132,3 +132,19 @@ def test_the_product_imports_neither_tests_nor_benchmarks():
     result = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True,
                             env=script_env(), cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_database_that_stays_unavailable_outside_a_run_is_exit_2_in_one_line(capsys):
+    """Before or after the runs (registering, the status count) there is no patience to wait in:
+    a store that says "unavailable" is a fault of the machine, not a traceback."""
+    import db_manager as dbm
+    from pipeline.config import run_main
+
+    def main(argv):
+        raise dbm.DatabaseUnavailable("database unavailable: connection to server at 127.0.0.1 refused")
+
+    with pytest.raises(SystemExit) as ended:
+        run_main(main)
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the job database is unavailable: database unavailable: connection to server at 127.0.0.1 refused"]

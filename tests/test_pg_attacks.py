@@ -445,6 +445,43 @@ def test_a_job_whose_work_finds_the_database_away_is_retried_not_left_in_progres
     assert summary.errors == {"database_unavailable": 1} and summary.retried == 1 and summary.failed == 0
 
 
+def test_a_run_stopped_while_the_database_is_away_ends_without_giving_back_its_queue(pg_server, pg_url):
+    """Ctrl-C while the server is down: the queued jobs cannot be given back. The run says so in
+    one warning and ends (they return when their lease expires); the job it was doing still
+    waits for the server to record its paid answer."""
+    import hashlib
+
+    import db_manager as dbm
+    from pipeline import runner as runner_module
+    from pipeline.runner import RunOptions, Runner
+
+    store = dbm.open_job_store(pg_url, pool_timeout=0.5)
+    store.register_files([dbm.MediaRecord(f"/archive/f{i}.wav", hashlib.sha256(b"%d" % i).hexdigest(), 1, 1, "audio")
+                          for i in range(4)], [])
+    seen = _Seen("could not give back")
+    runner = Runner(store, RunOptions("transcription", workers=1, threads=1, batch_size=4, quiet=True), None)
+
+    def work(job):
+        pg_server.stop()
+        runner.stop.request()  # the user's Ctrl-C, while three claimed jobs wait in the queue
+        seen.event.wait(60)
+        pg_server.start()
+        return dbm.Outcome({}, provider="fake")
+
+    runner.work = work
+    runner_module.log.addHandler(seen)
+    try:
+        summary = runner.run()
+    finally:
+        runner_module.log.removeHandler(seen)
+        _wait_for(lambda: _server_up(store), "the server to be back")
+    statuses = sorted(j["status"] for j in store.jobs(stage="transcription"))
+    store.close_all()
+    assert seen.event.is_set() and summary.completed == 1 and summary.released == 0
+    assert statuses == ["completed", "in_progress", "in_progress", "in_progress"]
+    assert runner.stop.unrecorded is None
+
+
 def _server_up(store) -> bool:
     import db_manager as dbm
 

@@ -6,6 +6,7 @@ The store's common behaviour is proven on both backends in test_db_manager.py.""
 import hashlib
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -189,6 +190,22 @@ def test_a_password_in_the_url_is_never_shown(pg_url):
     store = dbm.open_job_store(secret_url)  # trust auth: the password is not even checked
     assert "s3cret-canary" not in store.location and "s3cret-canary" not in redact(f"boom {secret_url}")
     store.close_all()
+
+
+def test_a_server_that_is_not_there_is_one_clear_line_at_once(tmp_path):
+    """A wrong port or a stopped server: the run stops before it starts (exit 2), saying what
+    psycopg was told, not after the pool's 30 s of retrying with a warning for each try."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "in").mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "parallel_transcription.py"), "--input", str(tmp_path / "in"),
+                             "--db", f"postgresql://verbatim@127.0.0.1:{port}/archive", "--provider", "local"],
+                            capture_output=True, text=True, timeout=120, env=script_env(), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "psycopg.pool" not in result.stderr and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"127.0.0.1:{port}" in line and "refused" in line.lower()
 
 
 def _migrate(*args):
