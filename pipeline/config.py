@@ -195,6 +195,9 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     if level > logging.DEBUG:  # third-party chatter only when asked for
         for name in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "openai", "faster_whisper"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # The pool warns at each failed reconnect (a dozen lines in a 10 s outage); the runner
+        # already says once that it waits for the database, and -v shows the pool's own account.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
