@@ -96,7 +96,7 @@ class PostgresDialect(Dialect):
         return f"(CAST({column} AS jsonb) #>> '{{{','.join(keys)}}}')"
 
     def notify_transcripts(self, conn) -> None:
-        conn.execute(f"NOTIFY {TRANSCRIPTS_CHANNEL}")  # delivered when (and only if) the transaction commits
+        conn.notify_at_commit(TRANSCRIPTS_CHANNEL)  # sent with COMMIT: delivered when (and only if) it commits
 
     _ARRAYS = {"TEXT": ("text[]", None), "INTEGER": ("bigint[]", int), "REAL": ("double precision[]", float),
                "BLOB": ("bytea[]", bytes)}
