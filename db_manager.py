@@ -502,12 +502,13 @@ class JobStore:
                 for r in self.query("SELECT path_bytes, size, mtime_ns, file_id FROM media_paths")}
 
     def touch_paths(self, paths: Iterable[bytes]) -> None:
+        """Mark paths seen now (a rescan found them unchanged): one statement per chunk."""
         paths = list(paths)
         for start in range(0, len(paths), _CHUNK):
             with self.transaction() as conn:
-                now = self._now(conn)
-                conn.executemany("UPDATE media_paths SET last_seen = ? WHERE path_bytes = ?",
-                                 [(now, p) for p in paths[start:start + _CHUNK]])
+                source, params = self.dialect.bulk_rows(("BLOB",), [(p,) for p in paths[start:start + _CHUNK]])
+                conn.execute(f"UPDATE media_paths SET last_seen = ? WHERE path_bytes IN ({source})",
+                             (self._now(conn), *params))
 
     def register_files(self, records: Iterable[MediaRecord], languages: Iterable[str] = (),
                        *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict:

@@ -38,6 +38,7 @@ from typing import Iterable, Iterator
 
 import psycopg
 import psycopg_pool
+from psycopg.types.array import ListBinaryDumper
 
 from db_manager import DatabaseUnavailable, JobStore, StoreError, StoreIntegrityError
 from pipeline.dialects import POSTGRESQL, TRANSCRIPTS_CHANNEL
@@ -91,6 +92,12 @@ def _row_factory(cursor):
     for position, column in enumerate(cursor.description or ()):
         index.setdefault(column.name, position)  # the first of a repeated name, as sqlite3.Row
     return lambda values: Row(values, index)
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    """Each pooled connection sends lists (the arrays of ``Dialect.bulk_rows``) in binary: three
+    times faster to encode than as text, which quotes every element."""
+    conn.adapters.register_dumper(list, ListBinaryDumper)
 
 
 def _mapped(exc: BaseException) -> BaseException:
@@ -236,7 +243,7 @@ class PostgresJobStore(JobStore):
                     self.url, min_size=1, max_size=self.pool_size, kwargs=self._connect_kwargs(),
                     timeout=self.pool_timeout, open=False, name="verbatim",
                     check=psycopg_pool.ConnectionPool.check_connection,  # a broken one is replaced, not lent
-                    reconnect_timeout=max(60.0, self.pool_timeout))
+                    reconnect_timeout=max(60.0, self.pool_timeout), configure=_configure)
                 self._pool.open(wait=False)
             return self._pool
 

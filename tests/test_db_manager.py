@@ -117,6 +117,17 @@ def test_bulk_registration_is_what_one_insert_after_another_would_be(db):
     assert parked.pop(done.file_id) < dbm.PARKED and set(parked.values()) == {dbm.PARKED} and len(parked) == 599
 
 
+def test_touch_paths_marks_only_the_paths_seen(db):
+    recs = records(600)
+    db.register_files(recs, [])
+    seen = lambda: {bytes(r[0]): r[1] for r in db.query("SELECT path_bytes, last_seen FROM media_paths")}  # noqa: E731
+    before = seen()
+    time.sleep(0.01)
+    db.touch_paths([r.path.encode() for r in recs[::2]])
+    after = seen()
+    assert all((after[k] > before[k]) == (int(k.decode()[len("/archive/file"):-4]) % 2 == 0) for k in after)
+
+
 def test_registration_with_many_languages_splits_its_statements(db):
     languages = ["en", "de", "he", "fr", "es", "it", "pl", "ru", "uk", "yi"]  # 5,000 translation jobs in a chunk
     assert db.register_files(records(500), languages)["new_files"] == 500
