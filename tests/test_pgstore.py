@@ -41,6 +41,18 @@ def test_a_claim_reads_the_queue_in_order_and_a_large_registration_is_analyzed(p
         "EXPLAIN SELECT id FROM jobs WHERE stage = 'transcription' AND language = '' AND status = 'not_started'"
         " AND run_after <= ? ORDER BY run_after, id LIMIT 20 FOR UPDATE SKIP LOCKED", (pg.now(),)))
     assert "jobs_queue" in plan and "Sort" not in plan, plan
+    # Transcripts completed since the ANALYZE (its statistics say none are): a translation claim
+    # still reads its queue in order, not every completed transcript first.
+    owner = dbm.make_owner()
+    with pg.transaction():
+        for job in pg.claim(owner, TRANSCRIPTION, limit=300):
+            pg.complete(job, Outcome({}))
+    plan = "\n".join(r[0] for r in pg.query(
+        "EXPLAIN SELECT id FROM jobs WHERE stage = 'translation' AND language = 'en' AND status = 'not_started'"
+        f" AND run_after <= ? AND {dbm._TRANSCRIBED_ROW} ORDER BY run_after, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        (pg.now(),)))
+    assert "jobs_queue" in plan and "Sort" not in plan, plan
+    assert len(pg.claim(owner, TRANSLATION, "en", limit=400)) == 300
 
 
 def test_a_claim_steps_over_rows_another_transaction_holds(pg, pg_url):
