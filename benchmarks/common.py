@@ -234,7 +234,10 @@ class JobStores:
     def close(self) -> None:
         for database in self._scratch:
             try:
-                self._admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+                try:
+                    self._admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+                except Exception:  # noqa: BLE001 - a server before 13 has no FORCE; our stores are closed
+                    self._admin(f'DROP DATABASE IF EXISTS "{database}"')
             except Exception as exc:  # noqa: BLE001 - tell, and go on dropping the others
                 log(f"could not drop the scratch database {database}: {exc}")
         self._scratch = []

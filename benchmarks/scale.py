@@ -18,7 +18,7 @@ PostgreSQL database on a throw-away local server (``benchmarks/pgserver.py``, fs
 a local TCP connection.
 
 Example:
-    .venv/bin/python benchmarks/scale.py                 # about 3 minutes for both backends
+    .venv/bin/python benchmarks/scale.py                 # about 4 minutes for both backends
     .venv/bin/python benchmarks/scale.py --files 2000 --claims 50 --backend sqlite
     .venv/bin/python benchmarks/scale.py --backend postgresql --db postgresql://me@db-host/postgres
 """
