@@ -141,6 +141,130 @@ class ScriptRun:
                                f"{self.stderr[-3000:]}") from None
 
 
+# -- job store backends: SQLite and PostgreSQL side by side ------------------------------------
+BACKENDS = ("sqlite", "postgresql")
+
+
+def add_backend_arguments(parser) -> None:
+    """``--backend`` and ``--db``, the same in every benchmark that measures the job store."""
+    parser.add_argument("--backend", choices=(*BACKENDS, "both"),
+                        help="job store(s) to measure (default: both when PostgreSQL can be reached: --db, or"
+                             " its server binaries and psycopg here; else sqlite)")
+    parser.add_argument("--db", metavar="URL",
+                        help="an existing PostgreSQL server to measure on (postgresql://user@host/db); its user must"
+                             " be allowed to CREATE DATABASE: each measurement gets a scratch database, dropped"
+                             " afterwards. Without it a throw-away server is started (benchmarks/pgserver.py)")
+
+
+def postgres_missing() -> str | None:
+    """Why no throw-away PostgreSQL server can be started here, or None when one can."""
+    import importlib.util
+    if not all(importlib.util.find_spec(name) for name in ("psycopg", "psycopg_pool")):
+        return "psycopg / psycopg-pool are not installed"
+    from benchmarks.pgserver import find_binaries
+    if find_binaries() is None:
+        return "no PostgreSQL server binaries (initdb, pg_ctl, postgres; or set VERBATIM_PG_BIN)"
+    return None
+
+
+def chosen_backends(parser, args) -> list[str]:
+    """The backends ``--backend`` asks for (its default: both when PostgreSQL can be reached);
+    a usage error (exit 2) when PostgreSQL is asked for and cannot be."""
+    if args.db and not args.db.startswith(("postgresql://", "postgres://")):
+        parser.error("--db takes a postgresql:// URL (SQLite needs none: a scratch file is used)")
+    missing = None if args.db else postgres_missing()
+    if args.backend is None:
+        if missing:
+            log(f"PostgreSQL left out ({missing}): measuring SQLite only")
+            return ["sqlite"]
+        return list(BACKENDS)
+    wanted = list(BACKENDS) if args.backend == "both" else [args.backend]
+    if "postgresql" in wanted and missing:
+        parser.error(f"--backend {args.backend}: {missing}; pass --db URL for an existing server")
+    return wanted
+
+
+class JobStores:
+    """Empty job stores for one benchmark: a file in ``folder`` for SQLite; for PostgreSQL a scratch
+    database on ``--db``'s server or on a throw-away one started at first need (durable settings:
+    fsync and synchronous_commit on, as SQLite's ``synchronous=FULL``). ``close()`` drops them."""
+
+    def __init__(self, folder: Path, db_url: str | None = None):
+        self.folder, self.db_url = Path(folder), db_url
+        self.server = None
+        self._scratch: list[str] = []
+
+    def __enter__(self) -> "JobStores":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def new(self, backend: str, name: str) -> str:
+        """The target (path or URL) of a new, empty job store."""
+        if backend == "sqlite":
+            path = self.folder / f"{name}.db"
+            for leftover in self.folder.glob(f"{name}.db*"):
+                leftover.unlink()
+            return str(path)
+        database = f"verbatim_bench_{os.getpid()}_{len(self._scratch)}_{name}"
+        self._admin(f'CREATE DATABASE "{database}"')
+        self._scratch.append(database)
+        return self._url(database)
+
+    def server_version(self) -> str | None:
+        if self.db_url is None and self.server is None:
+            return None
+        import psycopg
+        with psycopg.connect(self._url(None), autocommit=True, connect_timeout=10) as conn:
+            return conn.execute("SHOW server_version").fetchone()[0]
+
+    def size(self, target: str) -> int:
+        """Bytes the store takes: the SQLite file with its WAL; PostgreSQL's tables with their
+        indexes and TOAST (not the empty database's catalogue)."""
+        if not target.startswith(("postgresql://", "postgres://")):
+            return sum(os.path.getsize(p) for p in Path(target).parent.glob(Path(target).name + "*"))
+        import psycopg
+        with psycopg.connect(target, autocommit=True, connect_timeout=10) as conn:
+            return int(conn.execute(
+                "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'"
+            ).fetchone()[0])
+
+    def close(self) -> None:
+        for database in self._scratch:
+            try:
+                try:
+                    self._admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+                except Exception:  # noqa: BLE001 - a server before 13 has no FORCE; our stores are closed
+                    self._admin(f'DROP DATABASE IF EXISTS "{database}"')
+            except Exception as exc:  # noqa: BLE001 - tell, and go on dropping the others
+                log(f"could not drop the scratch database {database}: {exc}")
+        self._scratch = []
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def _url(self, database: str | None) -> str:
+        import urllib.parse
+        if self.db_url is None:
+            if self.server is None:
+                from benchmarks import pgserver
+                log("starting a throw-away PostgreSQL server ...")
+                self.server = pgserver.start_server()
+            base = self.server.url()
+        else:
+            base = self.db_url
+        if database is None:
+            return base
+        return urllib.parse.urlunsplit(urllib.parse.urlsplit(base)._replace(path="/" + database))
+
+    def _admin(self, sql: str) -> None:
+        import psycopg
+        with psycopg.connect(self._url(None), autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql)
+
+
 # -- media -------------------------------------------------------------------------------------
 _CODECS = {"wav": ["-c:a", "pcm_s16le"], "mp3": ["-c:a", "libmp3lame", "-b:a", "32k"],
            "ogg": ["-c:a", "libopus", "-b:a", "24k"], "m4a": ["-c:a", "aac", "-b:a", "32k"]}

@@ -10,6 +10,9 @@ written once is asked of the dialect:
 - ``for_update``: appended to the ``SELECT`` that reads the rows a status change is about to move;
 - ``json_list(param)`` / ``json_text(column, *keys)`` / ``is_distinct``: JSON and NULL-safe compare;
 - ``notify_transcripts(conn)``: wake translation runs waiting for transcripts (PostgreSQL NOTIFY);
+- ``bulk_rows(types, rows)``: the row source of a bulk ``INSERT`` (SQLite: one ``VALUES`` list;
+  PostgreSQL: ``unnest`` of one array per column, the same statement whatever the number of rows),
+  ``bulk_limit(columns)`` the most rows one such statement takes;
 - ``translate(sql)`` (PostgreSQL): ``?`` -> ``%s`` (a literal ``%`` doubled), and in ``CREATE`` /
   ``ALTER`` statements SQLite's types -> PostgreSQL's (``INTEGER`` -> ``BIGINT``: sizes and
   nanosecond mtimes need 64 bits; ``REAL`` -> ``DOUBLE PRECISION``: PostgreSQL's ``REAL`` is 4 bytes,
@@ -45,6 +48,20 @@ class Dialect:
     def notify_transcripts(self, conn) -> None:
         """SQLite has no notifications: waiting translation runs poll."""
 
+    # SQLite's limit on parameters in one statement (SQLITE_MAX_VARIABLE_NUMBER, since 3.32).
+    max_parameters = 32766
+
+    @staticmethod
+    def bulk_rows(types: tuple[str, ...], rows: list[tuple]) -> tuple[str, list]:
+        """``INSERT INTO t (columns) <source>``: the source of ``rows`` and its parameters.
+        ``types`` are the columns' SQLite types (``TEXT``, ``INTEGER``, ``REAL``, ``BLOB``)."""
+        one = "(" + ", ".join("?" * len(types)) + ")"
+        return "VALUES " + ", ".join([one] * len(rows)), [value for row in rows for value in row]
+
+    def bulk_limit(self, columns: int) -> int:
+        """The most rows ``bulk_rows`` may give one statement."""
+        return max(1, self.max_parameters // columns)
+
     @staticmethod
     def translate(sql: str) -> str:
         return sql
@@ -79,7 +96,26 @@ class PostgresDialect(Dialect):
         return f"(CAST({column} AS jsonb) #>> '{{{','.join(keys)}}}')"
 
     def notify_transcripts(self, conn) -> None:
-        conn.execute(f"NOTIFY {TRANSCRIPTS_CHANNEL}")  # delivered when (and only if) the transaction commits
+        conn.notify_at_commit(TRANSCRIPTS_CHANNEL)  # sent with COMMIT: delivered when (and only if) it commits
+
+    _ARRAYS = {"TEXT": ("text[]", None), "INTEGER": ("bigint[]", int), "REAL": ("double precision[]", float),
+               "BLOB": ("bytea[]", bytes)}
+
+    @classmethod
+    def bulk_rows(cls, types: tuple[str, ...], rows: list[tuple]) -> tuple[str, list]:
+        """``SELECT * FROM unnest(?, ?, ...)``: one typed array per column. The statement is the
+        same for any number of rows (parsed and planned like a small one), and the values travel
+        as a few arrays instead of thousands of parameters. Values are made the column's Python
+        type (an array is one type: 0 and 0.5 both float)."""
+        arrays, columns = [], list(zip(*rows)) if rows else [()] * len(types)
+        for kind, column in zip(types, columns):
+            cast = cls._ARRAYS[kind][1]
+            arrays.append([value if value is None or cast is None else cast(value) for value in column])
+        source = ", ".join(f"CAST(? AS {cls._ARRAYS[kind][0]})" for kind in types)
+        return f"SELECT * FROM unnest({source})", arrays
+
+    def bulk_limit(self, columns: int) -> int:
+        return 1 << 30  # one parameter per column, however many rows
 
     @staticmethod
     @functools.lru_cache(maxsize=1024)

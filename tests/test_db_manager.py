@@ -96,6 +96,64 @@ def test_register_is_idempotent_and_duplicates_are_one_file(db):
     assert db.ensure_jobs(TRANSLATION, "de") == 0
 
 
+def test_bulk_registration_is_what_one_insert_after_another_would_be(db):
+    recs = records(1100)  # three transactions of bulk inserts (_CHUNK = 500)
+    copy = MediaRecord("/elsewhere/copy.wav", recs[3].sha256, recs[3].size, 7, "audio")  # same content, same chunk
+    moved = MediaRecord(recs[5].path, recs[5].sha256, 999, 9, "audio")                  # a path listed twice: the last
+    counts = db.register_files([*recs[:10], copy, moved, *recs[10:]], ["en", "he", "en"])
+    assert counts == {"new_files": 1100, "new_paths": 1102, "duplicates": 2}
+    assert db.paths_of(recs[3].sha256[:16]) == [recs[3].path, "/elsewhere/copy.wav"]
+    assert db.known_paths()[recs[5].path.encode()][:2] == (999, 9)
+    assert {key: c[NOT_STARTED] for key, c in db.counts().items()} == {
+        (TRANSCRIPTION, ""): 1100, (TRANSLATION, "en"): 1100, (TRANSLATION, "he"): 1100}
+    created = db.query("SELECT job_id, owner, from_status, to_status, attempt FROM events ORDER BY id")
+    assert [tuple(r)[1:] for r in created] == [(None, None, NOT_STARTED, 0)] * 3300
+    assert sorted(r[0] for r in created) == sorted(r["id"] for r in db.jobs())  # one creation event per job
+
+    done = db.claim(dbm.make_owner(), TRANSCRIPTION, limit=1)[0]
+    db.complete(done, Outcome({"json": {"path": "t/transcript.json", "sha256": "1" * 64, "size": 1}}))
+    db.register_files(recs[:600], ["en", "de"])  # a language added later: waits unless transcribed
+    parked = {r["file_id"]: r["run_after"] for r in db.jobs(stage=TRANSLATION, language="de")}
+    assert parked.pop(done.file_id) < dbm.PARKED and set(parked.values()) == {dbm.PARKED} and len(parked) == 599
+
+
+def test_touch_paths_marks_only_the_paths_seen(db):
+    recs = records(600)
+    db.register_files(recs, [])
+    seen = lambda: {bytes(r[0]): r[1] for r in db.query("SELECT path_bytes, last_seen FROM media_paths")}  # noqa: E731
+    before = seen()
+    time.sleep(0.01)
+    db.touch_paths([r.path.encode() for r in recs[::2]])
+    after = seen()
+    assert all((after[k] > before[k]) == (int(k.decode()[len("/archive/file"):-4]) % 2 == 0) for k in after)
+
+
+def test_registration_with_many_languages_splits_its_statements(db):
+    languages = ["en", "de", "he", "fr", "es", "it", "pl", "ru", "uk", "yi"]  # 5,000 translation jobs in a chunk
+    assert db.register_files(records(500), languages)["new_files"] == 500
+    assert sum(c[NOT_STARTED] for (stage, _), c in db.counts().items() if stage == TRANSLATION) == 5000
+
+
+def test_a_batch_claim_gives_each_job_its_media_transcript_and_event(db):
+    db.register_files(records(30), ["en"])
+    owner = dbm.make_owner()
+    transcribed = db.claim(owner, TRANSCRIPTION, limit=25)
+    assert len(transcribed) == 25 and len({j.id for j in transcribed}) == 25
+    paths = {r.sha256[:16]: r.path for r in records(30)}
+    assert all(j.media_path == paths[j.file_id] and j.outputs == {} and j.transcript_job is None for j in transcribed)
+    for n, job in enumerate(transcribed[:20]):
+        db.complete(job, Outcome({"json": {"path": f"{job.folder}/transcript.json", "sha256": f"{n:064d}", "size": n}}))
+    translations = db.claim(owner, TRANSLATION, "en", limit=50)
+    assert {j.file_id for j in translations} == {j.file_id for j in transcribed[:20]}
+    by_file = {j.file_id: j for j in transcribed}
+    for job in translations:
+        assert job.transcript_job == by_file[job.file_id].id and job.media_path == paths[job.file_id]
+        assert job.outputs["json"]["path"] == f"{job.folder}/transcript.json"
+    for job in [*transcribed, *translations]:
+        claimed = [e for e in db.events(job.id) if e["to_status"] == IN_PROGRESS]
+        assert [(e["owner"], e["from_status"], e["attempt"]) for e in claimed] == [(owner, NOT_STARTED, 1)]
+
+
 ODD_NAMES = [
     "with\nnewline.wav", "-leading-dash.mp3", "../../escape.wav", "x" * 240 + ".wav",
     "spaces and ümlauts – דוד.mp3", os.fsdecode(b"bad-\xff\xfe-bytes.wav"), "tab\there.wav",

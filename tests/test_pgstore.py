@@ -33,6 +33,30 @@ def pg(pg_url):
     store.close_all()
 
 
+def test_a_claim_reads_the_queue_in_order_and_a_large_registration_is_analyzed(pg):
+    pg.register_files(records(1500), ["en"])
+    analyzed = {r[0] for r in pg.query("SELECT relname FROM pg_stat_user_tables WHERE last_analyze IS NOT NULL")}
+    assert {"media_files", "media_paths", "jobs", "events"} <= analyzed
+    # The queue index ends with id (migration 6): the first jobs of the queue come from the index
+    # in the claim's order, no sort of every runnable job first.
+    plan = "\n".join(r[0] for r in pg.query(
+        "EXPLAIN SELECT id FROM jobs WHERE stage = 'transcription' AND language = '' AND status = 'not_started'"
+        " AND run_after <= ? ORDER BY run_after, id LIMIT 20 FOR UPDATE SKIP LOCKED", (pg.now(),)))
+    assert "jobs_queue" in plan and "Sort" not in plan, plan
+    # Transcripts completed since the ANALYZE (its statistics say none are): a translation claim
+    # still reads its queue in order, not every completed transcript first.
+    owner = dbm.make_owner()
+    with pg.transaction():
+        for job in pg.claim(owner, TRANSCRIPTION, limit=300):
+            pg.complete(job, Outcome({}))
+    plan = "\n".join(r[0] for r in pg.query(
+        "EXPLAIN SELECT id FROM jobs WHERE stage = 'translation' AND language = 'en' AND status = 'not_started'"
+        f" AND run_after <= ? AND {dbm._TRANSCRIBED_ROW} ORDER BY run_after, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        (pg.now(),)))
+    assert "jobs_queue" in plan and "Sort" not in plan, plan
+    assert len(pg.claim(owner, TRANSLATION, "en", limit=400)) == 300
+
+
 def test_a_claim_steps_over_rows_another_transaction_holds(pg, pg_url):
     import psycopg
 
