@@ -122,6 +122,9 @@ class FakeServer:
         self.answered_at: list[float] = []   # when each answer was written out
         self.in_flight = 0           # requests being served, a hanging one until the server stops
         self.max_in_flight = 0
+        # Requests a "hang" fault holds now: they end only when the server stops, so unlike
+        # in_flight (which an earlier test's leftover request may still lower) it never falls mid-test.
+        self.holding = 0
         self.drips_finished = 0      # "drip" answers sent to their last byte (a client that waited)
         self.concurrency_log: list[tuple[float, int]] = []
         # A plan's concurrency limit, as ElevenLabs enforces it: over the cap, 429 at once.
@@ -270,7 +273,13 @@ class FakeServer:
         elif fault.kind == "drip":
             self._drip(handler, fault)
         elif fault.kind == "hang":
-            self._stopping.wait(timeout=600)
+            with self.lock:
+                self.holding += 1
+            try:
+                self._stopping.wait(timeout=600)
+            finally:
+                with self.lock:
+                    self.holding -= 1
             handler.close_connection = True
         else:
             raise ValueError(f"unknown fault kind {fault.kind}")

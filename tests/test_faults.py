@@ -268,12 +268,12 @@ def test_broken_responses_are_retried_and_never_completed_empty(kind, stt, tmp_p
         return None
 
     stt.server.fault = fault
-    hanging_before = stt.server.in_flight
+    held_before = stt.server.holding
     result = run(TRANSCRIBE, tmp_path, {**env_for(stt), "VERBATIM_REQUEST_TIMEOUT": "2"},
                  "--input", str(tmp_path / "in"), "--workers", "4", timeout=120)
     assert result.returncode == 0, result.stderr
     if kind == "hang":  # the run was done while the server still held the three hung requests
-        assert stt.server.in_flight - hanging_before == 3
+        assert stt.server.holding - held_before == 3
     assert_exactly_once_and_verified(tmp_path, "transcription", expected=4)
     for row in db_rows(tmp_path, "SELECT outputs FROM jobs WHERE stage='transcription'"):
         text = recorded_file(tmp_path / "out", json.loads(row["outputs"])["txt"]).read_text()

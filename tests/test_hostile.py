@@ -303,7 +303,7 @@ def test_a_translation_answer_held_back_times_out_per_the_setting(provider, tmp_
         fake.server.fault = _first_n(1, Fault("hang"))
         result = run(TRANSLATE, tmp_path, fake.env(), "--language", "en", "--provider", provider,
                      "--env-file", str(tmp_path / "settings.env"), timeout=100)
-        held = fake.server.in_flight  # the run ended while the server still held the answer back
+        held = fake.server.holding  # the run ended while the server still held the answer back
     assert result.returncode == 0, result.stderr
     assert held >= 1
     assert db_rows(tmp_path, "SELECT 1 FROM events WHERE error_class = 'timeout'")

@@ -400,10 +400,10 @@ def test_transient_faults_are_retryable(stt, media, provider, fault):
 @pytest.mark.parametrize("provider", ["openai", "elevenlabs"])
 def test_a_hanging_server_times_out(stt, media, provider):
     fault_always(stt, Fault("hang"))
-    hanging_before = stt.server.in_flight
+    held_before = stt.server.holding
     with pytest.raises(RetryableError) as caught:
         MAKERS[provider](stt, timeout=1.0).transcribe_chunk(media["short.ogg"])
-    assert stt.server.in_flight > hanging_before  # it gave up while the server still held the request
+    assert stt.server.holding == held_before + 1  # it gave up while the server still held the request
     assert caught.value.error_class == "timeout"
 
 
