@@ -555,20 +555,8 @@ class JobStore:
             ("BLOB", "TEXT", "TEXT", "INTEGER", "INTEGER", "REAL", "REAL"), list(paths.values()),
             "ON CONFLICT(path_bytes) DO UPDATE SET file_id = excluded.file_id, size = excluded.size,"
             " mtime_ns = excluded.mtime_ns, last_seen = excluded.last_seen")
-        jobs = "jobs (file_id, stage, language, max_attempts, run_after, created_at, updated_at)"
-        types = ("TEXT", "TEXT", "TEXT", "INTEGER", "REAL", "REAL", "REAL")
-        created = self._bulk_insert(conn, jobs, types, [(f, TRANSCRIPTION, "", max_attempts, 0.0, now, now)
-                                                        for f in files], "ON CONFLICT DO NOTHING RETURNING id, file_id")
-        known = sorted(set(files) - {row[1] for row in created})  # registered before: is it transcribed?
-        transcribed = {row[0] for row in conn.execute(
-            "SELECT file_id FROM jobs WHERE stage = 'transcription' AND language = '' AND status = 'completed'"
-            f" AND file_id IN ({self.dialect.json_list('?')})", (json.dumps(known),))} if known else set()
-        if languages:  # a translation is parked unless its transcript is done
-            created += self._bulk_insert(
-                conn, jobs, types, [(f, TRANSLATION, language, max_attempts, 0.0 if f in transcribed else PARKED,
-                                     now, now) for f in files for language in languages],
-                "ON CONFLICT DO NOTHING RETURNING id, file_id")
-        self._log_many(conn, [(now, job_id, None, None, NOT_STARTED, 0) for job_id in sorted(r[0] for r in created)])
+        wanted = [(f, TRANSCRIPTION, "") for f in files] + [(f, TRANSLATION, lang) for f in files for lang in languages]
+        self._add_jobs(conn, wanted, max_attempts, now)
         return len(new)
 
     def _bulk_insert(self, conn, into: str, types: tuple[str, ...], rows: list[tuple], tail: str = "") -> list:
@@ -591,22 +579,21 @@ class JobStore:
         """After a large registration: let the database's planner see the new rows (a backend
         whose planner needs it says so; SQLite's plans here do not depend on statistics)."""
 
-    @staticmethod
-    def _ensure(conn, file_id, stage, language, max_attempts, now, *, transcribed: bool | None = None) -> bool:
-        """Create the job if it is missing; a translation is parked unless its transcript is done
-        (``transcribed``, looked up when not given)."""
-        run_after = 0.0
-        if stage == TRANSLATION:
-            if transcribed is None:
-                transcribed = JobStore._transcribed(conn, file_id)
-            run_after = 0.0 if transcribed else PARKED
-        row = conn.execute(
-            "INSERT INTO jobs (file_id, stage, language, max_attempts, run_after, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
-            (file_id, stage, language, max_attempts, run_after, now, now)).fetchone()
-        if row is not None:
-            JobStore._log(conn, row[0], None, None, NOT_STARTED, 0, at=now)
-        return row is not None
+    def _add_jobs(self, conn, wanted: list[tuple[str, str, str]], max_attempts: int, now: float) -> int:
+        """Create the jobs ``wanted`` ((file_id, stage, language)) that do not exist yet, in bulk,
+        each with its first event; a translation is parked unless its transcript is done (one
+        lookup for all). Returns how many were created."""
+        translated = sorted({f for f, stage, _ in wanted if stage == TRANSLATION})
+        transcribed = {row[0] for row in conn.execute(
+            "SELECT file_id FROM jobs WHERE stage = 'transcription' AND language = '' AND status = 'completed'"
+            f" AND file_id IN ({self.dialect.json_list('?')})", (json.dumps(translated),))} if translated else set()
+        created = self._bulk_insert(
+            conn, "jobs (file_id, stage, language, max_attempts, run_after, created_at, updated_at)",
+            ("TEXT", "TEXT", "TEXT", "INTEGER", "REAL", "REAL", "REAL"),
+            [(f, stage, language, max_attempts, PARKED if stage == TRANSLATION and f not in transcribed else 0.0,
+              now, now) for f, stage, language in wanted], "ON CONFLICT DO NOTHING RETURNING id")
+        self._log_many(conn, [(now, job_id, None, None, NOT_STARTED, 0) for job_id in sorted(r[0] for r in created)])
+        return len(created)
 
     def ensure_jobs(self, stage: str, language: str = "", *,
                     max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> int:
@@ -617,12 +604,7 @@ class JobStore:
             missing = conn.execute(
                 "SELECT file_id FROM media_files WHERE file_id NOT IN"
                 " (SELECT file_id FROM jobs WHERE stage = ? AND language = ?)", (stage, language)).fetchall()
-            return sum(self._ensure(conn, r[0], stage, language, max_attempts, now) for r in missing)
-
-    @staticmethod
-    def _transcribed(conn, file_id: str) -> bool:
-        return conn.execute("SELECT 1 FROM jobs WHERE file_id = ? AND stage = 'transcription' AND language = ''"
-                            " AND status = 'completed'", (file_id,)).fetchone() is not None
+            return self._add_jobs(conn, [(r[0], stage, language) for r in missing], max_attempts, now)
 
     @staticmethod
     def _release_translations(conn, file_id: str, now: float) -> None:

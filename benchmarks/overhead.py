@@ -125,20 +125,29 @@ def child(target: str, out: Path, threads: int, batch_size: int, profile: bool) 
     return 0
 
 
+def _timed_commits(conn, begin: str, insert: str, count: int) -> float:
+    """Seconds for ``count`` transactions of one insert each: the database's own commit rate."""
+    started = time.perf_counter()
+    for n in range(count):
+        conn.execute(begin)
+        conn.execute(insert, (n,))
+        conn.execute("COMMIT")
+    return time.perf_counter() - started
+
+
+def _raw_row(backend: str, what: str, count: int, seconds: float) -> dict:
+    return {"backend": backend, "what": what, "count": count, "processes": 1, "threads": 1,
+            "seconds": round(seconds, 3), "per_second": round(count / seconds, 1), "target": ""}
+
+
 def raw_commits(work: Path, count: int) -> dict:
     conn = sqlite3.connect(str(work / "raw.db"), isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("CREATE TABLE t (n INTEGER)")
-    started = time.perf_counter()
-    for n in range(count):
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("INSERT INTO t VALUES (?)", (n,))
-        conn.execute("COMMIT")
-    seconds = time.perf_counter() - started
+    seconds = _timed_commits(conn, "BEGIN IMMEDIATE", "INSERT INTO t VALUES (?)", count)
     conn.close()
-    return {"backend": "sqlite", "what": "raw commits, one connection (WAL, FULL)", "count": count, "processes": 1,
-            "threads": 1, "seconds": round(seconds, 3), "per_second": round(count / seconds, 1), "target": ""}
+    return _raw_row("sqlite", "raw commits, one connection (WAL, FULL)", count, seconds)
 
 
 def raw_pg_commits(stores: JobStores, count: int) -> dict:
@@ -146,15 +155,8 @@ def raw_pg_commits(stores: JobStores, count: int) -> dict:
 
     with psycopg.connect(stores.new("postgresql", "raw"), autocommit=True) as conn:
         conn.execute("CREATE TABLE t (n BIGINT)")
-        started = time.perf_counter()
-        for n in range(count):
-            conn.execute("BEGIN")
-            conn.execute("INSERT INTO t VALUES (%s)", (n,))
-            conn.execute("COMMIT")
-        seconds = time.perf_counter() - started
-    return {"backend": "postgresql", "what": "raw commits, one connection (local TCP)", "count": count,
-            "processes": 1, "threads": 1, "seconds": round(seconds, 3), "per_second": round(count / seconds, 1),
-            "target": ""}
+        seconds = _timed_commits(conn, "BEGIN", "INSERT INTO t VALUES (%s)", count)
+    return _raw_row("postgresql", "raw commits, one connection (local TCP)", count, seconds)
 
 
 def raw_writes(work: Path, count: int, threads: int) -> dict:

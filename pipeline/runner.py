@@ -314,11 +314,23 @@ class Runner:
         return count, earliest, following
 
     def _with_database(self, action, what: str, *, retry_on=sqlite3.OperationalError):
-        """``action()``, retried with backoff while the job database cannot be used (``retry_on``:
-        by default what the stores classify as "retry later": a lock, a busy file, a PostgreSQL
-        server that is down or unreachable) for ``commit_patience`` seconds. Then, or once the
-        run was stopped for this already, the run stops with exit 2 (``StopSignal.not_recorded``)
-        and this returns None; on an abort it returns None at once."""
+        """``action()``, retried while the job database cannot be used (``retry_on``: by default
+        what the stores classify as "retry later": a lock, a busy file, a PostgreSQL server that
+        is down or unreachable; see ``_patiently``). Past the patience, or once the run was
+        stopped for this already, the run stops with exit 2 (``StopSignal.not_recorded``) and
+        this returns None; on an abort it returns None at once."""
+        try:
+            return self._patiently(action, what, retry_on, give_up=lambda: bool(self.stop.unrecorded))
+        except retry_on as exc:
+            if not self.stop.abort.is_set():
+                self.stop.not_recorded(f"the job database was unavailable for {self.options.commit_patience:.0f} s"
+                                       f" while {what} ({exc})")
+                log.error("%s: the job database stayed unavailable: %s", what, exc)
+            return None
+
+    def _patiently(self, action, what: str, retry_on, *, give_up=lambda: False):
+        """``action()``, retried with jittered backoff on ``retry_on`` for ``commit_patience``
+        seconds; the last error is raised once that is spent, the run aborts, or ``give_up()``."""
         deadline = self.clock.monotonic() + self.options.commit_patience
         tries = 0
         while True:
@@ -327,13 +339,8 @@ class Runner:
             except retry_on as exc:
                 tries += 1
                 left = deadline - self.clock.monotonic()
-                if self.stop.abort.is_set():
-                    return None
-                if left <= 0 or self.stop.unrecorded:
-                    self.stop.not_recorded(f"the job database was unavailable for {self.options.commit_patience:.0f} s"
-                                           f" while {what} ({exc})")
-                    log.error("%s: the job database stayed unavailable: %s", what, exc)
-                    return None
+                if left <= 0 or self.stop.abort.is_set() or give_up():
+                    raise
                 delay = min(left, errors.retry_delay(tries, None, base=0.2, cap=COMMIT_RETRY_CAP_SECONDS))
                 log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
                 self.clock.wait(self.stop.abort, delay)
@@ -445,20 +452,8 @@ class Runner:
     def _commit(self, job: Job, outcome: Outcome) -> None:
         """Record the completion; a database error (a lock another program holds, a full disk) is
         retried with backoff for ``commit_patience`` seconds, never dropped."""
-        deadline = self.clock.monotonic() + self.options.commit_patience
-        tries = 0
-        while True:
-            try:
-                self.db.complete(job, outcome)
-                return
-            except sqlite3.Error as exc:
-                tries += 1
-                left = deadline - self.clock.monotonic()
-                if left <= 0 or self.stop.abort.is_set():
-                    raise
-                delay = min(left, errors.retry_delay(tries, None, base=0.2, cap=COMMIT_RETRY_CAP_SECONDS))
-                log.warning("recording job %s failed (%s); retrying in %.1f s, the answer is kept", job.id, exc, delay)
-                self.clock.wait(self.stop.abort, delay)
+        self._patiently(lambda: self.db.complete(job, outcome), f"recording job {job.id} (the answer is kept)",
+                        sqlite3.Error)
 
     def _publish(self, job: Job, outcome: Outcome) -> None:
         """Move the winner's staged files to their final names; drop the job's spooled answers."""

@@ -4,6 +4,7 @@ over one output folder; the server stopped mid-run; a translation follower woken
 pool sized for the workers. Each asserts counts and order, never wall-clock durations.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -242,6 +243,39 @@ class _Seen(logging.Handler):
             self.event.set()
 
 
+@contextlib.contextmanager
+def _runner_says(text):
+    """A ``_Seen`` on the runner's log for the block."""
+    from pipeline import runner as runner_module
+
+    seen = _Seen(text)
+    runner_module.log.addHandler(seen)
+    try:
+        yield seen
+    finally:
+        runner_module.log.removeHandler(seen)
+
+
+def _run_aside(runner):
+    """``runner.run()`` started on a thread; its summary lands in the dict once it returns."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("summary", runner.run()))
+    thread.start()
+    return thread, result
+
+
+def _store_with_files(pg_url, count):
+    """The store on a pool that waits 0.5 s (shorter than any outage here), ``count`` files registered."""
+    import hashlib
+
+    import db_manager as dbm
+
+    store = dbm.open_job_store(pg_url, pool_timeout=0.5)
+    store.register_files([dbm.MediaRecord(f"/archive/f{i}.wav", hashlib.sha256(b"%d" % i).hexdigest(), 1, 1, "audio")
+                          for i in range(count)], [])
+    return store
+
+
 def _following_runner(pg_url, *, patience):
     """A translation run with nothing to claim yet that follows a transcription (``follow``): it
     keeps asking the store for work, on a pool whose wait (0.5 s) is shorter than the outage."""
@@ -260,26 +294,22 @@ def test_an_outage_longer_than_the_pool_wait_is_waited_out_by_a_run_looking_for_
     from pipeline import runner as runner_module
 
     store, runner, following = _following_runner(pg_url, patience=600)
-    seen = _Seen("retrying")
-    runner_module.log.addHandler(seen)
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("summary", runner.run()))
-    try:
-        thread.start()
-        pg_server.stop()
+    with _runner_says("retrying") as seen:
+        thread, result = _run_aside(runner)
         try:
-            assert seen.event.wait(60), seen.messages  # the store said "unavailable" to the waiting run
+            pg_server.stop()
+            try:
+                assert seen.event.wait(60), seen.messages  # the store said "unavailable" to the waiting run
+            finally:
+                pg_server.start()
+            following.clear()  # the transcription it followed is over: the run may end
+            thread.join(120)
         finally:
-            pg_server.start()
-        following.clear()  # the transcription it followed is over: the run may end
-        thread.join(120)
-    finally:
-        runner_module.log.removeHandler(seen)
-        following.clear()
-        if thread.is_alive():
-            runner.stop.request()
-            thread.join(30)
-        store.close_all()
+            following.clear()
+            if thread.is_alive():
+                runner.stop.request()
+                thread.join(30)
+            store.close_all()
     assert "summary" in result, "the run died while the database was away"
     assert runner_module.exit_code([result["summary"]], runner.stop) == 0 and runner.stop.unrecorded is None
 
@@ -288,12 +318,8 @@ def test_a_database_away_longer_than_the_patience_stops_the_run_with_exit_2_and_
     from pipeline import runner as runner_module
 
     store, runner, following = _following_runner(pg_url, patience=0.5)
-    seen = _Seen("retrying")
-    runner_module.log.addHandler(seen)
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("summary", runner.run()))
+    thread, result = _run_aside(runner)
     try:
-        thread.start()
         _wait_for(lambda: store.query("SELECT 1"), "the run to start")
         pg_server.stop()
         try:
@@ -301,7 +327,6 @@ def test_a_database_away_longer_than_the_patience_stops_the_run_with_exit_2_and_
         finally:
             pg_server.start()
     finally:
-        runner_module.log.removeHandler(seen)
         following.clear()
         store.close_all()
     assert not thread.is_alive() and "summary" in result, "the run died or hung while the database was away"
@@ -412,16 +437,11 @@ def test_a_job_whose_work_finds_the_database_away_is_retried_not_left_in_progres
     """The work itself reads the store (a transcription looks up the file's paths) and the server
     is gone for longer than the pool's wait: the job is not the file's failure, and recording that
     must wait for the server too, or the run would end with exit 0 and the job still in progress."""
-    import hashlib
-
     import db_manager as dbm
     from pipeline import runner as runner_module
     from pipeline.runner import RunOptions, Runner
 
-    store = dbm.open_job_store(pg_url, pool_timeout=0.5)
-    store.register_files([dbm.MediaRecord(f"/archive/f{i}.wav", hashlib.sha256(b"%d" % i).hexdigest(), 1, 1, "audio")
-                          for i in range(2)], [])
-    seen = _Seen("retrying")
+    store = _store_with_files(pg_url, 2)
     calls = []
 
     def work(job):
@@ -433,12 +453,11 @@ def test_a_job_whose_work_finds_the_database_away_is_retried_not_left_in_progres
         return dbm.Outcome({}, provider="fake")
 
     runner = Runner(store, RunOptions("transcription", workers=1, threads=1, batch_size=1, quiet=True), work)
-    runner_module.log.addHandler(seen)
-    try:
-        summary = runner.run()
-    finally:
-        runner_module.log.removeHandler(seen)
-        _wait_for(lambda: _server_up(store), "the server to be back")
+    with _runner_says("retrying") as seen:
+        try:
+            summary = runner.run()
+        finally:
+            _wait_for(lambda: _server_up(store), "the server to be back")
     jobs = store.jobs(stage="transcription")
     store.close_all()
     assert [j["status"] for j in jobs] == ["completed", "completed"], [dict(j) for j in jobs]
@@ -450,16 +469,10 @@ def test_a_run_stopped_while_the_database_is_away_ends_without_giving_back_its_q
     """Ctrl-C while the server is down: the queued jobs cannot be given back. The run says so in
     one warning and ends (they return when their lease expires); the job it was doing still
     waits for the server to record its paid answer."""
-    import hashlib
-
     import db_manager as dbm
-    from pipeline import runner as runner_module
     from pipeline.runner import RunOptions, Runner
 
-    store = dbm.open_job_store(pg_url, pool_timeout=0.5)
-    store.register_files([dbm.MediaRecord(f"/archive/f{i}.wav", hashlib.sha256(b"%d" % i).hexdigest(), 1, 1, "audio")
-                          for i in range(4)], [])
-    seen = _Seen("could not give back")
+    store = _store_with_files(pg_url, 4)
     runner = Runner(store, RunOptions("transcription", workers=1, threads=1, batch_size=4, quiet=True), None)
 
     def work(job):
@@ -470,12 +483,11 @@ def test_a_run_stopped_while_the_database_is_away_ends_without_giving_back_its_q
         return dbm.Outcome({}, provider="fake")
 
     runner.work = work
-    runner_module.log.addHandler(seen)
-    try:
-        summary = runner.run()
-    finally:
-        runner_module.log.removeHandler(seen)
-        _wait_for(lambda: _server_up(store), "the server to be back")
+    with _runner_says("could not give back") as seen:
+        try:
+            summary = runner.run()
+        finally:
+            _wait_for(lambda: _server_up(store), "the server to be back")
     statuses = sorted(j["status"] for j in store.jobs(stage="transcription"))
     store.close_all()
     assert seen.event.is_set() and summary.completed == 1 and summary.released == 0
