@@ -28,11 +28,15 @@ paced, they stay rare.
 
 Providers that say their budget in response headers (OpenAI's ``x-ratelimit-limit-requests``,
 ``-remaining-requests``, ``-reset-requests``) report it after every answer (``report_rate_limit``,
-a provider-neutral ``RateLimitInfo``), and then the budget paces the starts: of the newest report
-(by when its request started), ``remaining`` may start before its reset and ``limit`` after it,
-less the requests started since. That holds for a fixed window (the count is back to ``limit`` at
-the reset) and for a token bucket (full at the reset, topped up before it: the next answers say
-so), so ``remaining`` is never driven to 0 before the reset. Such a provider's first request goes
+a provider-neutral ``RateLimitInfo``), and then the budget paces the starts: of each report,
+``remaining`` may start before its reset and ``limit`` after it, less the requests the provider
+may have counted after the report's own (those started after it, and those started before it and
+still out). Answers overtake each other on the way out and back, so the newest request's report is
+not always the latest word: every report stands, and the tightest binds, until a request started
+after it came back has reported too (or its reset is past and a newer report resets no earlier).
+That holds for a fixed window (the count is back to ``limit`` at the reset) and for a token bucket
+(full at the reset, topped up before it: the next answers say so), so ``remaining`` is never
+driven to 0 before the reset. Such a provider's first request goes
 alone (its budget is unknown, and a first wave of every worker at once is exactly what would be
 refused); its answer's report then paces the rest, with every worker free to send.
 
@@ -49,8 +53,8 @@ the real one unless a test passes a fake).
 
 from __future__ import annotations
 
+import bisect
 import contextvars
-import dataclasses
 import random
 import re
 import threading
@@ -134,15 +138,22 @@ def parse_duration(text) -> float | None:
 
 
 @dataclass(frozen=True)
-class _Budget:
-    sent_at: float      # when the request whose answer said it started (monotonic)
+class _Start:
+    at: float           # monotonic
+    serial: int         # starts of this limiter before it: orders starts when the clock cannot
+
+
+@dataclass(frozen=True)
+class _Report:
+    """A provider's report (``RateLimitInfo``) as a bound on the starts from now on."""
+    serial: int         # of the request whose answer said it
+    seen_after: int     # starts before the report came: a request with a later serial started after it
     remaining: int
     reset_at: float     # monotonic
     limit: int
-    unseen: int         # requests started before it, still unanswered: maybe not counted in it yet
 
 
-# The call in progress on this thread: (limiter, start time), for report_rate_limit.
+# The call in progress on this thread: (limiter, _Start), for report_rate_limit.
 _current_call: contextvars.ContextVar = contextvars.ContextVar("verbatim_limiter_call", default=None)
 # Providers that send rate-limit headers (they say so when built), by limiter name.
 _header_providers: set[str] = set()
@@ -164,8 +175,8 @@ def report_rate_limit(info: RateLimitInfo | None) -> None:
     current = _current_call.get()
     if current is None or info is None:
         return
-    limiter, started = current
-    limiter.observe(info, started)
+    limiter, start = current
+    limiter.observe(info, start)
 
 
 class Stopping(Exception):
@@ -212,8 +223,9 @@ class ProviderLimiter:
         self._tokens = self._burst()
         self._refilled = self.clock.monotonic()
         # header budget
-        self._budget: _Budget | None = None
-        self._starts: deque[float] = deque(maxlen=100_000)  # start times since the newest report
+        self._reports: list[_Report] = []   # every report that may still be the tightest, by serial
+        self._serials: list[int] = []       # serials of the requests in flight, ascending
+        self._started_count = 0
         self._reset_guard = RESET_GUARD
         if name in _header_providers:
             self.limit = 1
@@ -221,7 +233,7 @@ class ProviderLimiter:
     def expect_headers(self) -> None:
         """Start in slow start (see the module docstring), unless a budget is known already."""
         with self._cond:
-            if self._budget is None and self.limit == self.ceiling:
+            if not self._reports and self.limit == self.ceiling:
                 self.limit = 1
 
     # -- the public entry point -----------------------------------------------------------
@@ -230,13 +242,14 @@ class ProviderLimiter:
         deadline = self.clock.monotonic() + self.patience
         refused = 0
         while True:
-            started = self._acquire(stop, deadline)
-            token = _current_call.set((self, started))
+            start = self._acquire(stop, deadline)
+            started = start.at
+            token = _current_call.set((self, start))
             try:
                 result = fn()
             except errors.RateLimitError as exc:
                 _current_call.reset(token)
-                self._release(started)
+                self._release(start)
                 if exc.concurrency:
                     refused += 1
                     delay = self._on_concurrency_limited(exc, refused, started)
@@ -253,10 +266,10 @@ class ProviderLimiter:
                 continue
             except BaseException:
                 _current_call.reset(token)
-                self._release(started)
+                self._release(start)
                 raise
             _current_call.reset(token)
-            self._release(started, success=True)
+            self._release(start, success=True)
             return result
 
     def _check_patience(self, exc: errors.RateLimitError, delay: float) -> None:
@@ -274,8 +287,8 @@ class ProviderLimiter:
                 status=429, error_class="rate_limited") from exc
 
     # -- acquiring and releasing a slot ---------------------------------------------------
-    def _acquire(self, stop, deadline) -> float:
-        """Wait until a request may start; returns its start time."""
+    def _acquire(self, stop, deadline) -> _Start:
+        """Wait until a request may start; returns when it did."""
         started = self.clock.monotonic()
         waited = False
         with self._cond:
@@ -297,19 +310,23 @@ class ProviderLimiter:
                 self.clock.wait(self._cond, min(max(wait, 0.01), 0.5) if wait is not None and wait > 0 else 0.5)
             self._in_flight += 1
             self._running.append(now)
-            self._starts.append(now)
+            start = _Start(now, self._started_count)
+            self._serials.append(start.serial)
+            self._started_count += 1
             if self._first_start is None:
                 self._first_start = now
             self.stats.requests += 1
             if waited:
                 self.stats.waits += 1
                 self.stats.wait_seconds += now - started
-        return now
+        return start
 
-    def _release(self, started: float, success: bool = False) -> None:
+    def _release(self, start: _Start, success: bool = False) -> None:
+        started = start.at
         with self._cond:
             self._in_flight -= 1
             self._running.remove(started)
+            self._serials.remove(start.serial)
             if success:
                 now = self.clock.monotonic()
                 self._consecutive_429 = 0
@@ -343,45 +360,52 @@ class ProviderLimiter:
         return 0.0
 
     def _budget_wait(self, now: float) -> float | None:
-        """0 when the newest reported budget has a request left for now; else until its reset,
-        or None (wait for an answer) when the reset is past and its whole limit is already out."""
-        budget = self._budget
-        if budget is None:
-            return 0.0
-        since = budget.unseen + sum(1 for t in self._starts if t > budget.sent_at)
-        allowed = budget.limit if now >= budget.reset_at else budget.remaining
-        if allowed - since >= 1:
-            return 0.0
-        if now < budget.reset_at:
-            return budget.reset_at - now
-        return None if self._in_flight else 0.0  # nothing out: no newer report will come
+        """0 when every report still standing has a request left for now; else until the latest
+        reset among those that have none before it, or None (wait for an answer) when a reset is
+        past and that report's whole limit is already out."""
+        self._drop_overtaken_reports(now)
+        waits = []
+        for report in self._reports:
+            since = self._started_since(report)
+            allowed = report.limit if now >= report.reset_at else report.remaining
+            if allowed - since >= 1:
+                continue
+            if now < report.reset_at:
+                waits.append(report.reset_at - now)
+            else:
+                return None if self._in_flight else 0.0  # nothing out: no newer report will come
+        return max(waits, default=0.0)
 
-    def observe(self, info: RateLimitInfo, started: float) -> None:
-        """A provider's report from the answer to the request started at ``started``. Answers
-        overtake each other, on the way out and on the way in, so within one period (the same
-        reset, give or take) the lowest count left is the latest word and the latest reset the
-        least early; the newest request's report gives the period and the start of the count."""
+    def _started_since(self, report: _Report) -> int:
+        """Requests the provider may have counted after the report's own: those started after it,
+        and those started before it and still out (they may have reached the provider later).
+        One started before it and answered since has a report of its own, which counts it."""
+        return (self._started_count - report.serial - 1) + bisect.bisect_left(self._serials, report.serial)
+
+    def _drop_overtaken_reports(self, now: float) -> None:
+        """A report whose reset is past says no more than a newer one that resets no earlier."""
+        kept, latest_newer = [], float("-inf")
+        for report in reversed(self._reports):
+            if not (now >= report.reset_at and latest_newer >= report.reset_at):
+                kept.append(report)
+            latest_newer = max(latest_newer, report.reset_at)
+        kept.reverse()
+        self._reports = kept
+
+    def observe(self, info: RateLimitInfo, start: _Start) -> None:
+        """A provider's report from the answer to the request ``start``. Answers overtake each
+        other, on the way out and on the way in, so the newest request's report is not always
+        the latest word: every report stands as a bound on the starts from now on (the tightest
+        one binds), until a request started after it came back has reported too."""
         with self._cond:
-            budget, guard = self._budget, self._reset_guard
-            reset_at = started + info.reset_seconds + guard
-            same = budget is not None and reset_at <= budget.reset_at + 2 * guard and started < budget.reset_at
-            remaining = min(info.remaining, budget.remaining) if same else info.remaining
-            if budget is not None and started < budget.sent_at:
-                if same and remaining < budget.remaining:
-                    self._budget = dataclasses.replace(budget, remaining=remaining)
-                return
-            if same:
-                reset_at = max(reset_at, budget.reset_at)
-            # Requests started before this one and not yet answered may have reached the provider
-            # after it, uncounted in ``remaining``.
-            unseen = sum(1 for t in self._running if t < started)
-            if budget is None:
+            if not self._reports:
                 # The first report ends the slow start: from now on the budget paces the starts,
                 # so holding the concurrency low as well would only idle the workers.
                 self.limit = max(self.limit, self.ceiling)
-            self._budget = _Budget(started, remaining, reset_at, info.limit, unseen)
-            while self._starts and self._starts[0] <= started:
-                self._starts.popleft()
+            reset_at = start.at + info.reset_seconds + self._reset_guard
+            report = _Report(start.serial, self._started_count, info.remaining, reset_at, info.limit)
+            kept = [r for r in self._reports if r.seen_after > start.serial]
+            self._reports = sorted(kept + [report], key=lambda r: r.serial)
             self._cond.notify_all()
 
     def _slot_free_in(self, now: float) -> float | None:
@@ -440,7 +464,7 @@ class ProviderLimiter:
             self._last_429 = now
             # ``_in_flight`` no longer counts this request: it is what the provider did accept.
             self.limit = max(1, min(self.limit, self._in_flight))
-            if self._budget is not None:
+            if self._reports:
                 # The provider states its budget: a refusal means its reset came later than we
                 # reckoned, not that the rate is unknown. Trust resets a little later from now on.
                 self._reset_guard = min(RESET_GUARD_CAP, self._reset_guard * 2)

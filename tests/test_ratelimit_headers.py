@@ -71,3 +71,76 @@ def test_header_formats():
                                        "x-ratelimit-reset-requests": "1s"})
     assert info == RateLimitInfo(60, 59, 1.0)
     assert RateLimitInfo.from_headers({"content-type": "application/json"}) is None
+
+
+# -- reports that overtake each other (a fake clock: nothing here waits on real time) ---------
+
+class Held:
+    """One request on its own thread: it starts under the limiter, then waits until the test lets
+    the provider's answer (with its rate-limit report) come back."""
+
+    def __init__(self, limiter: ProviderLimiter, report=None):
+        self.report, self.answer, self.started = report, threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=limiter.call, args=(self._request,), daemon=True)
+        self.thread.start()
+
+    def _request(self):
+        from pipeline.limiter import report_rate_limit
+        self.started.set()
+        assert self.answer.wait(30)
+        report_rate_limit(self.report)
+
+    def answered(self) -> None:
+        self.answer.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def started_alone(limiter: ProviderLimiter, report, clock) -> Held:
+    held = Held(limiter, report)
+    assert held.started.wait(30)
+    clock.advance(0.001)  # the next request starts a moment later
+    return held
+
+
+def test_a_report_overtaken_on_the_way_back_still_counts():
+    """A token bucket of 4 per second (full: 4). P, Q, R start in that order; the provider counts
+    Q, R, P (4 - 1 for the first request: 2, 1, 0 left) and the answers come back Q, P, R. R is the
+    newest request, but P's report is the latest word: nothing is left until the bucket refills."""
+    from pipeline.limiter import RateLimitInfo
+    from tests.fakeclock import FakeClock
+
+    clock = FakeClock()
+    limiter = ProviderLimiter("overtaken", clock=clock)
+    started_alone(limiter, RateLimitInfo(4, 3, 0.25), clock).answered()
+    p = started_alone(limiter, RateLimitInfo(4, 0, 1.0), clock)
+    q = started_alone(limiter, RateLimitInfo(4, 2, 0.5), clock)
+    r = started_alone(limiter, RateLimitInfo(4, 1, 0.75), clock)
+    for held in (q, p, r):
+        held.answered()
+    fourth = Held(limiter)
+    assert not fourth.started.wait(0.3), "a request started while the provider's bucket was empty"
+    clock.advance(1.2)
+    assert fourth.started.wait(30), "the bucket refilled, but no request started"
+    fourth.answered()
+
+
+def test_a_late_report_from_a_long_request_holds_nobody_back():
+    """A long request's report arrives after a dozen newer ones: its window reset long ago, and the
+    newer reports say more; the next request starts at once, though another is still out."""
+    from pipeline.limiter import RateLimitInfo
+    from tests.fakeclock import FakeClock
+
+    clock = FakeClock()
+    limiter = ProviderLimiter("late-report", clock=clock)
+    long = started_alone(limiter, RateLimitInfo(12, 11, 1.0), clock)
+    clock.advance(5.0)
+    for left in range(10, 0, -1):
+        started_alone(limiter, RateLimitInfo(12, left, 1.0), clock).answered()
+    clock.advance(5.0)
+    out = started_alone(limiter, RateLimitInfo(12, 11, 1.0), clock)
+    long.answered()
+    nxt = Held(limiter, RateLimitInfo(12, 10, 1.0))
+    assert nxt.started.wait(30), "a stale report held the next request back"
+    for held in (out, nxt):
+        held.answered()
