@@ -212,7 +212,7 @@ class ProviderLimiter:
         # rate learning
         self._learned_rps: float | None = None
         self._first_start: float | None = None
-        self._running: list[float] = []            # start times of the requests in flight
+        self._running: list[_Start] = []           # the requests in flight, by serial
         self._accepted: deque[float] = deque()     # start times of recent successful requests
         self._answered: deque[tuple[float, float]] = deque()  # (end, grace) of recent successes
         self._cap_learned = False                  # a concurrency 429 set the ceiling
@@ -224,7 +224,6 @@ class ProviderLimiter:
         self._refilled = self.clock.monotonic()
         # header budget
         self._reports: list[_Report] = []   # every report that may still be the tightest, by serial
-        self._serials: list[int] = []       # serials of the requests in flight, ascending
         self._started_count = 0
         self._reset_guard = RESET_GUARD
         if name in _header_providers:
@@ -309,9 +308,8 @@ class ProviderLimiter:
                 waited = True
                 self.clock.wait(self._cond, min(max(wait, 0.01), 0.5) if wait is not None and wait > 0 else 0.5)
             self._in_flight += 1
-            self._running.append(now)
             start = _Start(now, self._started_count)
-            self._serials.append(start.serial)
+            self._running.append(start)
             self._started_count += 1
             if self._first_start is None:
                 self._first_start = now
@@ -325,8 +323,7 @@ class ProviderLimiter:
         started = start.at
         with self._cond:
             self._in_flight -= 1
-            self._running.remove(started)
-            self._serials.remove(start.serial)
+            self._running.remove(start)
             if success:
                 now = self.clock.monotonic()
                 self._consecutive_429 = 0
@@ -380,7 +377,7 @@ class ProviderLimiter:
         """Requests the provider may have counted after the report's own: those started after it,
         and those started before it and still out (they may have reached the provider later).
         One started before it and answered since has a report of its own, which counts it."""
-        return (self._started_count - report.serial - 1) + bisect.bisect_left(self._serials, report.serial)
+        return (self._started_count - report.serial - 1) + bisect.bisect_left(self._running, report.serial, key=lambda s: s.serial)
 
     def _drop_overtaken_reports(self, now: float) -> None:
         """A report whose reset is past says no more than a newer one that resets no earlier."""
@@ -404,8 +401,8 @@ class ProviderLimiter:
                 self.limit = max(self.limit, self.ceiling)
             reset_at = start.at + info.reset_seconds + self._reset_guard
             report = _Report(start.serial, self._started_count, info.remaining, reset_at, info.limit)
-            kept = [r for r in self._reports if r.seen_after > start.serial]
-            self._reports = sorted(kept + [report], key=lambda r: r.serial)
+            self._reports = [r for r in self._reports if r.seen_after > start.serial]
+            bisect.insort(self._reports, report, key=lambda r: r.serial)
             self._cond.notify_all()
 
     def _slot_free_in(self, now: float) -> float | None:
@@ -486,7 +483,7 @@ class ProviderLimiter:
         refused_at, since, fresh = self._episode
         self._episode = None
         accepted = (sum(1 for t in self._accepted if since <= t < refused_at)
-                    + sum(1 for t in self._running if since <= t < refused_at))
+                    + sum(1 for s in self._running if since <= s.at < refused_at))
         span = refused_at - since + (RATE_BURST_SECONDS if fresh else 0.0)
         if accepted and span > 0:
             measured = accepted / span

@@ -15,7 +15,8 @@ import pytest
 import transcription as T
 from benchmarks.common import FAKE_OPENAI_KEY
 from benchmarks.fakeapi import FakeAPI
-from pipeline.limiter import ProviderLimiter
+from pipeline.limiter import ProviderLimiter, RateLimitInfo, parse_duration, report_rate_limit
+from tests.fakeclock import FakeClock
 
 FILES = 60
 THREADS = 24        # well over the provider's budget of RATE requests per second
@@ -62,7 +63,6 @@ def test_reported_budget_keeps_429s_rare_unconfigured(upload, shape):
 
 def test_header_formats():
     from benchmarks.fakeapi import openai_duration
-    from pipeline.limiter import RateLimitInfo, parse_duration
 
     assert parse_duration("6m0s") == 360.0 and parse_duration("20ms") == 0.02
     assert parse_duration("1h2m3.5s") == 3723.5 and parse_duration("soon") is None
@@ -85,7 +85,6 @@ class Held:
         self.thread.start()
 
     def _request(self):
-        from pipeline.limiter import report_rate_limit
         self.started.set()
         assert self.answer.wait(30)
         report_rate_limit(self.report)
@@ -107,9 +106,6 @@ def test_a_report_overtaken_on_the_way_back_still_counts():
     """A token bucket of 4 per second (full: 4). P, Q, R start in that order; the provider counts
     Q, R, P (4 - 1 for the first request: 2, 1, 0 left) and the answers come back Q, P, R. R is the
     newest request, but P's report is the latest word: nothing is left until the bucket refills."""
-    from pipeline.limiter import RateLimitInfo
-    from tests.fakeclock import FakeClock
-
     clock = FakeClock()
     limiter = ProviderLimiter("overtaken", clock=clock)
     started_alone(limiter, RateLimitInfo(4, 3, 0.25), clock).answered()
@@ -127,15 +123,13 @@ def test_a_report_overtaken_on_the_way_back_still_counts():
 
 def test_a_late_report_from_a_long_request_holds_nobody_back():
     """A long request's report arrives after a dozen newer ones: its window reset long ago, and the
-    newer reports say more; the next request starts at once, though another is still out."""
-    from pipeline.limiter import RateLimitInfo
-    from tests.fakeclock import FakeClock
-
+    newer reports say more; the next request starts at once, though another is still out (counted
+    from the long request on, its whole limit of 12 has started since)."""
     clock = FakeClock()
     limiter = ProviderLimiter("late-report", clock=clock)
     long = started_alone(limiter, RateLimitInfo(12, 11, 1.0), clock)
     clock.advance(5.0)
-    for left in range(10, 0, -1):
+    for left in range(11, 0, -1):
         started_alone(limiter, RateLimitInfo(12, left, 1.0), clock).answered()
     clock.advance(5.0)
     out = started_alone(limiter, RateLimitInfo(12, 11, 1.0), clock)
